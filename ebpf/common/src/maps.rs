@@ -1,0 +1,141 @@
+//! Keys and values of the maps the programs and the proxy share.
+//!
+//! The map names (the `AMBIT_*` constants) are what the programs declare and what the proxy pins
+//! under bpffs, so a restarted proxy finds the same maps again.
+
+use crate::IpKey;
+
+/// `Array<Config>` with one entry: the proxy's settings, written before any pod is enrolled.
+pub const MAP_CONFIG: &str = "AMBIT_CONFIG";
+/// `HashMap<u64 netns cookie, PodEntry>`: the enrolled pods. The connect hooks capture only
+/// sockets whose network namespace is in here.
+pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
+/// `HashMap<IpKey, u64 netns cookie>`: enrolled pods by IP, for the inbound TC program.
+pub const MAP_POD_IPS: &str = "AMBIT_POD_IPS";
+/// `HashMap<IpKey, u8>`: the node's own addresses; inbound connections from them (kubelet
+/// probes) are not captured.
+pub const MAP_NODE_ADDRS: &str = "AMBIT_NODE_ADDRS";
+/// `SockHash<ListenerKey>`: the proxy's in-pod listeners. An entry disappears by itself when the
+/// proxy closes the socket (or dies), which is how the programs know no proxy is there.
+pub const MAP_LISTENERS: &str = "AMBIT_LISTENERS";
+/// `LruHashMap<u64 socket cookie, PendingConnect>`: a captured connect between the connect hook
+/// and the moment the connection closes.
+pub const MAP_PENDING: &str = "AMBIT_PENDING";
+/// `LruHashMap<ConnKey, OrigDst>`: original destinations of captured connections, looked up
+/// (and deleted) by the proxy when it accepts them.
+pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
+/// `PerCpuArray<u64>` of counters indexed by [`crate::stats`].
+pub const MAP_STATS: &str = "AMBIT_STATS";
+
+/// Every map the object defines, in the order the proxy reports them.
+pub const ALL_MAPS: [&str; 8] = [
+    MAP_CONFIG,
+    MAP_ENROLLED,
+    MAP_POD_IPS,
+    MAP_NODE_ADDRS,
+    MAP_LISTENERS,
+    MAP_PENDING,
+    MAP_ORIG_DST,
+    MAP_STATS,
+];
+
+/// Capacity of the per-pod maps: pods per node, with room to spare (Kubernetes' default
+/// maximum is 110 pods per node).
+pub const MAX_PODS: u32 = 1024;
+/// Addresses per pod we budget for (dual-stack pods have two, a few have more).
+pub const MAX_POD_IPS: u32 = MAX_PODS * 4;
+/// Listeners per pod: outbound and inbound, IPv4 and IPv6.
+pub const MAX_LISTENERS: u32 = MAX_PODS * 4;
+/// Captured connections between connect and accept. LRU: under a flood the oldest unaccepted
+/// records are evicted rather than new connects failing.
+pub const MAX_PENDING: u32 = 65_536;
+pub const MAX_NODE_ADDRS: u32 = 64;
+
+/// `Config::flags`: when no proxy listener is there, let connections of enrolled pods through
+/// uncaptured instead of refusing them.
+pub const CONFIG_FAIL_OPEN: u32 = 1 << 0;
+
+/// The proxy's settings as the programs need them. All zero means "not configured yet", and
+/// the programs then capture nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Config {
+    /// `SO_MARK` of the proxy's own sockets; never captured.
+    pub proxy_mark: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub hbone_port: u16,
+    /// Kernel-side log level (aya-log numbering: 0 off, 1 error .. 5 trace). Checked at run time
+    /// before anything is formatted, so the proxy can switch it without reloading programs.
+    pub log_level: u8,
+    pub _pad: u8,
+    /// Hash of the eBPF object that created the pinned state; the programs ignore it, a
+    /// restarted proxy compares it with its own to decide between re-adopting and replacing.
+    pub object_hash: u64,
+}
+const _: () = assert!(core::mem::size_of::<Config>() == 24);
+
+/// Value of the enrolled-pods map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PodEntry {
+    /// The proxy's handle for the pod, so kernel events can be attributed without a lookup.
+    pub pod_id: u32,
+    /// Reserved, zero.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<PodEntry>() == 8);
+
+/// Key of the listener map: one listener per pod, port and address family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub family: u16,
+    pub port: u16,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+
+/// Where a captured connection was going.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct OrigDst {
+    pub ip: IpKey,
+    pub port: u16,
+    pub _pad: u16,
+}
+const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
+
+/// A captured connection as the proxy sees it on accept: the client's address and the
+/// listener's, in the pod's network namespace. The netns cookie is essential: two pods can
+/// use the same ephemeral port towards 127.0.0.1:15001 at the same time.
+///
+/// IPv4-mapped IPv6 connections are stored as IPv4 (they land on the IPv4 listener).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ConnKey {
+    pub netns_cookie: u64,
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnKey>() == 48);
+
+/// A captured connect, from the connect hook until the socket closes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PendingConnect {
+    pub netns_cookie: u64,
+    pub orig: OrigDst,
+    /// 1 once `key` is filled in (the SYN is about to leave).
+    pub keyed: u32,
+    pub _pad: u32,
+    pub key: ConnKey,
+}
+const _: () = assert!(core::mem::size_of::<PendingConnect>() == 88);

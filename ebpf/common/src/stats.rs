@@ -1,0 +1,54 @@
+//! Indices of the kernel-side counters (`AMBIT_STATS`, a per-CPU array of u64).
+//!
+//! Counting in a per-CPU array because atomic adds are not available to the BPF target with
+//! this toolchain; userspace sums the CPUs.
+
+/// Connect of an enrolled pod rewritten to the outbound listener.
+pub const CONNECT_CAPTURED: u32 = 0;
+/// Connect in a network namespace that is not enrolled.
+pub const CONNECT_NOT_ENROLLED: u32 = 1;
+/// Connect of a socket carrying the proxy's mark (the proxy's own upstream).
+pub const CONNECT_PROXY_MARK: u32 = 2;
+/// Connect to loopback inside an enrolled pod: pod-local traffic is never captured.
+pub const CONNECT_LOOPBACK: u32 = 3;
+/// No outbound listener (no proxy) and fail-open: let through uncaptured.
+pub const CONNECT_FAIL_OPEN: u32 = 4;
+/// No outbound listener (no proxy) and fail-closed: the connect is refused.
+pub const CONNECT_FAIL_CLOSED: u32 = 5;
+/// sock_ops moved a captured connect's record to the connection-keyed map.
+pub const SOCKOPS_RECORDED: u32 = 6;
+/// sock_ops could not store the record (map full or error): the proxy will reset it.
+pub const SOCKOPS_RECORD_FAILED: u32 = 7;
+/// Inbound SYN assigned to the in-pod inbound listener.
+pub const INBOUND_ASSIGNED: u32 = 8;
+/// Inbound SYN from one of the node's own addresses (kubelet probe): not captured.
+pub const INBOUND_NODE_BYPASS: u32 = 9;
+/// Inbound SYN to a port the proxy serves itself (HBONE): not captured.
+pub const INBOUND_PROXY_PORT: u32 = 10;
+/// No inbound listener (no proxy) and fail-open: passed to the application uncaptured.
+pub const INBOUND_FAIL_OPEN: u32 = 11;
+/// No inbound listener (no proxy) and fail-closed: SYN dropped.
+pub const INBOUND_FAIL_CLOSED: u32 = 12;
+/// `bpf_sk_assign` failed: SYN dropped.
+pub const INBOUND_ASSIGN_ERROR: u32 = 13;
+
+/// Number of counters; the array's size.
+pub const COUNT: u32 = 14;
+
+/// Names of the counters, indexed like the constants; what metrics and dumps call them.
+pub const NAMES: [&str; COUNT as usize] = [
+    "connect_captured",
+    "connect_not_enrolled",
+    "connect_proxy_mark",
+    "connect_loopback",
+    "connect_fail_open",
+    "connect_fail_closed",
+    "sockops_recorded",
+    "sockops_record_failed",
+    "inbound_assigned",
+    "inbound_node_bypass",
+    "inbound_proxy_port",
+    "inbound_fail_open",
+    "inbound_fail_closed",
+    "inbound_assign_error",
+];

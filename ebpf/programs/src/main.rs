@@ -1,0 +1,55 @@
+//! ambit's kernel side.
+//!
+//! - `ambit_connect4` / `ambit_connect6` (cgroup sock_addr): connects of enrolled pods are
+//!   rewritten to the proxy's outbound listener on loopback inside the pod; the original
+//!   destination is remembered under the socket's cookie.
+//! - `ambit_sock_ops`: just before the SYN leaves, the record moves to a map keyed by the
+//!   connection as the proxy will see it on accept; it is removed when the connection closes.
+//! - `ambit_tc_ingress` (TC ingress on the pod's `eth0`, inside the pod's netns): SYNs for the
+//!   pod's ports are assigned to the proxy's in-pod inbound listener.
+//!
+//! Enrolment, listeners and settings live in maps the proxy fills (see `ambit_common::maps`).
+#![no_std]
+#![no_main]
+
+mod connect;
+mod ctx;
+mod maps;
+mod sockops;
+mod tc;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, classifier, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, TcContext},
+};
+
+#[cgroup_sock_addr(connect4)]
+pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
+    connect::connect4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
+    connect::connect6(&ctx)
+}
+
+#[sock_ops]
+pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
+    sockops::handle(&ctx)
+}
+
+#[classifier]
+pub fn ambit_tc_ingress(ctx: TcContext) -> i32 {
+    tc::ingress(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this; it exists to satisfy no_std.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

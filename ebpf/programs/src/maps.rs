@@ -1,0 +1,69 @@
+//! The maps shared with the proxy. Names must match `ambit_common::maps::MAP_*`: the proxy pins
+//! them by name so that a restarted proxy finds the same maps.
+
+use ambit_common::{
+    maps::{
+        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS,
+        MAX_NODE_ADDRS, MAX_PENDING, MAX_PODS, MAX_POD_IPS,
+    },
+    stats, IpKey,
+};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+};
+
+#[map(name = "AMBIT_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+#[map(name = "AMBIT_ENROLLED")]
+pub static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(MAX_PODS, 0);
+
+#[map(name = "AMBIT_POD_IPS")]
+pub static POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(MAX_POD_IPS, 0);
+
+#[map(name = "AMBIT_NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+
+#[map(name = "AMBIT_LISTENERS")]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);
+
+#[map(name = "AMBIT_PENDING")]
+pub static PENDING: LruHashMap<u64, PendingConnect> = LruHashMap::pinned(MAX_PENDING, 0);
+
+#[map(name = "AMBIT_ORIG_DST")]
+pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDING, 0);
+
+#[map(name = "AMBIT_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+/// The proxy's settings, or `None` while it has not written them: then nothing is captured.
+#[inline(always)]
+pub fn config() -> Option<&'static Config> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.outbound_port == 0 || cfg.inbound_port == 0 {
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = STATS.get_ptr_mut(index) {
+        // SAFETY: the pointer comes from a successful per-CPU array lookup, so it points at
+        // this CPU's u64 slot, which nothing else touches while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Whether a listener the proxy registered for this pod, port and family is alive.
+/// A closed socket leaves the SOCKHASH by itself, so "absent" means "no proxy".
+#[inline(always)]
+pub fn listener_alive(key: &ListenerKey) -> bool {
+    let sk = crate::ctx::sockhash_lookup(&LISTENERS, key);
+    if sk.is_null() {
+        return false;
+    }
+    crate::ctx::sk_release(sk);
+    true
+}

@@ -1,0 +1,142 @@
+//! The proxy's HTTP endpoints:
+//! - admin (default 127.0.0.1:15000): `GET /config_dump`, `POST /quitquitquit`;
+//! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
+//! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
+//!   the first pod set is enrolled, 503 with the reason before.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::Mutex};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, Debug)]
+pub enum Routes {
+    Admin,
+    Stats,
+    Readiness,
+}
+
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    /// `None` when ready, else why not.
+    not_ready: Mutex<Option<String>>,
+    /// The latest config dump, refreshed by the node after every change.
+    dump: Mutex<serde_json::Value>,
+    /// Cancelled by `/quitquitquit`.
+    pub shutdown: CancellationToken,
+}
+
+impl AdminState {
+    pub fn new(metrics: Arc<Metrics>, shutdown: CancellationToken) -> AdminState {
+        AdminState {
+            metrics,
+            not_ready: Mutex::new(Some("starting".into())),
+            dump: Mutex::new(serde_json::Value::Null),
+            shutdown,
+        }
+    }
+
+    pub fn set_ready(&self, not_ready: Option<String>) {
+        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = not_ready;
+    }
+
+    pub fn set_dump(&self, dump: serde_json::Value) {
+        *self.dump.lock().unwrap_or_else(|p| p.into_inner()) = dump;
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r
+}
+
+fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match (routes, req.method(), req.uri().path()) {
+        (Routes::Admin, &Method::GET, "/config_dump") => {
+            let dump = state.dump.lock().unwrap_or_else(|p| p.into_inner());
+            let body = serde_json::to_vec_pretty(&*dump).unwrap_or_default();
+            let mut r = text(StatusCode::OK, body);
+            r.headers_mut()
+                .insert("content-type", "application/json".parse().expect("static"));
+            r
+        }
+        (Routes::Admin, &Method::POST, "/quitquitquit") => {
+            tracing::info!("shutdown requested through /quitquitquit");
+            state.shutdown.cancel();
+            text(StatusCode::OK, "OK\n")
+        }
+        (Routes::Stats, &Method::GET, "/stats/prometheus" | "/metrics") => {
+            let mut r = text(StatusCode::OK, state.metrics.render());
+            r.headers_mut().insert(
+                "content-type",
+                "text/plain; version=0.0.4".parse().expect("static"),
+            );
+            r
+        }
+        (Routes::Readiness, &Method::GET, "/healthz/ready") => {
+            match state
+                .not_ready
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_deref()
+            {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Binds `addr` for `routes`; fails (so the caller can report it at start) if it cannot.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    state: Arc<AdminState>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            () = stop.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(?routes, error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(routes, &state, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection");
+            }
+        });
+    }
+}

@@ -1,0 +1,272 @@
+//! Typed handles on the shared maps, and the checks that pinned maps (from an earlier proxy
+//! run) have the shape this binary expects.
+
+use std::{collections::HashSet, net::IpAddr, os::fd::AsRawFd, sync::Mutex};
+
+use ambit_common::{
+    maps::{
+        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAP_CONFIG, MAP_ENROLLED,
+        MAP_LISTENERS, MAP_NODE_ADDRS, MAP_ORIG_DST, MAP_PENDING, MAP_POD_IPS, MAP_STATS,
+    },
+    stats, IpKey,
+};
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    Ebpf,
+};
+
+use super::{addr, CaptureError};
+
+/// The maps the node proxy manages.
+pub struct Maps {
+    config: Array<MapData, Config>,
+    enrolled: HashMap<MapData, u64, PodEntry>,
+    pod_ips: HashMap<MapData, IpKey, u64>,
+    node_addrs: HashMap<MapData, IpKey, u8>,
+    listeners: SockHash<MapData, ListenerKey>,
+    pending: HashMap<MapData, u64, PendingConnect>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, CaptureError> {
+    ebpf.take_map(name).ok_or(CaptureError::MissingMap(name))
+}
+
+fn typed<T>(name: &'static str, map: Map) -> Result<T, CaptureError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    T::try_from(map).map_err(|source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// Refuses a pinned map left by a different ambit whose layout differs from ours: reusing it
+/// would make the programs and the proxy read each other's bytes wrongly.
+fn check_shape(
+    name: &'static str,
+    map: &Map,
+    key: usize,
+    value: usize,
+) -> Result<(), CaptureError> {
+    let data: &MapData = match map {
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::SockHash(m) => m,
+        _ => {
+            return Err(CaptureError::MapShape {
+                name,
+                detail: "unexpected map type".into(),
+            })
+        }
+    };
+    let info = data.info().map_err(|source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    })?;
+    if info.key_size() as usize != key || info.value_size() as usize != value {
+        return Err(CaptureError::MapShape {
+            name,
+            detail: format!(
+                "key/value sizes {}/{} where this ambit expects {key}/{value}",
+                info.key_size(),
+                info.value_size()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Takes the maps out of a loaded object, checking each one's shape.
+pub fn split(ebpf: &mut Ebpf) -> Result<(Maps, OrigDstTable, KernelStats), CaptureError> {
+    use std::mem::size_of;
+    let shapes: [(&'static str, usize, usize); 8] = [
+        (MAP_CONFIG, 4, size_of::<Config>()),
+        (MAP_ENROLLED, 8, size_of::<PodEntry>()),
+        (MAP_POD_IPS, size_of::<IpKey>(), 8),
+        (MAP_NODE_ADDRS, size_of::<IpKey>(), 1),
+        (MAP_LISTENERS, size_of::<ListenerKey>(), 4),
+        (MAP_PENDING, 8, size_of::<PendingConnect>()),
+        (MAP_ORIG_DST, size_of::<ConnKey>(), size_of::<OrigDst>()),
+        (MAP_STATS, 4, 8),
+    ];
+    for (name, key, value) in shapes {
+        let map = ebpf.map(name).ok_or(CaptureError::MissingMap(name))?;
+        check_shape(name, map, key, value)?;
+    }
+    let maps = Maps {
+        config: typed(MAP_CONFIG, take(ebpf, MAP_CONFIG)?)?,
+        enrolled: typed(MAP_ENROLLED, take(ebpf, MAP_ENROLLED)?)?,
+        pod_ips: typed(MAP_POD_IPS, take(ebpf, MAP_POD_IPS)?)?,
+        node_addrs: typed(MAP_NODE_ADDRS, take(ebpf, MAP_NODE_ADDRS)?)?,
+        listeners: typed(MAP_LISTENERS, take(ebpf, MAP_LISTENERS)?)?,
+        pending: typed(MAP_PENDING, take(ebpf, MAP_PENDING)?)?,
+    };
+    let orig = OrigDstTable(Mutex::new(typed(MAP_ORIG_DST, take(ebpf, MAP_ORIG_DST)?)?));
+    let stats = KernelStats(typed(MAP_STATS, take(ebpf, MAP_STATS)?)?);
+    Ok((maps, orig, stats))
+}
+
+fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, CaptureError> {
+    r.map_err(|source| CaptureError::Map {
+        name,
+        source: Box::new(source),
+    })
+}
+
+/// `Ok(None)` for a missing key, errors for everything else.
+fn found<T>(name: &'static str, r: Result<T, MapError>) -> Result<Option<T>, CaptureError> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(source) => Err(CaptureError::Map {
+            name,
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Removal of a key that may be gone already.
+fn remove_if_present<K: aya::Pod, V: aya::Pod>(
+    name: &'static str,
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+) -> Result<(), CaptureError> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(source) => Err(CaptureError::Map {
+            name,
+            source: Box::new(source),
+        }),
+    }
+}
+
+impl Maps {
+    pub fn config(&self) -> Result<Config, CaptureError> {
+        op(MAP_CONFIG, self.config.get(&0, 0))
+    }
+
+    pub fn set_config(&mut self, cfg: &Config) -> Result<(), CaptureError> {
+        op(MAP_CONFIG, self.config.set(0, cfg, 0))
+    }
+
+    pub fn enroll(&mut self, netns_cookie: u64, entry: PodEntry) -> Result<(), CaptureError> {
+        op(MAP_ENROLLED, self.enrolled.insert(netns_cookie, entry, 0))
+    }
+
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        remove_if_present(MAP_ENROLLED, &mut self.enrolled, &netns_cookie)
+    }
+
+    pub fn enrolled(&self) -> Result<Vec<(u64, PodEntry)>, CaptureError> {
+        self.enrolled.iter().map(|r| op(MAP_ENROLLED, r)).collect()
+    }
+
+    pub fn set_pod_ip(&mut self, ip: IpAddr, netns_cookie: u64) -> Result<(), CaptureError> {
+        op(
+            MAP_POD_IPS,
+            self.pod_ips.insert(addr::ip_key(ip), netns_cookie, 0),
+        )
+    }
+
+    pub fn remove_pod_ip(&mut self, key: &IpKey) -> Result<(), CaptureError> {
+        remove_if_present(MAP_POD_IPS, &mut self.pod_ips, key)
+    }
+
+    pub fn pod_ips(&self) -> Result<Vec<(IpKey, u64)>, CaptureError> {
+        self.pod_ips.iter().map(|r| op(MAP_POD_IPS, r)).collect()
+    }
+
+    /// Makes the node-address set exactly `addrs`.
+    pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), CaptureError> {
+        let want: HashSet<IpKey> = addrs.iter().map(|a| addr::ip_key(*a)).collect();
+        let have: Vec<IpKey> = self
+            .node_addrs
+            .keys()
+            .map(|r| op(MAP_NODE_ADDRS, r))
+            .collect::<Result<_, _>>()?;
+        for k in have.iter().filter(|k| !want.contains(k)) {
+            remove_if_present(MAP_NODE_ADDRS, &mut self.node_addrs, k)?;
+        }
+        for k in want {
+            op(MAP_NODE_ADDRS, self.node_addrs.insert(k, 1, 0))?;
+        }
+        Ok(())
+    }
+
+    pub fn node_addrs(&self) -> Result<Vec<IpKey>, CaptureError> {
+        self.node_addrs
+            .keys()
+            .map(|r| op(MAP_NODE_ADDRS, r))
+            .collect()
+    }
+
+    /// Registers an in-pod listener. The entry leaves the map by itself when the socket closes.
+    pub fn register_listener(
+        &mut self,
+        key: ListenerKey,
+        sock: &impl AsRawFd,
+    ) -> Result<(), CaptureError> {
+        op(
+            MAP_LISTENERS,
+            self.listeners.insert(key, sock.as_raw_fd(), 0),
+        )
+    }
+
+    pub fn listeners(&self) -> Result<Vec<ListenerKey>, CaptureError> {
+        self.listeners
+            .keys()
+            .map(|r| op(MAP_LISTENERS, r))
+            .collect()
+    }
+
+    /// Captured connects not yet closed (diagnostics).
+    pub fn pending_count(&self) -> usize {
+        self.pending.keys().count()
+    }
+}
+
+/// The original destinations of captured connections, shared by every accept path.
+pub struct OrigDstTable(Mutex<HashMap<MapData, ConnKey, OrigDst>>);
+
+impl OrigDstTable {
+    /// Looks up and removes the record for an accepted connection.
+    pub fn take(&self, key: &ConnKey) -> Result<Option<OrigDst>, CaptureError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(orig) = found(MAP_ORIG_DST, map.get(key, 0))? else {
+            return Ok(None);
+        };
+        remove_if_present(MAP_ORIG_DST, &mut map, key)?;
+        Ok(Some(orig))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The kernel-side counters.
+pub struct KernelStats(PerCpuArray<MapData, u64>);
+
+impl KernelStats {
+    /// Each counter summed over CPUs, indexed like `ambit_common::stats`.
+    pub fn read(&self) -> Result<[u64; stats::COUNT as usize], CaptureError> {
+        let mut out = [0u64; stats::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = op(MAP_STATS, self.0.get(&(i as u32), 0))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,284 @@
+//! eBPF capture: loading the embedded programs, attaching them, pinning everything under
+//! bpffs, and re-adopting what an earlier run pinned.
+//!
+//! Pin layout, under `<bpffs>/ambit/<instance>/`:
+//!
+//! ```text
+//! AMBIT_*            the maps (ambit_common::maps)
+//! prog_<program>     the programs
+//! link_<program>     the cgroup links (connect4, connect6, sock_ops) on the configured cgroup
+//! tc/<netns cookie>  the tcx link of each enrolled pod's interface
+//! ```
+//!
+//! Because links and maps are pinned, capture keeps working (and keeps failing closed) while no
+//! proxy runs; a restarted proxy with the same eBPF object re-adopts the pinned programs and
+//! links instead of attaching a second copy. A proxy with a different object replaces them.
+
+pub mod addr;
+pub mod maps;
+mod pins;
+mod tc;
+
+use std::{
+    io,
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use ambit_common::maps::{Config, ListenerKey, PodEntry, CONFIG_FAIL_OPEN};
+use aya::{
+    programs::{CgroupSockAddr, SchedClassifier, SockOps},
+    EbpfLoader,
+};
+
+pub use maps::{KernelStats, OrigDstTable};
+pub use pins::{Adoption, PinDir};
+pub use tc::TcState;
+
+use crate::inpod::netns::Netns;
+
+/// The eBPF object built from `ebpf/programs` by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
+
+/// Names of the programs in the object.
+pub const PROG_CONNECT4: &str = "ambit_connect4";
+pub const PROG_CONNECT6: &str = "ambit_connect6";
+pub const PROG_SOCK_OPS: &str = "ambit_sock_ops";
+pub const PROG_TC_INGRESS: &str = "ambit_tc_ingress";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error("{path} is not a bpf filesystem; mount one with `mount -t bpf bpf {path}`")]
+    NotBpffs { path: PathBuf },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("eBPF program {0} is missing from the object")]
+    MissingProgram(&'static str),
+    #[error("eBPF map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error(
+        "pinned eBPF map {name} was left by an incompatible ambit ({detail}); \
+         remove the pinned state with `ambit uninstall` and start again"
+    )]
+    MapShape { name: &'static str, detail: String },
+    #[error("pinning {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
+    #[error("eBPF link {path}: {source}")]
+    Link {
+        path: PathBuf,
+        #[source]
+        source: Box<aya::programs::links::LinkError>,
+    },
+    #[error("attaching to {interface} in {netns}: {source}")]
+    Tc {
+        interface: String,
+        netns: PathBuf,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+}
+
+/// What the capture layer needs to know from the node proxy's settings.
+#[derive(Clone, Debug)]
+pub struct CaptureSettings {
+    /// A mounted bpffs; pins go to `<bpffs>/ambit/<instance>`.
+    pub bpffs: PathBuf,
+    pub instance: String,
+    /// cgroup v2 directory whose processes (and descendants') connects are captured.
+    pub cgroup: PathBuf,
+    pub proxy_mark: u32,
+    pub fail_open: bool,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub hbone_port: u16,
+}
+
+/// The loaded, attached capture programs and the maps the proxy drives them with.
+pub struct Capture {
+    pins: PinDir,
+    maps: maps::Maps,
+    tc: SchedClassifier,
+    tc_prog_id: u32,
+    adoption: Adoption,
+    /// Keeps the object's remaining state (programs not yet taken) alive.
+    _ebpf: aya::Ebpf,
+}
+
+/// FNV-1a: a stable fingerprint of the embedded object, stored in the pinned config so the
+/// next run can tell whether the pinned programs are its own.
+pub fn object_hash() -> u64 {
+    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl Capture {
+    /// Loads (or re-adopts) the programs and maps, attaches the cgroup programs, and writes
+    /// the settings the programs read.
+    pub fn open(
+        settings: &CaptureSettings,
+    ) -> Result<(Capture, OrigDstTable, KernelStats), CaptureError> {
+        let pins = PinDir::create(&settings.bpffs, &settings.instance)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.root())
+            .load(OBJECT)
+            .map_err(|e| CaptureError::Load(Box::new(e)))?;
+        let (mut maps, orig, stats) = maps::split(&mut ebpf)?;
+
+        let hash = object_hash();
+        let previous = maps.config()?;
+        let same_object = previous.object_hash == hash;
+
+        let mut adoption = Adoption::default();
+        let connect4: CgroupSockAddr =
+            pins::program(&mut ebpf, &pins, PROG_CONNECT4, same_object, &mut adoption)?;
+        let connect6: CgroupSockAddr =
+            pins::program(&mut ebpf, &pins, PROG_CONNECT6, same_object, &mut adoption)?;
+        let sock_ops: SockOps =
+            pins::program(&mut ebpf, &pins, PROG_SOCK_OPS, same_object, &mut adoption)?;
+        let tc: SchedClassifier = pins::program(
+            &mut ebpf,
+            &pins,
+            PROG_TC_INGRESS,
+            same_object,
+            &mut adoption,
+        )?;
+
+        let cgroup = std::fs::File::open(&settings.cgroup).map_err(|source| CaptureError::Io {
+            path: settings.cgroup.clone(),
+            source,
+        })?;
+        let mut connect4 = pins::CgroupProgram::SockAddr(connect4);
+        let mut connect6 = pins::CgroupProgram::SockAddr(connect6);
+        let mut sock_ops = pins::CgroupProgram::SockOps(sock_ops);
+        for (name, prog) in [
+            (PROG_CONNECT4, &mut connect4),
+            (PROG_CONNECT6, &mut connect6),
+            (PROG_SOCK_OPS, &mut sock_ops),
+        ] {
+            pins::cgroup_link(&pins, name, prog, &cgroup, &mut adoption)?;
+        }
+
+        let tc_prog_id = pins::program_id(&tc, PROG_TC_INGRESS)?;
+        // The settings go in last: until they are there the programs capture nothing.
+        maps.set_config(&Config {
+            proxy_mark: settings.proxy_mark,
+            flags: if settings.fail_open {
+                CONFIG_FAIL_OPEN
+            } else {
+                0
+            },
+            outbound_port: settings.outbound_port,
+            inbound_port: settings.inbound_port,
+            hbone_port: settings.hbone_port,
+            log_level: 0,
+            _pad: 0,
+            object_hash: hash,
+        })?;
+        adoption.previous_object = (previous.object_hash != 0).then_some(previous.object_hash);
+        let capture = Capture {
+            pins,
+            maps,
+            tc,
+            tc_prog_id,
+            adoption,
+            _ebpf: ebpf,
+        };
+        Ok((capture, orig, stats))
+    }
+
+    /// What was re-adopted and what was attached anew at start.
+    pub fn adoption(&self) -> &Adoption {
+        &self.adoption
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        self.pins.root()
+    }
+
+    pub fn maps(&self) -> &maps::Maps {
+        &self.maps
+    }
+
+    /// Attaches inbound capture to a pod's interface (or re-adopts the pinned attachment).
+    pub fn attach_pod(&mut self, netns: &Netns, interface: &str) -> Result<TcState, CaptureError> {
+        tc::attach(&mut self.tc, self.tc_prog_id, &self.pins, netns, interface)
+    }
+
+    /// Removes a pod's inbound capture. The netns may be gone already.
+    pub fn detach_pod(
+        &mut self,
+        netns_cookie: u64,
+        netns: Option<&Netns>,
+        interface: &str,
+    ) -> Result<(), CaptureError> {
+        tc::detach(&self.pins, netns_cookie, netns, interface)
+    }
+
+    /// Netns cookies of pods with a pinned inbound attachment.
+    pub fn attached_pods(&self) -> Result<Vec<u64>, CaptureError> {
+        self.pins.tc_cookies()
+    }
+
+    pub fn register_listener(
+        &mut self,
+        key: ListenerKey,
+        sock: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), CaptureError> {
+        self.maps.register_listener(key, sock)
+    }
+
+    /// Turns outbound capture on for a pod (its listeners must be registered first).
+    pub fn enroll(
+        &mut self,
+        netns_cookie: u64,
+        pod_id: u32,
+        ips: &[IpAddr],
+    ) -> Result<(), CaptureError> {
+        for ip in ips {
+            self.maps.set_pod_ip(*ip, netns_cookie)?;
+        }
+        self.maps
+            .enroll(netns_cookie, PodEntry { pod_id, flags: 0 })
+    }
+
+    /// Turns capture off for a pod: outbound first (no new connects), then the addresses the
+    /// inbound program matches on.
+    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+        self.maps.unenroll(netns_cookie)?;
+        for (ip, cookie) in self.maps.pod_ips()? {
+            if cookie == netns_cookie {
+                self.maps.remove_pod_ip(&ip)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), CaptureError> {
+        self.maps.set_node_addrs(addrs)
+    }
+}
+
+/// Removes everything an instance pinned: links (which detaches the programs), programs and
+/// maps. Capture stops for every pod the instance had enrolled.
+pub fn uninstall(bpffs: &Path, instance: &str) -> Result<Vec<PathBuf>, CaptureError> {
+    pins::remove_all(bpffs, instance)
+}

@@ -1,0 +1,266 @@
+//! `ambit node` settings: command-line flags (each with an environment variable), their
+//! defaults, and what is discovered from the machine. Logged in full at start.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde::Serialize;
+
+use ambit_common::{DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+
+use crate::telemetry::LogFormat;
+
+/// CGROUP2_SUPER_MAGIC from linux/magic.h.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+#[derive(Args, Debug, Clone)]
+pub struct NodeArgs {
+    /// Mesh file listing namespaces and pods (see docs/mesh-file.md). Watched: edits take
+    /// effect within a second; an invalid edit is refused and the previous version kept.
+    #[arg(long, env = "AMBIT_MESH_FILE")]
+    pub mesh_file: PathBuf,
+
+    /// This node's name: pods of the mesh file whose `node` names another node are not
+    /// captured here. Default: the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// cgroup v2 directory whose processes' connects are captured (they and their
+    /// descendants). Default: the root of the cgroup v2 mount, so every pod on the node.
+    #[arg(long, env = "AMBIT_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// A mounted bpf filesystem; programs, maps and links are pinned under
+    /// `<bpffs>/ambit/<instance>/` so capture survives proxy restarts.
+    #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf")]
+    pub bpffs: PathBuf,
+
+    /// Name of this proxy's pinned state; two proxies on one machine need different names.
+    #[arg(long, env = "AMBIT_INSTANCE", default_value = "default")]
+    pub instance: String,
+
+    /// When no proxy is running, let enrolled pods' new connections through uncaptured
+    /// instead of refusing them (the default refuses: fail closed).
+    #[arg(long, env = "AMBIT_FAIL_OPEN")]
+    pub fail_open: bool,
+
+    /// SO_MARK of the proxy's own sockets, which capture never touches. Istio's ztunnel uses
+    /// the same default.
+    #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
+    pub proxy_mark: u32,
+
+    /// The node's own addresses: inbound connections from them (kubelet health probes) are
+    /// not captured. Repeat for several. Default: every non-loopback address of the proxy's
+    /// network namespace, re-read every 30 s.
+    #[arg(
+        long = "node-address",
+        env = "AMBIT_NODE_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub node_addresses: Vec<IpAddr>,
+
+    /// Admin endpoint (/config_dump, /quitquitquit); keep it on loopback.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// Prometheus endpoint (/stats/prometheus).
+    #[arg(long, env = "AMBIT_STATS_ADDR", default_value = "0.0.0.0:15020")]
+    pub stats_addr: SocketAddr,
+
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    /// Timeout of the proxy's upstream connects.
+    #[arg(long, env = "AMBIT_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM: stop accepting, then wait this long for open connections to finish.
+    #[arg(long, env = "AMBIT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Log filter, RUST_LOG syntax: `info`, `debug`, `info,access=off`, ...
+    #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format; the access log (target `access`) follows it.
+    #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// `500ms`, `10s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m)"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// Everything `ambit node` runs with, after defaults and discovery.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSettings {
+    pub mesh_file: PathBuf,
+    pub node_name: String,
+    pub cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    pub instance: String,
+    pub fail_open: bool,
+    pub proxy_mark: u32,
+    /// Empty: discovered from the interfaces.
+    pub node_addresses: Vec<IpAddr>,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub hbone_port: u16,
+    pub admin_addr: SocketAddr,
+    pub stats_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    #[serde(with = "humantime_ms")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_ms")]
+    pub drain_timeout: Duration,
+    pub log_level: String,
+    pub log_format: LogFormat,
+}
+
+mod humantime_ms {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", d.as_millis()))
+    }
+}
+
+impl NodeSettings {
+    pub fn resolve(args: NodeArgs) -> anyhow::Result<NodeSettings> {
+        if args.instance.is_empty() || args.instance.contains('/') || args.instance.starts_with('.')
+        {
+            bail!(
+                "--instance {:?}: must be a plain name (no '/')",
+                args.instance
+            );
+        }
+        let node_name = match args.node_name {
+            Some(n) if !n.is_empty() => n,
+            _ => nix::unistd::gethostname()
+                .context("reading the host name for --node-name")?
+                .to_string_lossy()
+                .into_owned(),
+        };
+        let cgroup = match args.cgroup {
+            Some(c) => c,
+            None => cgroup2_mount().context("finding the cgroup v2 mount for --cgroup")?,
+        };
+        check_cgroup2(&cgroup)?;
+        Ok(NodeSettings {
+            mesh_file: args.mesh_file,
+            node_name,
+            cgroup,
+            bpffs: args.bpffs,
+            instance: args.instance,
+            fail_open: args.fail_open,
+            proxy_mark: args.proxy_mark,
+            node_addresses: args.node_addresses,
+            outbound_port: OUTBOUND_PORT,
+            inbound_port: INBOUND_PORT,
+            hbone_port: HBONE_PORT,
+            admin_addr: args.admin_addr,
+            stats_addr: args.stats_addr,
+            readiness_addr: args.readiness_addr,
+            connect_timeout: args.connect_timeout,
+            drain_timeout: args.drain_timeout,
+            log_level: args.log_level,
+            log_format: args.log_format,
+        })
+    }
+
+    pub fn capture(&self) -> crate::capture::CaptureSettings {
+        crate::capture::CaptureSettings {
+            bpffs: self.bpffs.clone(),
+            instance: self.instance.clone(),
+            cgroup: self.cgroup.clone(),
+            proxy_mark: self.proxy_mark,
+            fail_open: self.fail_open,
+            outbound_port: self.outbound_port,
+            inbound_port: self.inbound_port,
+            hbone_port: self.hbone_port,
+        }
+    }
+}
+
+/// The first cgroup v2 mount (`/sys/fs/cgroup` on most Kubernetes nodes, `/sys/fs/cgroup/unified`
+/// on hybrid hosts).
+pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
+    let mounts =
+        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .next()
+        .context("no cgroup2 filesystem is mounted (ambit needs cgroup v2)")
+}
+
+fn check_cgroup2(path: &Path) -> anyhow::Result<()> {
+    let st =
+        nix::sys::statfs::statfs(path).with_context(|| format!("--cgroup {}", path.display()))?;
+    if st.filesystem_type().0 as i64 != CGROUP2_MAGIC {
+        bail!("--cgroup {}: not a cgroup v2 directory", path.display());
+    }
+    Ok(())
+}
+
+/// Non-loopback addresses of the calling process's network namespace.
+pub fn discover_node_addresses() -> anyhow::Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .context("listing the node's addresses")?
+        .filter_map(|ifa| {
+            let a = ifa.address?;
+            a.as_sockaddr_in()
+                .map(|s| IpAddr::V4(s.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
+        })
+        .filter(|ip| !ip.is_loopback())
+        .collect();
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_and_marks_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_u32("0x539"), Ok(0x539));
+        assert_eq!(parse_u32("1337"), Ok(1337));
+        assert!(parse_u32("0xzz").is_err());
+    }
+}

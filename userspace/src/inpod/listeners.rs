@@ -1,0 +1,108 @@
+//! The proxy's listeners inside a pod's network namespace.
+//!
+//! Capture listeners bind to loopback: the eBPF programs steer traffic to them (connect
+//! rewrite for outbound, `bpf_sk_assign` for inbound), and nothing outside the pod can reach
+//! them directly.
+
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+use ambit_common::{maps::ListenerKey, AF_INET, AF_INET6};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::netns::Netns;
+
+/// Which traffic a listener receives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// A listening socket created in a pod's netns, not yet handed to the runtime.
+pub struct PodListener {
+    pub direction: Direction,
+    pub addr: SocketAddr,
+    pub socket: Socket,
+}
+
+impl PodListener {
+    pub fn key(&self, netns_cookie: u64) -> ListenerKey {
+        ListenerKey {
+            netns_cookie,
+            family: if self.addr.is_ipv4() {
+                AF_INET
+            } else {
+                AF_INET6
+            },
+            port: self.addr.port(),
+            _pad: 0,
+        }
+    }
+}
+
+/// Backlog of the capture listeners: bursts of connects queue here while the proxy accepts.
+const BACKLOG: i32 = 4096;
+
+fn listen(addr: SocketAddr) -> io::Result<Socket> {
+    let sock = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(BACKLOG)?;
+    Ok(sock)
+}
+
+/// Creates the pod's capture listeners: outbound on 127.0.0.1 always (it also serves IPv4-mapped
+/// connects of dual-stack sockets) and on ::1 for pods with an IPv6 address; inbound on the
+/// loopback of each family the pod has an address in.
+pub fn create(
+    netns: &Netns,
+    ips: &[IpAddr],
+    outbound_port: u16,
+    inbound_port: u16,
+) -> io::Result<Vec<PodListener>> {
+    let has_v4 = ips.iter().any(IpAddr::is_ipv4);
+    let has_v6 = ips.iter().any(IpAddr::is_ipv6);
+    let lo4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let lo6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    let mut wanted = vec![(Direction::Outbound, SocketAddr::new(lo4, outbound_port))];
+    if has_v6 {
+        wanted.push((Direction::Outbound, SocketAddr::new(lo6, outbound_port)));
+    }
+    if has_v4 {
+        wanted.push((Direction::Inbound, SocketAddr::new(lo4, inbound_port)));
+    }
+    if has_v6 {
+        wanted.push((Direction::Inbound, SocketAddr::new(lo6, inbound_port)));
+    }
+    netns.run(|| {
+        wanted
+            .into_iter()
+            .map(|(direction, addr)| {
+                let socket = listen(addr).map_err(|e| {
+                    let hint = if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                        " (is the pod's loopback up with IPv6 enabled?)"
+                    } else {
+                        ""
+                    };
+                    io::Error::new(e.kind(), format!("listening on {addr}{hint}: {e}"))
+                })?;
+                Ok(PodListener {
+                    direction,
+                    addr,
+                    socket,
+                })
+            })
+            .collect()
+    })?
+}

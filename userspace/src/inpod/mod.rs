@@ -1,0 +1,327 @@
+//! Enrolled pods: for each, the proxy's listeners inside the pod's netns, its inbound capture
+//! attachment and its entries in the capture maps; enrolling, unenrolling and reconciling
+//! them with what the pod source wants.
+
+mod listeners;
+pub mod netns;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use serde::Serialize;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use listeners::{Direction, PodListener};
+
+use crate::{
+    capture::{addr, Capture, CaptureError},
+    meshfile::PodSpec,
+    proxy::{PodCtx, Proxy},
+};
+use netns::Netns;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    #[error("opening network namespace {path}: {source}")]
+    Netns {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("creating listeners in {path}: {source}")]
+    Listeners {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+struct EnrolledPod {
+    spec: PodSpec,
+    id: u32,
+    netns: Arc<Netns>,
+    tc: crate::capture::TcState,
+    listeners: Vec<(Direction, SocketAddr)>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Ports of the in-pod listeners.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub outbound: u16,
+    pub inbound: u16,
+}
+
+pub struct PodManager {
+    capture: Capture,
+    proxy: Proxy,
+    ports: Ports,
+    pods: BTreeMap<String, EnrolledPod>,
+    /// Pods that should be enrolled but could not be, with the reason; retried on every
+    /// reconcile.
+    failed: BTreeMap<String, String>,
+    next_id: u32,
+}
+
+/// One pod in the config dump.
+#[derive(Debug, Serialize)]
+pub struct PodDump {
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub netns: std::path::PathBuf,
+    pub netns_cookie: u64,
+    pub pod_id: u32,
+    pub inbound_attachment: crate::capture::TcState,
+    pub listeners: Vec<(Direction, SocketAddr)>,
+}
+
+/// Kernel state left from an earlier run that no current pod accounts for.
+#[derive(Debug, Default, Serialize)]
+pub struct StaleRemoved {
+    pub enrolled: usize,
+    pub pod_ips: usize,
+    pub inbound_attachments: usize,
+}
+
+impl PodManager {
+    pub fn new(capture: Capture, proxy: Proxy, ports: Ports) -> PodManager {
+        PodManager {
+            capture,
+            proxy,
+            ports,
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn capture(&self) -> &Capture {
+        &self.capture
+    }
+
+    pub fn capture_mut(&mut self) -> &mut Capture {
+        &mut self.capture
+    }
+
+    /// Makes the enrolled set exactly `desired`: pods that left or changed are unenrolled,
+    /// new ones enrolled. A pod that fails is logged and retried on the next call; the others
+    /// proceed.
+    pub async fn reconcile(&mut self, desired: &[PodSpec]) {
+        let want: BTreeMap<String, &PodSpec> = desired.iter().map(|p| (p.key(), p)).collect();
+        let gone: Vec<String> = self
+            .pods
+            .iter()
+            .filter(|(key, pod)| want.get(*key).is_none_or(|spec| **spec != pod.spec))
+            .map(|(key, _)| key.clone())
+            .collect();
+        for key in gone {
+            if let Some(pod) = self.pods.remove(&key) {
+                self.unenroll(pod).await;
+            }
+        }
+        self.failed.retain(|key, _| want.contains_key(key));
+        for (key, spec) in want {
+            if self.pods.contains_key(&key) {
+                continue;
+            }
+            match self.enroll(spec) {
+                Ok(pod) => {
+                    tracing::info!(
+                        pod = %key,
+                        netns = %spec.netns.display(),
+                        netns_cookie = pod.netns.cookie(),
+                        ips = ?spec.ips,
+                        inbound = ?pod.tc,
+                        "pod enrolled"
+                    );
+                    self.failed.remove(&key);
+                    self.pods.insert(key, pod);
+                }
+                Err(e) => {
+                    tracing::error!(pod = %key, error = %e, "cannot enrol pod; will retry");
+                    self.failed.insert(key, e.to_string());
+                }
+            }
+        }
+    }
+
+    /// Whether some wanted pod is waiting for a retry.
+    pub fn has_failures(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    fn enroll(&mut self, spec: &PodSpec) -> Result<EnrolledPod, EnrollError> {
+        let netns = Arc::new(
+            Netns::open(&spec.netns).map_err(|source| EnrollError::Netns {
+                path: spec.netns.clone(),
+                source,
+            })?,
+        );
+        let cookie = netns.cookie();
+        let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound)
+            .map_err(|source| EnrollError::Listeners {
+                path: spec.netns.clone(),
+                source,
+            })?;
+        // Listeners first, so that capture never points at a socket that is not there yet.
+        for l in &made {
+            self.capture.register_listener(l.key(cookie), &l.socket)?;
+        }
+        let tc = self.capture.attach_pod(&netns, &spec.interface)?;
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1).max(1);
+        if let Err(e) = self.capture.enroll(cookie, id, &spec.ips) {
+            self.rollback(cookie, &netns, &spec.interface);
+            return Err(e.into());
+        }
+        let ctx = Arc::new(PodCtx {
+            namespace: spec.namespace.clone(),
+            name: spec.name.clone(),
+            service_account: spec.service_account.clone(),
+            ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),
+            netns: netns.clone(),
+        });
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::with_capacity(made.len());
+        let mut bound = Vec::with_capacity(made.len());
+        for l in made {
+            bound.push((l.direction, l.addr));
+            match self.proxy.serve(ctx.clone(), l, stop.clone()) {
+                Ok(task) => tasks.push(task),
+                Err(e) => {
+                    stop.cancel();
+                    self.rollback(cookie, &netns, &spec.interface);
+                    return Err(EnrollError::Listeners {
+                        path: spec.netns.clone(),
+                        source: e,
+                    });
+                }
+            }
+        }
+        Ok(EnrolledPod {
+            spec: spec.clone(),
+            id,
+            netns,
+            tc,
+            listeners: bound,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Undoes a half-done enrolment; errors are logged, as the original error is the one
+    /// that matters to the caller.
+    fn rollback(&mut self, cookie: u64, netns: &Netns, interface: &str) {
+        if let Err(e) = self.capture.unenroll(cookie) {
+            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: removing map entries");
+        }
+        if let Err(e) = self.capture.detach_pod(cookie, Some(netns), interface) {
+            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: detaching inbound capture");
+        }
+    }
+
+    /// Stops capturing a pod. Connections already proxied keep running to their end: they do
+    /// not depend on the listeners or the maps any more.
+    async fn unenroll(&mut self, pod: EnrolledPod) {
+        let key = pod.spec.key();
+        let cookie = pod.netns.cookie();
+        // Outbound first: no new connect is rewritten towards listeners about to close.
+        if let Err(e) = self.capture.unenroll(cookie) {
+            tracing::error!(pod = %key, error = %e, "removing capture map entries");
+        }
+        if let Err(e) = self
+            .capture
+            .detach_pod(cookie, Some(&pod.netns), &pod.spec.interface)
+        {
+            tracing::error!(pod = %key, error = %e, "detaching inbound capture");
+        }
+        pod.stop.cancel();
+        for task in pod.tasks {
+            if let Err(e) = task.await {
+                tracing::warn!(pod = %key, error = %e, "accept loop ended abnormally");
+            }
+        }
+        tracing::info!(pod = %key, netns_cookie = cookie, "pod unenrolled");
+    }
+
+    /// Removes kernel state that belongs to no enrolled pod: entries and attachments an
+    /// earlier run left for pods that are gone or no longer enrolled.
+    pub fn remove_stale(&mut self) -> Result<StaleRemoved, CaptureError> {
+        let live: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        let maps = self.capture.maps();
+        let enrolled: BTreeSet<u64> = maps.enrolled()?.into_iter().map(|(c, _)| c).collect();
+        let ips = maps.pod_ips()?;
+        let stale_cookies: BTreeSet<u64> = enrolled
+            .iter()
+            .copied()
+            .chain(ips.iter().map(|(_, c)| *c))
+            .filter(|c| !live.contains(c))
+            .collect();
+        let removed = StaleRemoved {
+            enrolled: enrolled.iter().filter(|c| !live.contains(c)).count(),
+            pod_ips: ips.iter().filter(|(_, c)| !live.contains(c)).count(),
+            inbound_attachments: 0,
+        };
+        for cookie in stale_cookies {
+            self.capture.unenroll(cookie)?;
+        }
+        let stale_tc: Vec<u64> = self
+            .capture
+            .attached_pods()?
+            .into_iter()
+            .filter(|c| !live.contains(c))
+            .collect();
+        for cookie in &stale_tc {
+            // The pod's netns is unknown or gone: the tcx link goes with its pin.
+            self.capture.detach_pod(*cookie, None, "")?;
+        }
+        Ok(StaleRemoved {
+            inbound_attachments: stale_tc.len(),
+            ..removed
+        })
+    }
+
+    /// Stops accepting in every pod (listeners close: new connects of enrolled pods are
+    /// refused while no proxy runs) and leaves the pinned capture state in place for the next
+    /// proxy. Used on shutdown.
+    pub async fn stop_accepting(&mut self) {
+        for pod in self.pods.values_mut() {
+            pod.stop.cancel();
+            for task in pod.tasks.drain(..) {
+                if let Err(e) = task.await {
+                    tracing::warn!(pod = %pod.spec.key(), error = %e, "accept loop ended abnormally");
+                }
+            }
+        }
+    }
+
+    pub fn dump(&self) -> (Vec<PodDump>, BTreeMap<String, String>) {
+        let pods = self
+            .pods
+            .values()
+            .map(|p| PodDump {
+                namespace: p.spec.namespace.clone(),
+                name: p.spec.name.clone(),
+                service_account: p.spec.service_account.clone(),
+                ips: p.spec.ips.clone(),
+                netns: p.spec.netns.clone(),
+                netns_cookie: p.netns.cookie(),
+                pod_id: p.id,
+                inbound_attachment: p.tc,
+                listeners: p.listeners.clone(),
+            })
+            .collect();
+        (pods, self.failed.clone())
+    }
+
+    pub fn enrolled_count(&self) -> usize {
+        self.pods.len()
+    }
+}

@@ -1,0 +1,21 @@
+//! ambit: an eBPF-accelerated, sidecarless service-mesh node proxy.
+//!
+//! Module map (see ARCHITECTURE.md for the data flow):
+//! - [`capture`]: the eBPF programs, maps and pins;
+//! - [`inpod`]: enrolled pods — netns handles, in-pod listeners, enrol/unenrol/reconcile;
+//! - [`enroll`]: pod sources (the local mesh file);
+//! - [`meshfile`]: the mesh file format and its validation;
+//! - [`proxy`]: accept loops, outbound and inbound handling, the relay;
+//! - [`metrics`], [`admin`], [`telemetry`]: what operators see;
+//! - [`config`], [`node`]: `ambit node` settings and wiring.
+
+pub mod admin;
+pub mod capture;
+pub mod config;
+pub mod enroll;
+pub mod inpod;
+pub mod meshfile;
+pub mod metrics;
+pub mod node;
+pub mod proxy;
+pub mod telemetry;

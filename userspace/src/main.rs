@@ -1,0 +1,72 @@
+//! The `ambit` command.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use ambit::{config, node, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "ambit",
+    version,
+    about = "Sidecarless, eBPF-accelerated service-mesh node proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node proxy: capture enrolled pods' traffic with eBPF and relay it.
+    Node(Box<config::NodeArgs>),
+    /// Remove everything an instance pinned (programs, links, maps): capture stops for every
+    /// pod it had enrolled. Run it when removing ambit from a node, not between restarts.
+    Uninstall {
+        #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        #[arg(long, env = "AMBIT_INSTANCE", default_value = "default")]
+        instance: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line: what failed and why.
+            eprintln!("ambit: error: {e:#}");
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => {
+            telemetry::init(&args.log_level, args.log_format)?;
+            let settings = config::NodeSettings::resolve(*args)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("ambit-worker")
+                .build()
+                .context("starting the async runtime")?;
+            rt.block_on(node::run(settings))
+        }
+        Command::Uninstall { bpffs, instance } => {
+            telemetry::init("info", telemetry::LogFormat::Text)?;
+            let removed = ambit::capture::uninstall(&bpffs, &instance).with_context(|| {
+                format!(
+                    "removing pinned state of instance {instance:?} under {}",
+                    bpffs.display()
+                )
+            })?;
+            tracing::info!(removed = removed.len(), "uninstalled");
+            Ok(())
+        }
+    }
+}

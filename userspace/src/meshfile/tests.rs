@@ -1,0 +1,166 @@
+use std::path::Path;
+
+use super::*;
+
+const NODE: Checks<'static> = Checks { node: "node-a" };
+
+fn parse_str(text: &str) -> Result<Mesh, MeshFileError> {
+    parse(Path::new("mesh.yaml"), text, &NODE)
+}
+
+/// A valid file; `/proc/self/ns/net` is a network namespace that always exists.
+const GOOD: &str = "\
+namespaces:
+  - name: demo
+    labels:
+      istio.io/dataplane-mode: ambient
+  - name: plain
+pods:
+  - name: client
+    namespace: demo
+    ips: [10.1.0.2, fd00:1::2]
+    netns: /proc/self/ns/net
+  - name: opted-out
+    namespace: demo
+    labels: {istio.io/dataplane-mode: none}
+    ips: [10.1.0.3]
+    netns: /proc/self/ns/net
+  - name: outside
+    namespace: plain
+    ips: [10.1.0.4]
+    netns: /proc/self/ns/net
+  - name: solo
+    namespace: plain
+    labels: {istio.io/dataplane-mode: ambient}
+    ips: [10.1.0.5]
+    netns: /proc/self/ns/net
+  - name: remote
+    namespace: demo
+    node: node-b
+    serviceAccount: remote-sa
+    ips: [10.2.0.2]
+    netns: /var/run/netns/does-not-exist-here
+";
+
+#[test]
+fn parses_a_good_file_and_applies_istio_enrolment_rules() {
+    let mesh = parse_str(GOOD).expect("valid");
+    let enrolled: Vec<_> = mesh
+        .pods_on("node-a")
+        .filter(|p| mesh.is_enrolled(p))
+        .map(PodSpec::key)
+        .collect();
+    assert_eq!(enrolled, ["demo/client", "plain/solo"]);
+    let remote = mesh
+        .pods
+        .iter()
+        .find(|p| p.name == "remote")
+        .expect("listed");
+    assert_eq!(remote.service_account, "remote-sa");
+    assert_eq!(mesh.pods[0].service_account, "default");
+    assert_eq!(mesh.pods[0].interface, "eth0");
+    assert_eq!(mesh.pods[0].ips.len(), 2);
+    assert!(mesh.pods_on("node-b").any(|p| p.name == "remote"));
+}
+
+/// Asserts that `text` is refused with an error on `line` naming `field` and containing `what`.
+fn refused(text: &str, line: usize, field: &str, what: &str) {
+    let err = parse_str(text).expect_err("must be refused");
+    let msg = err.to_string();
+    assert_eq!(
+        err.location.map(|l| l.line),
+        Some(line),
+        "wrong line in: {msg}"
+    );
+    assert_eq!(err.field, field, "wrong field in: {msg}");
+    assert!(msg.contains(what), "{msg:?} does not mention {what:?}");
+    assert!(msg.starts_with(&format!("mesh.yaml:{line}:")), "{msg}");
+}
+
+#[test]
+fn unknown_field_is_refused_with_its_line() {
+    let text = GOOD.replace(
+        "    ips: [10.1.0.3]",
+        "    ips: [10.1.0.3]\n    colour: blue",
+    );
+    refused(&text, 15, "pods[1]", "unknown field `colour`");
+}
+
+#[test]
+fn bad_ip_is_refused_with_its_line() {
+    let text = GOOD.replace("10.1.0.4", "10.1.0.300");
+    refused(
+        &text,
+        18,
+        "pods[2].ips[0]",
+        "\"10.1.0.300\" is not an IPv4 or IPv6 address",
+    );
+}
+
+#[test]
+fn duplicate_pod_is_refused_with_its_line() {
+    let text = GOOD.replace(
+        "  - name: outside\n    namespace: plain",
+        "  - name: client\n    namespace: demo",
+    );
+    refused(&text, 16, "pods[2].name", "duplicate pod demo/client");
+}
+
+#[test]
+fn duplicate_ip_is_refused() {
+    let text = GOOD.replace("10.1.0.4", "10.1.0.2");
+    refused(
+        &text,
+        18,
+        "pods[2].ips[0]",
+        "already the address of pods[0]",
+    );
+}
+
+#[test]
+fn missing_netns_is_refused_for_local_pods_only() {
+    let text = GOOD.replace(
+        "    ips: [10.1.0.4]\n    netns: /proc/self/ns/net",
+        "    ips: [10.1.0.4]\n    netns: /var/run/netns/ambit-no-such-netns",
+    );
+    refused(&text, 19, "pods[2].netns", "does not exist");
+    // The remote pod's netns does not exist either, and that is fine: it is not on this node.
+    assert!(parse_str(GOOD).is_ok());
+}
+
+#[test]
+fn a_file_that_is_not_a_netns_is_refused() {
+    let text = GOOD.replace(
+        "    ips: [10.1.0.4]\n    netns: /proc/self/ns/net",
+        "    ips: [10.1.0.4]\n    netns: /proc/self/status",
+    );
+    refused(&text, 19, "pods[2].netns", "is not a network namespace");
+}
+
+#[test]
+fn undeclared_namespace_is_refused() {
+    let text = GOOD.replace(
+        "    namespace: plain\n    ips: [10.1.0.4]",
+        "    namespace: nope\n    ips: [10.1.0.4]",
+    );
+    refused(&text, 17, "pods[2].namespace", "not declared");
+}
+
+#[test]
+fn wrong_type_is_refused_with_its_line() {
+    let text = GOOD.replace("    ips: [10.1.0.4]", "    ips: 7");
+    let err = parse_str(&text).expect_err("refused");
+    assert_eq!(err.location.map(|l| l.line), Some(18), "{err}");
+    assert!(err.to_string().contains("pods[2].ips"), "{err}");
+}
+
+#[test]
+fn empty_file_is_an_empty_mesh() {
+    assert_eq!(parse_str("").expect("empty is fine"), Mesh::default());
+}
+
+#[test]
+fn not_yaml_is_refused() {
+    let err = parse_str("pods: [\n").expect_err("refused");
+    assert!(err.location.is_some(), "{err}");
+}

@@ -1,0 +1,195 @@
+//! `ambit node`: wires capture, the pod source, the proxy and the admin endpoints together,
+//! and runs until SIGTERM/SIGINT or `/quitquitquit`, then drains.
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::{self, AdminState, Routes},
+    capture::Capture,
+    config::{self, NodeSettings},
+    enroll,
+    inpod::{PodManager, Ports},
+    metrics::Metrics,
+    proxy::{Proxy, ProxySettings},
+};
+
+/// How often enrolment of pods that failed is retried.
+const RETRY: Duration = Duration::from_secs(2);
+/// How often discovered node addresses are refreshed.
+const NODE_ADDR_REFRESH: Duration = Duration::from_secs(30);
+
+pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        config = %serde_json::to_string(&settings).unwrap_or_default(),
+        "starting ambit node"
+    );
+    let shutdown = CancellationToken::new();
+    let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
+    for (addr, routes) in [
+        (settings.admin_addr, Routes::Admin),
+        (settings.stats_addr, Routes::Stats),
+        (settings.readiness_addr, Routes::Readiness),
+    ] {
+        let listener = admin::bind(addr)
+            .await
+            .with_context(|| format!("binding the {routes:?} endpoint on {addr}"))?;
+        tokio::spawn(admin::serve(
+            listener,
+            routes,
+            admin.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let (capture, orig, stats) =
+        Capture::open(&settings.capture()).context("setting up eBPF capture")?;
+    let adoption = capture.adoption().clone();
+    tracing::info!(
+        pins = %capture.pin_dir().display(),
+        adopted_programs = ?adoption.adopted_programs,
+        loaded_programs = ?adoption.loaded_programs,
+        adopted_links = ?adoption.adopted_links,
+        attached_links = ?adoption.attached_links,
+        "eBPF capture ready"
+    );
+    metrics.register_kernel_stats(Arc::new(stats));
+
+    let proxy = Proxy::new(
+        ProxySettings {
+            mark: settings.proxy_mark,
+            connect_timeout: settings.connect_timeout,
+            own_ports: vec![
+                settings.outbound_port,
+                settings.inbound_port,
+                settings.hbone_port,
+            ],
+        },
+        orig,
+        metrics.clone(),
+    );
+    let mut pods = PodManager::new(
+        capture,
+        proxy.clone(),
+        Ports {
+            outbound: settings.outbound_port,
+            inbound: settings.inbound_port,
+        },
+    );
+    refresh_node_addresses(&settings, &mut pods)?;
+
+    let mut meshes = enroll::local::watch(
+        settings.mesh_file.clone(),
+        settings.node_name.clone(),
+        shutdown.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("loading the mesh file")?;
+    let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
+    pods.reconcile(&desired).await;
+    let stale = pods
+        .remove_stale()
+        .context("removing stale capture state")?;
+    tracing::info!(
+        ?stale,
+        enrolled = pods.enrolled_count(),
+        "initial pod set reconciled"
+    );
+    publish(&admin, &metrics, &settings, &pods, &adoption, &proxy);
+    admin.set_ready(None);
+
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut retry = tokio::time::interval(RETRY);
+    let mut addr_refresh = tokio::time::interval(NODE_ADDR_REFRESH);
+    loop {
+        tokio::select! {
+            changed = meshes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
+                pods.reconcile(&desired).await;
+            }
+            _ = retry.tick(), if pods.has_failures() => {
+                let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name);
+                pods.reconcile(&desired).await;
+            }
+            _ = addr_refresh.tick(), if settings.node_addresses.is_empty() => {
+                if let Err(e) = refresh_node_addresses(&settings, &mut pods) {
+                    tracing::warn!(error = %e, "refreshing node addresses");
+                }
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
+            () = shutdown.cancelled() => break,
+        }
+        publish(&admin, &metrics, &settings, &pods, &adoption, &proxy);
+    }
+
+    admin.set_ready(Some("draining".into()));
+    // Listeners close now: new connects of enrolled pods are refused (fail closed) or let
+    // through (fail open) by the still-attached programs until the next proxy starts.
+    pods.stop_accepting().await;
+    let open = proxy.active_connections();
+    let left = proxy.drain(settings.drain_timeout).await;
+    tracing::info!(
+        open_at_start = open,
+        left_after_deadline = left,
+        "drained; exiting (capture state stays pinned)"
+    );
+    shutdown.cancel();
+    Ok(())
+}
+
+fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> anyhow::Result<()> {
+    let addrs = if settings.node_addresses.is_empty() {
+        config::discover_node_addresses()?
+    } else {
+        settings.node_addresses.clone()
+    };
+    pods.capture_mut()
+        .set_node_addrs(&addrs)
+        .context("updating node addresses")?;
+    tracing::debug!(?addrs, "node addresses (not captured inbound)");
+    Ok(())
+}
+
+fn publish(
+    admin: &AdminState,
+    metrics: &Metrics,
+    settings: &NodeSettings,
+    pods: &PodManager,
+    adoption: &crate::capture::Adoption,
+    proxy: &Proxy,
+) {
+    let (enrolled, failed) = pods.dump();
+    metrics.enrolled_pods.set(enrolled.len() as i64);
+    let maps = pods.capture().maps();
+    let listeners = maps.listeners().map(|l| l.len()).unwrap_or(0);
+    let node_addrs: Vec<_> = maps
+        .node_addrs()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(crate::capture::addr::ip_from_key)
+        .collect();
+    admin.set_dump(serde_json::json!({
+        "settings": settings,
+        "capture": {
+            "pin_dir": pods.capture().pin_dir(),
+            "adoption": adoption,
+            "registered_listeners": listeners,
+            "node_addresses": node_addrs,
+            "pending_connects": maps.pending_count(),
+            "unaccepted_original_destinations": proxy.pending_records(),
+        },
+        "pods": enrolled,
+        "failed_pods": failed,
+        "active_connections": proxy.active_connections(),
+    }));
+}

@@ -1,0 +1,98 @@
+//! Copies bytes both ways between the client and the upstream connection, counting them.
+//!
+//! A clean end of stream on one side is passed on as a half-close (FIN) and the other
+//! direction keeps going; an error on either side resets both, so each peer sees what it
+//! would have seen without the proxy.
+
+use std::{io, time::Duration};
+
+use prometheus::IntCounter;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{ReadHalf, WriteHalf},
+        TcpStream,
+    },
+};
+
+/// Per-direction buffer. Large enough for bulk transfers to run at line rate, small enough
+/// that idle-connection memory stays modest.
+const BUF_SIZE: usize = 32 * 1024;
+
+/// What went through a relayed connection.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Client to upstream.
+    pub sent: u64,
+    /// Upstream to client.
+    pub received: u64,
+    pub error: Option<io::Error>,
+}
+
+/// Live byte counters of the two directions (metrics).
+pub struct Counters {
+    pub sent: IntCounter,
+    pub received: IntCounter,
+}
+
+async fn copy(
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
+    counter: &IntCounter,
+    total: &mut u64,
+) -> io::Result<()> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            // Pass the half-close on; the other direction may still have data.
+            return to.shutdown().await;
+        }
+        to.write_all(&buf[..n]).await?;
+        *total += n as u64;
+        counter.inc_by(n as u64);
+    }
+}
+
+/// Makes the socket's close send a reset.
+pub fn linger_zero(stream: &TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot set SO_LINGER for a reset; closing normally");
+    }
+}
+
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    counters: &Counters,
+) -> Transfer {
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut error = None;
+    {
+        let (mut client_r, mut client_w) = client.split();
+        let (mut up_r, mut up_w) = upstream.split();
+        let up = copy(&mut client_r, &mut up_w, &counters.sent, &mut sent);
+        let down = copy(&mut up_r, &mut client_w, &counters.received, &mut received);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+            };
+            if let Err(e) = result {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if error.is_some() {
+        linger_zero(&client);
+        linger_zero(&upstream);
+    }
+    Transfer {
+        sent,
+        received,
+        error,
+    }
+}

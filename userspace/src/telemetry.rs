@@ -1,0 +1,96 @@
+//! Logging: the process log (tracing, text or JSON) and the access log, one line per proxied
+//! connection under the separate target `access` (filter it with e.g. `--log-level
+//! info,access=off`).
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::ValueEnum;
+use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+
+use crate::{inpod::Direction, proxy::PodCtx, proxy::Transfer};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber. `filter` uses `RUST_LOG` syntax (`info`,
+/// `info,ambit::capture=debug`, ...).
+pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level {filter:?}: {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry
+            .with(fmt::layer().with_writer(std::io::stderr))
+            .try_init()?,
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()?,
+    }
+    Ok(())
+}
+
+fn direction(d: Direction) -> &'static str {
+    match d {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    }
+}
+
+/// One finished connection.
+pub fn access_log(
+    d: Direction,
+    pod: &PodCtx,
+    src: SocketAddr,
+    dst: SocketAddr,
+    t: &Transfer,
+    duration: Duration,
+) {
+    let error = t.error.as_ref().map(ToString::to_string);
+    tracing::info!(
+        target: "access",
+        direction = direction(d),
+        namespace = %pod.namespace,
+        pod = %pod.name,
+        service_account = %pod.service_account,
+        src = %src,
+        dst = %dst,
+        bytes_sent = t.sent,
+        bytes_received = t.received,
+        duration_ms = duration.as_millis() as u64,
+        error = error.as_deref().unwrap_or(""),
+        "connection complete"
+    );
+}
+
+/// One captured connection the proxy refused.
+pub fn access_log_refused(
+    d: Direction,
+    pod: &PodCtx,
+    src: SocketAddr,
+    dst: Option<SocketAddr>,
+    reason: &str,
+    detail: &str,
+) {
+    let dst = dst.map(|a| a.to_string());
+    tracing::warn!(
+        target: "access",
+        direction = direction(d),
+        namespace = %pod.namespace,
+        pod = %pod.name,
+        service_account = %pod.service_account,
+        src = %src,
+        dst = dst.as_deref().unwrap_or("unknown"),
+        reason,
+        error = detail,
+        "connection refused"
+    );
+}
