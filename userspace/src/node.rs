@@ -29,6 +29,14 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         "starting ambit node"
     );
     let shutdown = CancellationToken::new();
+    // The mesh file first: an invalid one stops the start before the kernel is touched.
+    let mut meshes = enroll::local::watch(
+        settings.mesh_file.clone(),
+        settings.node_name.clone(),
+        shutdown.clone(),
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("loading the mesh file")?;
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [
@@ -83,13 +91,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     refresh_node_addresses(&settings, &mut pods)?;
 
-    let mut meshes = enroll::local::watch(
-        settings.mesh_file.clone(),
-        settings.node_name.clone(),
-        shutdown.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
-    .context("loading the mesh file")?;
     let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
     pods.reconcile(&desired).await;
     let stale = pods

@@ -1,0 +1,16 @@
+//! ambit's test bed: nodes and pods as network namespaces on this machine, real programs in
+//! them, the real `ambit` binary, and a teardown that runs on success, on failure and on
+//! Ctrl-C. See tests/README.md.
+//!
+//! Every test that uses the bed needs root and fails (never skips) without it.
+
+pub mod ambit;
+pub mod bed;
+pub mod cleanup;
+pub mod exec;
+pub mod mesh;
+pub mod netns;
+
+pub use ambit::{eventually, Ambit};
+pub use bed::{Bed, Node, Pod};
+pub use exec::{pod_command, run_with_timeout, Chat, Proc};

@@ -1,0 +1,153 @@
+//! What happens while no proxy runs (fail closed by default, fail open on request), and a
+//! restarted proxy re-adopting the pinned programs, links and maps instead of duplicating them.
+
+mod common;
+
+use ambit_testbed::{
+    ambit::{links_of_programs, pinned_ids, write_mesh},
+    bed::Pod,
+    mesh::{Mesh, AMBIENT},
+    pod_command, run_with_timeout, Ambit, Bed,
+};
+use common::*;
+
+/// curl's exit codes: 7 = could not connect (refused), 28 = timed out.
+const CURL_REFUSED: i32 = 7;
+const CURL_TIMEOUT: i32 = 28;
+
+fn curl_code(pod: &Pod, url: &str, connect_timeout: &str) -> (i32, String) {
+    let cmd = pod_command(
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "--connect-timeout",
+            connect_timeout,
+            "--max-time",
+            "5",
+            url,
+        ],
+    );
+    let out = run_with_timeout(cmd, T).expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// IDs of this proxy's pinned programs and of every link in the system that runs them.
+fn program_and_link_ids(ambit: &Ambit) -> (Vec<(String, u32)>, Vec<u32>) {
+    let pinned = pinned_ids(&ambit.pin_dir()).expect("reading pins");
+    let progs: Vec<u32> = pinned
+        .iter()
+        .filter(|(n, _)| n.starts_with("prog_"))
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(progs.len(), 4, "four programs pinned: {pinned:?}");
+    (pinned, links_of_programs(&progs).expect("listing links"))
+}
+
+#[test]
+fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_state() {
+    let bed = Bed::new("fail-closed");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let c = bed.pod(&node, "c"); // not enrolled: a plain client of b
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .namespace("plain", &[])
+            .pod(&a, "demo", &[])
+            .pod(&b, "demo", &[])
+            .pod(&c, "plain", &[])
+            .yaml(),
+    );
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
+    let server = http_server(&bed, &b, "b\n");
+    let url = format!("http://{}:8080/", b.ipv4);
+    assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
+    let (pins_before, links_before) = program_and_link_ids(&ambit);
+    // Three cgroup links and one TC link per enrolled pod.
+    assert_eq!(links_before.len(), 3 + 2, "{links_before:?}");
+
+    ambit.kill();
+    let requests_before = server.output().matches("GET /").count();
+    // Outbound from an enrolled pod: refused (not timed out), never sent around the proxy.
+    assert_eq!(curl_code(&a, &url, "2").0, CURL_REFUSED);
+    // Inbound to an enrolled pod: the SYN is dropped, so the client times out.
+    assert_eq!(curl_code(&c, &url, "1").0, CURL_TIMEOUT);
+    assert_eq!(
+        server.output().matches("GET /").count(),
+        requests_before,
+        "a request reached b"
+    );
+
+    ambit.restart();
+    assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
+    assert_eq!(curl_code(&c, &url, "2"), (0, "b\n".into()));
+    let (pins_after, links_after) = program_and_link_ids(&ambit);
+    assert_eq!(
+        pins_after, pins_before,
+        "the same programs, maps and links, not new ones"
+    );
+    assert_eq!(links_after, links_before, "no link was added or replaced");
+    let log = ambit.log();
+    assert!(log.contains(r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#), "{log}");
+    assert!(log.contains("attached_links=[]"), "{log}");
+    let dump = ambit.config_dump();
+    for pod in dump["pods"].as_array().expect("pods") {
+        assert_eq!(pod["inbound_attachment"], "adopted", "{dump}");
+    }
+    // The kernel's counters live in the pinned map: they saw the refusals.
+    assert_eq!(kernel(&ambit, "connect_fail_closed"), 1);
+    assert!(
+        kernel(&ambit, "inbound_fail_closed") >= 1,
+        "SYN retransmits may add more"
+    );
+}
+
+#[test]
+fn with_fail_open_enrolled_pods_bypass_the_missing_proxy() {
+    let bed = Bed::new("fail-open");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod(&a, "demo", &[])
+            .pod(&b, "demo", &[])
+            .yaml(),
+    );
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &["--fail-open"]);
+    let server = http_server(&bed, &b, "b\n");
+    let url = format!("http://{}:8080/", b.ipv4);
+
+    ambit.kill();
+    assert_eq!(
+        curl_code(&a, &url, "2"),
+        (0, "b\n".into()),
+        "fail-open lets the connection through"
+    );
+    // Directly: the server saw a's address, not its own (as it does through the proxy).
+    assert!(
+        server.output().contains(&format!("::ffff:{} ", a.ipv4)),
+        "{}",
+        server.output()
+    );
+
+    ambit.restart();
+    assert_eq!(kernel(&ambit, "connect_fail_open"), 1);
+    assert_eq!(kernel(&ambit, "inbound_fail_open"), 1);
+    assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
+    assert_eq!(
+        kernel(&ambit, "connect_captured"),
+        1,
+        "captured again after the restart"
+    );
+}
