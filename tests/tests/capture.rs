@@ -106,6 +106,39 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
             .all(|p| p["netns_cookie"].as_u64().unwrap_or(0) != 0),
         "{dump}"
     );
+    // Kernel-side logging is off unless asked for.
+    assert!(!ambit.log().contains(" ebpf: "), "{}", ambit.log());
+}
+
+#[test]
+fn kernel_logs_are_forwarded_when_asked_for() {
+    let bed = Bed::new("kernel-logs");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod(&a, "demo", &[])
+            .pod(&b, "demo", &[])
+            .yaml(),
+    );
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &["--ebpf-log-level", "debug"]);
+    let _server = http_server(&bed, &b, "b\n");
+    assert_eq!(
+        ok_body(&curl(&a, &format!("http://{}:8080/", b.ipv4))),
+        "b\n"
+    );
+    let cookie = ambit.config_dump()["pods"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "a"))
+        .and_then(|p| p["netns_cookie"].as_u64())
+        .expect("a's netns cookie");
+    ambit
+        .wait_log(&format!("connect captured: netns {cookie} port 8080"), T)
+        .expect("the connect hook's debug record reaches the proxy's log");
 }
 
 #[test]

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use ambit_common::{DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
-use crate::telemetry::LogFormat;
+use crate::{capture::klog::KernelLogLevel, telemetry::LogFormat};
 
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
@@ -88,6 +88,11 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_LOG", default_value = "info")]
     pub log_level: String,
 
+    /// Log level of the eBPF programs themselves (aya-log, target `ebpf`). Off by default:
+    /// nothing is formatted in the kernel unless asked for.
+    #[arg(long, env = "AMBIT_EBPF_LOG", value_enum, default_value_t = KernelLogLevel::Off)]
+    pub ebpf_log_level: KernelLogLevel,
+
     /// Log format; the access log (target `access`) follows it.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -138,6 +143,7 @@ pub struct NodeSettings {
     #[serde(with = "humantime_ms")]
     pub drain_timeout: Duration,
     pub log_level: String,
+    pub ebpf_log_level: KernelLogLevel,
     pub log_format: LogFormat,
 }
 
@@ -189,6 +195,7 @@ impl NodeSettings {
             connect_timeout: args.connect_timeout,
             drain_timeout: args.drain_timeout,
             log_level: args.log_level,
+            ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
         })
     }
@@ -203,6 +210,15 @@ impl NodeSettings {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             hbone_port: self.hbone_port,
+            kernel_log_level: self.ebpf_log_level,
+        }
+    }
+
+    /// The tracing filter: `--log-level` plus what `--ebpf-log-level` needs to be seen.
+    pub fn log_filter(&self) -> String {
+        match self.ebpf_log_level.directive() {
+            Some(d) => format!("{},{d}", self.log_level),
+            None => self.log_level.clone(),
         }
     }
 }

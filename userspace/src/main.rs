@@ -48,8 +48,9 @@ fn main() -> std::process::ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => {
-            telemetry::init(&args.log_level, args.log_format)?;
+            let format = args.log_format;
             let settings = config::NodeSettings::resolve(*args)?;
+            telemetry::init(&settings.log_filter(), format)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("ambit-worker")

@@ -108,8 +108,12 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     };
     // If the record cannot be stored the connect is still captured: the proxy finds no
     // original destination and resets the connection (fail closed, counted by sock_ops).
-    if PENDING.insert(&socket_cookie, &pending, 0).is_ok() {
-        count(stats::CONNECT_CAPTURED);
+    match PENDING.insert(&socket_cookie, &pending, 0) {
+        Ok(()) => {
+            count(stats::CONNECT_CAPTURED);
+            crate::klog!(cfg, ctx, debug, "connect captured: netns {} port {}", netns_cookie, orig.port);
+        }
+        Err(e) => crate::klog!(cfg, ctx, warn, "connect: storing the original destination failed: {}", e),
     }
     Decision::Capture
 }

@@ -47,6 +47,27 @@ pub fn config() -> Option<&'static Config> {
     Some(cfg)
 }
 
+/// Logs through aya-log when the proxy's configured kernel log level (`Config::log_level`,
+/// aya-log numbering) admits `$level`; nothing is formatted or sent otherwise. The level is
+/// read at run time from the config map, so the proxy can change it without reloading.
+#[macro_export]
+macro_rules! klog {
+    ($cfg:expr, $ctx:expr, $level:ident, $($arg:tt)+) => {
+        if $cfg.log_level >= $crate::maps::level::$level {
+            aya_log_ebpf::$level!($ctx, $($arg)+);
+        }
+    };
+}
+
+/// aya-log's level numbers (the whole table, whichever levels are in use).
+#[allow(non_upper_case_globals, dead_code)]
+pub mod level {
+    pub const error: u8 = 1;
+    pub const warn: u8 = 2;
+    pub const info: u8 = 3;
+    pub const debug: u8 = 4;
+}
+
 #[inline(always)]
 pub fn count(index: u32) {
     if let Some(slot) = STATS.get_ptr_mut(index) {

@@ -101,8 +101,11 @@ fn on_connect(ctx: &SockOpsContext) {
         src,
         dst,
     };
-    if ORIG_DST.insert(&key, &orig, 0).is_err() {
+    if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
         count(stats::SOCKOPS_RECORD_FAILED);
+        if let Some(cfg) = crate::maps::config() {
+            crate::klog!(cfg, ctx, warn, "sock_ops: storing the connection record failed: {}", e);
+        }
         return;
     }
     // SAFETY: as above; the key is remembered so the close callback can remove the record.

@@ -15,6 +15,7 @@
 //! links instead of attaching a second copy. A proxy with a different object replaces them.
 
 pub mod addr;
+pub mod klog;
 pub mod maps;
 mod pins;
 mod tc;
@@ -39,6 +40,9 @@ use crate::inpod::netns::Netns;
 
 /// The eBPF object built from `ebpf/programs` by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
+
+/// aya-log's ring buffer map, pinned like ours.
+const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Names of the programs in the object.
 pub const PROG_CONNECT4: &str = "ambit_connect4";
@@ -87,6 +91,8 @@ pub enum CaptureError {
         #[source]
         source: Box<aya::programs::links::LinkError>,
     },
+    #[error("forwarding kernel logs: {0}")]
+    Logs(String),
     #[error("attaching to {interface} in {netns}: {source}")]
     Tc {
         interface: String,
@@ -109,6 +115,7 @@ pub struct CaptureSettings {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub hbone_port: u16,
+    pub kernel_log_level: klog::KernelLogLevel,
 }
 
 /// The loaded, attached capture programs and the maps the proxy drives them with.
@@ -137,8 +144,10 @@ impl Capture {
         settings: &CaptureSettings,
     ) -> Result<(Capture, OrigDstTable, KernelStats), CaptureError> {
         let pins = PinDir::create(&settings.bpffs, &settings.instance)?;
+        let logs_pin = pins.root().join(AYA_LOGS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.root())
+            .map_pin_path(AYA_LOGS, logs_pin.as_path())
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
         let (mut maps, orig, stats) = maps::split(&mut ebpf)?;
@@ -189,11 +198,14 @@ impl Capture {
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
             hbone_port: settings.hbone_port,
-            log_level: 0,
+            log_level: settings.kernel_log_level as u8,
             _pad: 0,
             object_hash: hash,
         })?;
         adoption.previous_object = (previous.object_hash != 0).then_some(previous.object_hash);
+        if settings.kernel_log_level != klog::KernelLogLevel::Off {
+            klog::spawn(&mut ebpf).map_err(|e| CaptureError::Logs(e.to_string()))?;
+        }
         let capture = Capture {
             pins,
             maps,

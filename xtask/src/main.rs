@@ -1,0 +1,156 @@
+//! `cargo xtask <command>`: the developer's entry points.
+//!
+//! - `setup`: install what a fresh Debian machine lacks (apt packages, bpf-linker);
+//! - `build`: build everything (the eBPF object is built from source by userspace/build.rs);
+//! - `test`: lints, unit tests and the network-namespace integration tests, then a check that
+//!   no test left anything behind;
+//! - `demo [--keep]`: a local mesh in network namespaces, with traffic and what ambit saw;
+//! - `lint`: rustfmt and clippy, warnings as errors.
+//!
+//! Every command runs `setup` first when something is missing.
+
+mod demo;
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "ambit developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install the build and test prerequisites (idempotent; needs root when something is missing).
+    Setup,
+    /// Build the workspace (ambit with its embedded eBPF object, and the test tools).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run every test: lints, unit tests, integration tests in network namespaces (root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+        /// Skip rustfmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Bring up a local mesh in network namespaces, show captured traffic, tear down.
+    Demo {
+        /// Keep the mesh up for exploring until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// rustfmt --check and clippy -D warnings over both workspaces.
+    Lint,
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask/ is in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn run(mut cmd: Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn ensure_setup() -> anyhow::Result<()> {
+    if !setup::is_complete() {
+        setup::setup()?;
+    }
+    Ok(())
+}
+
+pub fn build(release: bool) -> anyhow::Result<()> {
+    ensure_setup()?;
+    let mut c = cargo();
+    c.args(["build", "--workspace", "--bins"]);
+    if release {
+        c.arg("--release");
+    }
+    run(c)
+}
+
+fn lint() -> anyhow::Result<()> {
+    ensure_setup()?;
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    run(fmt)?;
+    let mut fmt_ebpf = cargo();
+    fmt_ebpf
+        .current_dir(root().join("ebpf/programs"))
+        .args(["fmt", "--", "--check"]);
+    run(fmt_ebpf)?;
+    let mut clippy = cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run(clippy)
+}
+
+fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
+    ensure_setup()?;
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the integration tests need root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask test`");
+    }
+    for what in ambit_testbed::cleanup::sweep_dead_runs() {
+        eprintln!("xtask test: removed a leftover of an earlier, killed run: {what}");
+    }
+    if !no_lint {
+        lint()?;
+    }
+    build(false)?;
+    let mut t = cargo();
+    t.args(["test", "--workspace", "--no-fail-fast"]);
+    if let Some(f) = &filter {
+        t.arg(f);
+    }
+    // Two test threads per binary: the beds are independent, the machine has two cores.
+    t.args(["--", "--test-threads=2"]);
+    let result = run(t);
+    // Every test process has exited now: whatever they left is a leak, whatever the result.
+    let leaks = ambit_testbed::cleanup::sweep_dead_runs();
+    if !leaks.is_empty() {
+        bail!("tests left resources behind (now removed): {leaks:#?}");
+    }
+    result?;
+    eprintln!("xtask test: all tests passed, nothing left behind");
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::setup(),
+        Cmd::Build { release } => build(release),
+        Cmd::Test { filter, no_lint } => test(filter, no_lint),
+        Cmd::Demo { keep } => {
+            build(false)?;
+            demo::run(keep)
+        }
+        Cmd::Lint => lint(),
+    }
+}

@@ -1,0 +1,128 @@
+//! `cargo xtask setup`: installs, idempotently, what a fresh Debian machine lacks to build
+//! and test ambit (../shared/reference/toolchain.md). Checks first; installs only what is
+//! missing, so every other command can call it cheaply.
+
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// Debian packages and why each is needed.
+pub const PACKAGES: &[(&str, &str)] = &[
+    (
+        "rustc-web",
+        "Debian's rustc and its library sources build the eBPF programs",
+    ),
+    ("rust-web-src", "library sources for -Z build-std=core"),
+    ("cargo-web", "the cargo that drives the eBPF build"),
+    (
+        "llvm-22-dev",
+        "bpf-linker links libLLVM 22 (same LLVM as rustc-web)",
+    ),
+    ("zlib1g-dev", "bpf-linker's build"),
+    ("libzstd-dev", "bpf-linker's build"),
+    ("iproute2", "the test bed's namespaces, veths and bridges"),
+    ("util-linux", "nsenter and setpriv in the test bed"),
+    ("curl", "a real HTTP client in the tests and the demo"),
+    ("python3", "a real HTTP server in the tests and the demo"),
+    ("iperf3", "bulk transfers"),
+    ("iptables", "checking that ambit creates no iptables rules"),
+    ("nftables", "checking that ambit creates no nftables rules"),
+    ("bpftool", "inspecting pinned programs and links in tests"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM: &str = "/usr/lib/llvm-22";
+/// rustc-web older than this cannot build aya-ebpf 0.2.
+const MIN_EBPF_RUSTC: (u32, u32) = (1, 96);
+
+fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
+    let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
+        .args(&names)
+        .output()
+        .context("running dpkg-query (ambit's setup supports Debian-based systems)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Ok(names
+        .into_iter()
+        .filter(|p| !text.lines().any(|l| l.starts_with(&format!("{p} ii"))))
+        .collect())
+}
+
+fn cargo_bin() -> std::path::PathBuf {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| "/root/.cargo".into());
+    home.join("bin")
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new(cargo_bin().join("bpf-linker"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn ebpf_rustc_version() -> Option<(u32, u32)> {
+    let out = Command::new("/usr/bin/rustc")
+        .arg("--version")
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text.split_whitespace().nth(1)?;
+    let mut it = v.split('.').map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("+ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Whether everything is in place (no output, no changes).
+pub fn is_complete() -> bool {
+    missing_packages().is_ok_and(|m| m.is_empty()) && bpf_linker_ok()
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    let missing = missing_packages()?;
+    if !missing.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root");
+        }
+        eprintln!("xtask setup: installing {}", missing.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    match ebpf_rustc_version() {
+        Some(v) if v >= MIN_EBPF_RUSTC => {}
+        other => bail!(
+            "/usr/bin/rustc is {other:?}; the eBPF build needs rustc-web >= {}.{} \
+             (Debian 12: enable the bookworm-security suite and run `cargo xtask setup` again)",
+            MIN_EBPF_RUSTC.0,
+            MIN_EBPF_RUSTC.1
+        ),
+    }
+    if !bpf_linker_ok() {
+        eprintln!("xtask setup: installing bpf-linker {BPF_LINKER_VERSION} (about a minute)");
+        let path = format!("{LLVM}/bin:{}", std::env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            .env("LLVM_PREFIX", LLVM))?;
+    }
+    Ok(())
+}
