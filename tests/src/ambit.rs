@@ -222,10 +222,10 @@ pub fn pinned_ids(dir: &Path) -> anyhow::Result<Vec<(String, u32)>> {
             let name = p.strip_prefix(dir).unwrap_or(&p).display().to_string();
             let kind = if name.starts_with("prog_") {
                 "prog"
-            } else if name.starts_with("AMBIT_") {
-                "map"
-            } else {
+            } else if name.starts_with("link_") || name.starts_with("tc/") {
                 "link"
+            } else {
+                "map"
             };
             let json = crate::bed::sh(&[
                 "bpftool",

@@ -142,8 +142,18 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> std::process::ExitCode {
+    match run_cmd(Cli::parse().cmd) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Build { release } => build(release),
         Cmd::Test { filter, no_lint } => test(filter, no_lint),

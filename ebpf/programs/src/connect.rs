@@ -111,9 +111,22 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     match PENDING.insert(&socket_cookie, &pending, 0) {
         Ok(()) => {
             count(stats::CONNECT_CAPTURED);
-            crate::klog!(cfg, ctx, debug, "connect captured: netns {} port {}", netns_cookie, orig.port);
+            crate::klog!(
+                cfg,
+                ctx,
+                debug,
+                "connect captured: netns {} port {}",
+                netns_cookie,
+                orig.port
+            );
         }
-        Err(e) => crate::klog!(cfg, ctx, warn, "connect: storing the original destination failed: {}", e),
+        Err(e) => crate::klog!(
+            cfg,
+            ctx,
+            warn,
+            "connect: storing the original destination failed: {}",
+            e
+        ),
     }
     Decision::Capture
 }

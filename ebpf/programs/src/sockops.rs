@@ -104,7 +104,13 @@ fn on_connect(ctx: &SockOpsContext) {
     if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
         count(stats::SOCKOPS_RECORD_FAILED);
         if let Some(cfg) = crate::maps::config() {
-            crate::klog!(cfg, ctx, warn, "sock_ops: storing the connection record failed: {}", e);
+            crate::klog!(
+                cfg,
+                ctx,
+                warn,
+                "sock_ops: storing the connection record failed: {}",
+                e
+            );
         }
         return;
     }

@@ -137,7 +137,14 @@ fn on_syn(ctx: &TcContext, cfg: &Config, syn: &Syn) -> i32 {
     sk_release(sk);
     if ret != 0 {
         count(stats::INBOUND_ASSIGN_ERROR);
-        crate::klog!(cfg, ctx, warn, "inbound: bpf_sk_assign failed ({}) for port {}", ret, p);
+        crate::klog!(
+            cfg,
+            ctx,
+            warn,
+            "inbound: bpf_sk_assign failed ({}) for port {}",
+            ret,
+            p
+        );
         return TC_DROP;
     }
     count(stats::INBOUND_ASSIGNED);
