@@ -151,3 +151,122 @@ fn with_fail_open_enrolled_pods_bypass_the_missing_proxy() {
         "captured again after the restart"
     );
 }
+
+#[test]
+fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
+    let bed = Bed::new("stale");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    let both = Mesh::default()
+        .namespace("demo", &[AMBIENT])
+        .pod(&a, "demo", &[])
+        .pod(&b, "demo", &[]);
+    write_mesh(&mesh, &both.yaml());
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
+    let (_, links_before) = program_and_link_ids(&ambit);
+    assert_eq!(links_before.len(), 3 + 2);
+    assert_eq!(
+        std::fs::read_dir(ambit.pin_dir().join("tc"))
+            .expect("tc pins")
+            .count(),
+        2
+    );
+
+    ambit.kill();
+    // b leaves the mesh while no proxy runs.
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod(&a, "demo", &[])
+            .yaml(),
+    );
+    ambit.restart();
+    let (_, links_after) = program_and_link_ids(&ambit);
+    assert_eq!(
+        links_after.len(),
+        3 + 1,
+        "b's inbound attachment is gone: {links_after:?}"
+    );
+    assert_eq!(
+        std::fs::read_dir(ambit.pin_dir().join("tc"))
+            .expect("tc pins")
+            .count(),
+        1
+    );
+    let log = ambit.log();
+    assert!(
+        log.contains("stale=StaleRemoved { enrolled: 1, pod_ips: 2, inbound_attachments: 1 }"),
+        "{log}"
+    );
+    // b is really released: a client in b connects out directly.
+    let _server = http_server(&bed, &a, "a\n");
+    assert_eq!(
+        curl_code(&b, &format!("http://{}:8080/", a.ipv4), "2"),
+        (0, "a\n".into())
+    );
+    assert_eq!(kernel(&ambit, "connect_not_enrolled"), 1);
+}
+
+#[test]
+fn uninstall_removes_every_pin_and_capture_stops() {
+    let bed = Bed::new("uninstall");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod(&a, "demo", &[])
+            .pod(&b, "demo", &[])
+            .yaml(),
+    );
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
+    let (pinned, links) = program_and_link_ids(&ambit);
+    let progs: Vec<u32> = pinned
+        .iter()
+        .filter(|(n, _)| n.starts_with("prog_"))
+        .map(|(_, id)| *id)
+        .collect();
+    assert_eq!(links.len(), 5);
+    ambit.kill();
+
+    let bin = ambit_testbed::exec::workspace_bin("ambit");
+    let bpffs = bed.bpffs().display().to_string();
+    let out = run_with_timeout(
+        ambit_testbed::exec::node_command(
+            &node,
+            &[
+                bin.to_str().expect("utf-8"),
+                "uninstall",
+                "--bpffs",
+                &bpffs,
+                "--instance",
+                "n1",
+            ],
+        ),
+        T,
+    )
+    .expect("uninstall runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!ambit.pin_dir().exists(), "pins left behind");
+    assert_eq!(
+        links_of_programs(&progs).expect("links"),
+        Vec::<u32>::new(),
+        "links still attached"
+    );
+    // With nothing attached, a's connection goes straight to b (no fail-closed refusal).
+    let _server = http_server(&bed, &b, "b\n");
+    assert_eq!(
+        curl_code(&a, &format!("http://{}:8080/", b.ipv4), "2"),
+        (0, "b\n".into())
+    );
+}

@@ -118,7 +118,10 @@ impl PodManager {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, pod)| want.get(*key).is_none_or(|spec| **spec != pod.spec))
+            .filter(|(key, pod)| {
+                want.get(*key)
+                    .is_none_or(|spec| !spec.same_capture(&pod.spec))
+            })
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
@@ -128,7 +131,8 @@ impl PodManager {
         }
         self.failed.retain(|key, _| want.contains_key(key));
         for (key, spec) in want {
-            if self.pods.contains_key(&key) {
+            if let Some(pod) = self.pods.get_mut(&key) {
+                pod.spec = spec.clone();
                 continue;
             }
             match self.enroll(spec) {

@@ -93,6 +93,15 @@ impl PodSpec {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+
+    /// Whether `other` can keep this pod's capture as it is: same netns, addresses, interface
+    /// and identity (service account). Only label changes apply in place.
+    pub fn same_capture(&self, other: &PodSpec) -> bool {
+        self.netns == other.netns
+            && self.ips == other.ips
+            && self.interface == other.interface
+            && self.service_account == other.service_account
+    }
 }
 
 impl Mesh {
