@@ -270,3 +270,101 @@ fn uninstall_removes_every_pin_and_capture_stops() {
         (0, "b\n".into())
     );
 }
+
+/// Makes the pinned state look as if another ambit build had created it, by changing the
+/// object hash in the pinned config map (the last 8 of its 24 value bytes).
+fn pretend_another_build_pinned(ambit: &Ambit) {
+    let map = ambit.pin_dir().join("AMBIT_CONFIG").display().to_string();
+    let json = ambit_testbed::bed::sh(&[
+        "bpftool", "-j", "map", "lookup", "pinned", &map, "key", "0", "0", "0", "0",
+    ])
+    .expect("reading the pinned config");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("bpftool JSON");
+    let mut value: Vec<String> = v["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .map(|b| {
+            b.as_str()
+                .expect("hex byte")
+                .trim_start_matches("0x")
+                .to_string()
+        })
+        .collect();
+    assert_eq!(value.len(), 24);
+    value[16] = "ff".into();
+    let mut args = vec![
+        "bpftool", "map", "update", "pinned", &map, "key", "0", "0", "0", "0", "value", "hex",
+    ];
+    args.extend(value.iter().map(String::as_str));
+    ambit_testbed::bed::sh(&args).expect("writing the pinned config");
+}
+
+#[test]
+fn a_proxy_with_another_ebpf_object_replaces_the_pinned_programs_and_links() {
+    let bed = Bed::new("upgrade");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod(&a, "demo", &[])
+            .pod(&b, "demo", &[])
+            .yaml(),
+    );
+    let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
+    let _server = http_server(&bed, &b, "b\n");
+    let url = format!("http://{}:8080/", b.ipv4);
+    let (pins_before, links_before) = program_and_link_ids(&ambit);
+    let old_progs: Vec<u32> = pins_before
+        .iter()
+        .filter(|(n, _)| n.starts_with("prog_"))
+        .map(|(_, id)| *id)
+        .collect();
+
+    ambit.kill();
+    pretend_another_build_pinned(&ambit);
+    ambit.restart();
+    let log = ambit.log();
+    assert!(log.contains(r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#), "{log}");
+    let (pins_after, links_after) = program_and_link_ids(&ambit);
+    let new_progs: Vec<u32> = pins_after
+        .iter()
+        .filter(|(n, _)| n.starts_with("prog_"))
+        .map(|(_, id)| *id)
+        .collect();
+    assert!(
+        new_progs.iter().all(|p| !old_progs.contains(p)),
+        "new programs: {old_progs:?} -> {new_progs:?}"
+    );
+    // The old programs run nowhere any more; the new ones exactly where the old ones did.
+    assert_eq!(
+        links_of_programs(&old_progs).expect("links"),
+        Vec::<u32>::new()
+    );
+    assert_eq!(
+        links_after.len(),
+        links_before.len(),
+        "{links_before:?} -> {links_after:?}"
+    );
+    for pod in ambit.config_dump()["pods"].as_array().expect("pods") {
+        assert_eq!(pod["inbound_attachment"], "replaced");
+    }
+    // Maps are kept (same IDs): the enrolment state carried over.
+    let maps = |p: &[(String, u32)]| -> Vec<(String, u32)> {
+        p.iter()
+            .filter(|(n, _)| n.starts_with("AMBIT_"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(maps(&pins_after), maps(&pins_before));
+    assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
+    assert_eq!(
+        kernel(&ambit, "connect_captured"),
+        1,
+        "captured by the new programs"
+    );
+}
