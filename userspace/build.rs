@@ -15,9 +15,7 @@ const SETUP_HINT: &str = "run `cargo xtask setup` (as root) to install the eBPF 
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest_dir
-        .parent()
-        .expect("userspace/ sits in the workspace root");
+    let root = manifest_dir.parent().expect("userspace/ sits in the workspace root");
     let programs = root.join("ebpf/programs");
     let common = root.join("ebpf/common");
     for path in [
@@ -29,30 +27,20 @@ fn main() {
     ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
-    for var in [
-        "AMBIT_EBPF_RUSTC",
-        "AMBIT_EBPF_CARGO",
-        "AMBIT_EBPF_LINKER_DIR",
-    ] {
+    for var in ["AMBIT_EBPF_RUSTC", "AMBIT_EBPF_CARGO", "AMBIT_EBPF_LINKER_DIR"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
     let rustc = env::var("AMBIT_EBPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
     let cargo = env::var("AMBIT_EBPF_CARGO").unwrap_or_else(|_| "/usr/bin/cargo".into());
-    for (tool, what) in [
-        (&rustc, "Debian's rustc (rustc-web)"),
-        (&cargo, "Debian's cargo (cargo-web)"),
-    ] {
+    for (tool, what) in [(&rustc, "Debian's rustc (rustc-web)"), (&cargo, "Debian's cargo (cargo-web)")] {
         if !Path::new(tool).exists() {
             panic!("{tool} not found: the eBPF programs build with {what}; {SETUP_HINT}");
         }
     }
     let library = Path::new("/usr/lib/rustlib/src/rust/library");
     if rustc == "/usr/bin/rustc" && !library.exists() {
-        panic!(
-            "{} not found (package rust-web-src); {SETUP_HINT}",
-            library.display()
-        );
+        panic!("{} not found (package rust-web-src); {SETUP_HINT}", library.display());
     }
 
     // bpf-linker lives in cargo's bin directory, which a build script's PATH may lack.
@@ -60,20 +48,15 @@ fn main() {
         .map(PathBuf::from)
         .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
         .unwrap_or_else(|| PathBuf::from("/root/.cargo"));
-    let linker_dir = env::var_os("AMBIT_EBPF_LINKER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| cargo_home.join("bin"));
+    let linker_dir =
+        env::var_os("AMBIT_EBPF_LINKER_DIR").map(PathBuf::from).unwrap_or_else(|| cargo_home.join("bin"));
     let path = env::join_paths(
-        std::iter::once(linker_dir.clone())
-            .chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+        std::iter::once(linker_dir.clone()).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
     )
     .expect("PATH entries contain no separator");
     let linker_found = env::split_paths(&path).any(|dir| dir.join("bpf-linker").exists());
     if !linker_found {
-        panic!(
-            "bpf-linker not found in {} or PATH; {SETUP_HINT}",
-            linker_dir.display()
-        );
+        panic!("bpf-linker not found in {} or PATH; {SETUP_HINT}", linker_dir.display());
     }
 
     // A target directory of its own, beside the workspace's: sharing it across profiles and
@@ -96,20 +79,11 @@ fn main() {
     cmd.env("RUSTC", &rustc)
         .env("RUSTC_BOOTSTRAP", "1")
         .env("PATH", &path)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["build", "--release", "--locked", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         .arg("--target-dir")
         .arg(&target_dir);
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("running {cargo} for the eBPF programs: {e}; {SETUP_HINT}"));
+    let status =
+        cmd.status().unwrap_or_else(|e| panic!("running {cargo} for the eBPF programs: {e}; {SETUP_HINT}"));
     if !status.success() {
         panic!("building the eBPF programs failed ({status}); see the compiler output above");
     }

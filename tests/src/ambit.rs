@@ -98,26 +98,15 @@ impl<'b> Ambit<'b> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.proc.exited() {
-                panic!(
-                    "ambit on {} exited ({status}) before ready:\n{}",
-                    self.node.name,
-                    self.proc.output()
-                );
+                panic!("ambit on {} exited ({status}) before ready:\n{}", self.node.name, self.proc.output());
             }
-            if let Ok((200, _)) = netns::http(
-                &self.node.netns_path(),
-                "GET",
-                READY.parse().expect("addr"),
-                "/healthz/ready",
-            ) {
+            if let Ok((200, _)) =
+                netns::http(&self.node.netns_path(), "GET", READY.parse().expect("addr"), "/healthz/ready")
+            {
                 return;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "ambit on {} not ready within {timeout:?}:\n{}",
-                    self.node.name,
-                    self.proc.output()
-                );
+                panic!("ambit on {} not ready within {timeout:?}:\n{}", self.node.name, self.proc.output());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -134,8 +123,7 @@ impl<'b> Ambit<'b> {
 
     /// The Prometheus scrape.
     pub fn metrics(&self) -> String {
-        self.get(STATS, "/stats/prometheus")
-            .expect("scraping metrics")
+        self.get(STATS, "/stats/prometheus").expect("scraping metrics")
     }
 
     /// Value of one sample, e.g. `metric(r#"ambit_capture_events_total{event="connect_captured"}"#)`;
@@ -145,9 +133,7 @@ impl<'b> Ambit<'b> {
     }
 
     pub fn config_dump(&self) -> serde_json::Value {
-        let body = self
-            .get(ADMIN, "/config_dump")
-            .expect("reading /config_dump");
+        let body = self.get(ADMIN, "/config_dump").expect("reading /config_dump");
         serde_json::from_str(&body).expect("config dump is JSON")
     }
 
@@ -176,11 +162,7 @@ fn command(node: &Node, args: &[String]) -> std::process::Command {
 }
 
 fn spawn<'b>(bed: &'b Bed, node: &Node, args: &[String], n: u32) -> Proc<'b> {
-    Proc::spawn(
-        bed,
-        &format!("ambit-{}-{n}", node.name),
-        command(node, args),
-    )
+    Proc::spawn(bed, &format!("ambit-{}-{n}", node.name), command(node, args))
 }
 
 /// Sums the samples whose text starts with `sample` (name plus any label prefix).
@@ -227,19 +209,10 @@ pub fn pinned_ids(dir: &Path) -> anyhow::Result<Vec<(String, u32)>> {
             } else {
                 "map"
             };
-            let json = crate::bed::sh(&[
-                "bpftool",
-                "-j",
-                kind,
-                "show",
-                "pinned",
-                &p.display().to_string(),
-            ])?;
+            let json = crate::bed::sh(&["bpftool", "-j", kind, "show", "pinned", &p.display().to_string()])?;
             let v: serde_json::Value =
                 serde_json::from_str(&json).with_context(|| format!("bpftool output {json:?}"))?;
-            let id = v["id"]
-                .as_u64()
-                .with_context(|| format!("no id for {name}: {json}"))? as u32;
+            let id = v["id"].as_u64().with_context(|| format!("no id for {name}: {json}"))? as u32;
             out.push((name, id));
         }
     }
@@ -255,11 +228,7 @@ pub fn links_of_programs(prog_ids: &[u32]) -> anyhow::Result<Vec<u32>> {
         .as_array()
         .context("bpftool link show: not a list")?
         .iter()
-        .filter(|l| {
-            l["prog_id"]
-                .as_u64()
-                .is_some_and(|p| prog_ids.contains(&(p as u32)))
-        })
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|p| prog_ids.contains(&(p as u32))))
         .filter_map(|l| l["id"].as_u64().map(|i| i as u32))
         .collect();
     out.sort();

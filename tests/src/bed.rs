@@ -31,16 +31,9 @@ pub fn require_root() {
 
 /// Runs a command to completion; fails with its stderr if it fails.
 pub fn sh(cmd: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let out = Command::new(cmd[0]).args(&cmd[1..]).output().with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
-        bail!(
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("{cmd:?} failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -104,15 +97,8 @@ impl Bed {
     /// Creates a run: its id, directory, cgroup and private bpffs. `label` only names logs.
     pub fn new(label: &str) -> Bed {
         require_root();
-        let id = format!(
-            "t{}x{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        );
-        let state = Arc::new(Mutex::new(RunState {
-            id: id.clone(),
-            ..Default::default()
-        }));
+        let id = format!("t{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
+        let state = Arc::new(Mutex::new(RunState { id: id.clone(), ..Default::default() }));
         cleanup::register(state.clone());
         let bed = Bed {
             state,
@@ -123,13 +109,11 @@ impl Bed {
             nodes: Mutex::new(0),
             links: Mutex::new(0),
         };
-        bed.setup(label)
-            .unwrap_or_else(|e| panic!("setting up test bed {id}: {e:#}"))
+        bed.setup(label).unwrap_or_else(|e| panic!("setting up test bed {id}: {e:#}"))
     }
 
     fn setup(mut self, label: &str) -> anyhow::Result<Bed> {
-        fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
+        fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
         self.state().dir = Some(self.dir.clone());
         fs::write(self.dir.join("label"), label)?;
         let cg = cleanup::cgroup2_root()?.join(format!("ambit-{}", self.id));
@@ -138,14 +122,8 @@ impl Bed {
         self.cgroup = cg;
         let bpffs = self.dir.join("bpffs");
         fs::create_dir(&bpffs)?;
-        nix::mount::mount(
-            Some("bpf"),
-            &bpffs,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .with_context(|| format!("mounting a private bpffs on {}", bpffs.display()))?;
+        nix::mount::mount(Some("bpf"), &bpffs, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .with_context(|| format!("mounting a private bpffs on {}", bpffs.display()))?;
         self.state().mounts.push(bpffs.clone());
         self.bpffs = bpffs;
         Ok(self)
@@ -212,25 +190,13 @@ impl Bed {
             ip(&["link", "add", "br0", "type", "bridge"])?;
             ip(&["link", "set", "br0", "up"])?;
             ip(&["addr", "add", &format!("10.{index}.0.1/24"), "dev", "br0"])?;
-            ip(&[
-                "addr",
-                "add",
-                &format!("fd00:{index}::1/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ])?;
+            ip(&["addr", "add", &format!("fd00:{index}::1/64"), "dev", "br0", "nodad"])?;
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
             sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("creating node {name}: {e:#}"));
-        Node {
-            name: name.to_string(),
-            index,
-            netns,
-            pods: Arc::new(Mutex::new(1)),
-        }
+        Node { name: name.to_string(), index, netns, pods: Arc::new(Mutex::new(1)) }
     }
 
     /// Creates a pod on `node`: netns, veth to the bridge, dual-stack addresses, routes, and
@@ -263,17 +229,7 @@ impl Bed {
                 "netns",
                 &netns,
             ])?;
-            sh(&[
-                "ip",
-                "-n",
-                &node.netns,
-                "link",
-                "set",
-                &host_if,
-                "master",
-                "br0",
-                "up",
-            ])?;
+            sh(&["ip", "-n", &node.netns, "link", "set", &host_if, "master", "br0", "up"])?;
             let ip = |args: &[&str]| -> anyhow::Result<String> {
                 let mut v = vec!["ip", "-n", netns.as_str()];
                 v.extend_from_slice(args);
@@ -282,35 +238,14 @@ impl Bed {
             ip(&["link", "set", "eth0", "up"])?;
             ip(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
             ip(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
-            ip(&[
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.bridge_ipv4().to_string(),
-            ])?;
-            ip(&[
-                "-6",
-                "route",
-                "add",
-                "default",
-                "via",
-                &node.bridge_ipv6().to_string(),
-            ])?;
-            fs::create_dir(&cgroup)
-                .with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+            ip(&["route", "add", "default", "via", &node.bridge_ipv4().to_string()])?;
+            ip(&["-6", "route", "add", "default", "via", &node.bridge_ipv6().to_string()])?;
+            fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
             self.state().cgroups.push(cgroup.clone());
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("creating pod {name} on {}: {e:#}", node.name));
-        Pod {
-            name: name.to_string(),
-            node: node.name.clone(),
-            netns,
-            ipv4,
-            ipv6,
-            cgroup,
-        }
+        Pod { name: name.to_string(), node: node.name.clone(), netns, ipv4, ipv6, cgroup }
     }
 
     /// Joins two nodes with a veth pair and routes each one's pod subnet via the other.
@@ -323,33 +258,18 @@ impl Bed {
         let (ia, ib) = (format!("l{i}{}", b.index), format!("l{i}{}", a.index));
         let r = (|| -> anyhow::Result<()> {
             sh(&[
-                "ip", "-n", &a.netns, "link", "add", &ia, "type", "veth", "peer", "name", &ib,
-                "netns", &b.netns,
+                "ip", "-n", &a.netns, "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns",
+                &b.netns,
             ])?;
-            for (node, ifname, host, peer, subnet_idx) in
-                [(a, &ia, 1, 2, b.index), (b, &ib, 2, 1, a.index)]
-            {
+            for (node, ifname, host, peer, subnet_idx) in [(a, &ia, 1, 2, b.index), (b, &ib, 2, 1, a.index)] {
                 let ip = |args: &[&str]| -> anyhow::Result<String> {
                     let mut v = vec!["ip", "-n", node.netns.as_str()];
                     v.extend_from_slice(args);
                     sh(&v)
                 };
                 ip(&["link", "set", ifname, "up"])?;
-                ip(&[
-                    "addr",
-                    "add",
-                    &format!("10.255.{i}.{host}/30"),
-                    "dev",
-                    ifname,
-                ])?;
-                ip(&[
-                    "addr",
-                    "add",
-                    &format!("fd00:ff:{i}::{host}/64"),
-                    "dev",
-                    ifname,
-                    "nodad",
-                ])?;
+                ip(&["addr", "add", &format!("10.255.{i}.{host}/30"), "dev", ifname])?;
+                ip(&["addr", "add", &format!("fd00:ff:{i}::{host}/64"), "dev", ifname, "nodad"])?;
                 ip(&[
                     "route",
                     "add",
@@ -380,16 +300,7 @@ impl Bed {
 
 fn sysctl(netns: &str, key: &str, value: &str) -> anyhow::Result<()> {
     // `ip netns exec` is fine for sysctls: /proc/sys/net follows the netns.
-    sh(&[
-        "ip",
-        "netns",
-        "exec",
-        netns,
-        "sysctl",
-        "-q",
-        "-w",
-        &format!("{key}={value}"),
-    ])?;
+    sh(&["ip", "netns", "exec", netns, "sysctl", "-q", "-w", &format!("{key}={value}")])?;
     Ok(())
 }
 

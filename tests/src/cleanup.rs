@@ -50,14 +50,12 @@ fn registry() -> &'static Mutex<Vec<Shared>> {
 pub fn register(state: Shared) {
     static HANDLER: Once = Once::new();
     HANDLER.call_once(|| {
-        let mut signals =
-            signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
-                .expect("installing the test bed's signal handler");
+        let mut signals = signal_hook::iterator::Signals::new([libc::SIGINT, libc::SIGTERM, libc::SIGHUP])
+            .expect("installing the test bed's signal handler");
         thread::spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 eprintln!("ambit test bed: signal {sig}: tearing down every live run");
-                let runs: Vec<Shared> =
-                    registry().lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let runs: Vec<Shared> = registry().lock().unwrap_or_else(|p| p.into_inner()).clone();
                 for run in runs {
                     teardown(&run);
                 }
@@ -65,17 +63,11 @@ pub fn register(state: Shared) {
             }
         });
     });
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .push(state);
+    registry().lock().unwrap_or_else(|p| p.into_inner()).push(state);
 }
 
 pub fn unregister(state: &Shared) {
-    registry()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .retain(|s| !Arc::ptr_eq(s, state));
+    registry().lock().unwrap_or_else(|p| p.into_inner()).retain(|s| !Arc::ptr_eq(s, state));
 }
 
 /// Removes everything a run created; safe to call twice. Errors are reported, not fatal: a
@@ -132,11 +124,7 @@ fn kill_and_reap(pid: u32) {
 
 fn is_zombie(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
-        })
+        .map(|s| s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')))
         .unwrap_or(true)
 }
 
@@ -223,10 +211,7 @@ pub fn leftovers() -> Vec<(String, String)> {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if owner_pid(&name).is_some() {
-                out.push((
-                    name.clone(),
-                    format!("run directory {}", e.path().display()),
-                ));
+                out.push((name.clone(), format!("run directory {}", e.path().display())));
             }
         }
     }
@@ -283,10 +268,7 @@ fn remove_leftover(what: &str) {
         }
         "run" => {
             let dir = name.trim_start_matches("directory ");
-            for m in fs::read_to_string("/proc/self/mounts")
-                .unwrap_or_default()
-                .lines()
-            {
+            for m in fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines() {
                 let d = m.split_whitespace().nth(1).unwrap_or("");
                 if d.starts_with(dir) {
                     let _gone_is_fine = umount2(d, MntFlags::MNT_DETACH);

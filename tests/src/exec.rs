@@ -31,9 +31,7 @@ pub fn pod_command(pod: &Pod, argv: &[&str]) -> Command {
 /// A command that runs in `node`'s netns (not in any pod cgroup: like the node proxy).
 pub fn node_command(node: &Node, argv: &[&str]) -> Command {
     let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", node.netns_path().display()))
-        .arg("--")
-        .args(argv);
+    c.arg(format!("--net={}", node.netns_path().display())).arg("--").args(argv);
     c
 }
 
@@ -97,12 +95,7 @@ impl<'b> Proc<'b> {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         bed.track_pid(child.id());
-        Proc {
-            bed,
-            child: Some(child),
-            name: name.to_string(),
-            log,
-        }
+        Proc { bed, child: Some(child), name: name.to_string(), log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -115,17 +108,11 @@ impl<'b> Proc<'b> {
 
     /// `Some(status)` once the process has exited.
     pub fn exited(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
     }
 
     /// Sends a signal and waits up to `timeout` for the exit.
-    pub fn signal(
-        &mut self,
-        sig: nix::sys::signal::Signal,
-        timeout: Duration,
-    ) -> anyhow::Result<ExitStatus> {
+    pub fn signal(&mut self, sig: nix::sys::signal::Signal, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
         nix::sys::signal::kill(pid, sig).with_context(|| format!("signalling {}", self.name))?;
         let deadline = Instant::now() + timeout;
@@ -158,18 +145,10 @@ impl<'b> Proc<'b> {
                 return Ok(());
             }
             if let Some(s) = self.exited() {
-                bail!(
-                    "{} exited ({s}) before printing {needle:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
+                bail!("{} exited ({s}) before printing {needle:?}:\n{}", self.name, self.output());
             }
             if Instant::now() > deadline {
-                bail!(
-                    "{} did not print {needle:?} within {timeout:?}:\n{}",
-                    self.name,
-                    self.output()
-                );
+                bail!("{} did not print {needle:?} within {timeout:?}:\n{}", self.name, self.output());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -194,11 +173,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(
-        p.exists(),
-        "{} is not built; `cargo xtask test` builds it (or set AMBIT_BIN_DIR)",
-        p.display()
-    );
+    assert!(p.exists(), "{} is not built; `cargo xtask test` builds it (or set AMBIT_BIN_DIR)", p.display());
     p
 }
 
@@ -236,13 +211,7 @@ impl<'b> Chat<'b> {
                 }
             }
         });
-        let chat = Chat {
-            bed,
-            child,
-            stdin,
-            lines: rx,
-            name,
-        };
+        let chat = Chat { bed, child, stdin, lines: rx, name };
         match chat.lines.recv_timeout(Duration::from_secs(10)) {
             Ok(l) if l == "connected" => Ok(chat),
             other => bail!("{}: no connection ({other:?})", chat.name),

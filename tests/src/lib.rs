@@ -5,6 +5,7 @@
 //! Every test that uses the bed needs root and fails (never skips) without it.
 
 pub mod ambit;
+pub mod apps;
 pub mod bed;
 pub mod cleanup;
 pub mod exec;

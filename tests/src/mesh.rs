@@ -35,13 +35,7 @@ impl Mesh {
         self.pod_with_sa(pod, namespace, labels, "default")
     }
 
-    pub fn pod_with_sa(
-        mut self,
-        pod: &Pod,
-        namespace: &str,
-        labels: &[(&str, &str)],
-        sa: &str,
-    ) -> Self {
+    pub fn pod_with_sa(mut self, pod: &Pod, namespace: &str, labels: &[(&str, &str)], sa: &str) -> Self {
         self.pods.push(PodEntry {
             pod: pod.clone(),
             namespace: namespace.into(),
@@ -68,13 +62,7 @@ impl Mesh {
             write_labels(&mut s, labels);
         }
         s.push_str("pods:\n");
-        for PodEntry {
-            pod,
-            namespace: ns,
-            labels,
-            service_account: sa,
-        } in &self.pods
-        {
+        for PodEntry { pod, namespace: ns, labels, service_account: sa } in &self.pods {
             writeln!(s, "  - name: {}", pod.name).expect("string");
             writeln!(s, "    namespace: {ns}").expect("string");
             writeln!(s, "    serviceAccount: {sa}").expect("string");
@@ -88,10 +76,7 @@ impl Mesh {
 }
 
 fn own(labels: &[(&str, &str)]) -> Labels {
-    labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
 }
 
 fn write_labels(s: &mut String, labels: &Labels) {

@@ -14,8 +14,7 @@ use anyhow::{bail, Context};
 pub fn connect_in(netns: &Path, addr: SocketAddr, timeout: Duration) -> anyhow::Result<TcpStream> {
     let netns = netns.to_path_buf();
     std::thread::spawn(move || -> anyhow::Result<TcpStream> {
-        let f =
-            std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
+        let f = std::fs::File::open(&netns).with_context(|| format!("opening {}", netns.display()))?;
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
         // This thread ends right after: it never needs to go back.
         Ok(TcpStream::connect_timeout(&addr, timeout)?)
@@ -25,18 +24,10 @@ pub fn connect_in(netns: &Path, addr: SocketAddr, timeout: Duration) -> anyhow::
 }
 
 /// A plain HTTP/1.0 request inside a netns; returns (status, body).
-pub fn http(
-    netns: &Path,
-    method: &str,
-    addr: SocketAddr,
-    path: &str,
-) -> anyhow::Result<(u16, String)> {
+pub fn http(netns: &Path, method: &str, addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     let mut s = connect_in(netns, addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
-    )?;
+    write!(s, "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
     let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));

@@ -19,25 +19,12 @@ use common::*;
 #[test]
 fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
     let bed = Bed::new("curl");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let _server = http_server(&bed, &b, "hello from b\n");
 
-    for url in [
-        format!("http://{}:8080/index.html", b.ipv4),
-        format!("http://[{}]:8080/index.html", b.ipv6),
-    ] {
+    for url in [format!("http://{}:8080/index.html", b.ipv4), format!("http://[{}]:8080/index.html", b.ipv6)]
+    {
         assert_eq!(ok_body(&curl(&a, &url)), "hello from b\n", "{url}");
     }
 
@@ -58,26 +45,8 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
             ambit.log()
         );
     }
-    assert_eq!(
-        counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "outbound",
-            "demo",
-            "a"
-        ),
-        2
-    );
-    assert_eq!(
-        counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "inbound",
-            "demo",
-            "b"
-        ),
-        2
-    );
+    assert_eq!(counter(&ambit, "ambit_proxy_connections_opened_total", "outbound", "demo", "a"), 2);
+    assert_eq!(counter(&ambit, "ambit_proxy_connections_opened_total", "inbound", "demo", "b"), 2);
     assert!(eventually(T, || counter(
         &ambit,
         "ambit_proxy_connections_closed_total",
@@ -86,13 +55,8 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
         "a"
     ) == 2));
     assert!(
-        counter(
-            &ambit,
-            "ambit_proxy_received_bytes_total",
-            "outbound",
-            "demo",
-            "a"
-        ) >= 2 * "hello from b\n".len() as u64
+        counter(&ambit, "ambit_proxy_received_bytes_total", "outbound", "demo", "a")
+            >= 2 * "hello from b\n".len() as u64
     );
     assert_eq!(kernel(&ambit, "connect_captured"), 2);
     assert_eq!(kernel(&ambit, "sockops_recorded"), 2);
@@ -101,11 +65,7 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
     let dump = ambit.config_dump();
     let pods = dump["pods"].as_array().expect("pods");
     assert_eq!(pods.len(), 2, "{dump}");
-    assert!(
-        pods.iter()
-            .all(|p| p["netns_cookie"].as_u64().unwrap_or(0) != 0),
-        "{dump}"
-    );
+    assert!(pods.iter().all(|p| p["netns_cookie"].as_u64().unwrap_or(0) != 0), "{dump}");
     // Kernel-side logging is off unless asked for.
     assert!(!ambit.log().contains(" ebpf: "), "{}", ambit.log());
 }
@@ -113,24 +73,10 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
 #[test]
 fn kernel_logs_are_forwarded_when_asked_for() {
     let bed = Bed::new("kernel-logs");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &["--ebpf-log-level", "debug"]);
     let _server = http_server(&bed, &b, "b\n");
-    assert_eq!(
-        ok_body(&curl(&a, &format!("http://{}:8080/", b.ipv4))),
-        "b\n"
-    );
+    assert_eq!(ok_body(&curl(&a, &format!("http://{}:8080/", b.ipv4))), "b\n");
     let cookie = ambit.config_dump()["pods"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["name"] == "a"))
@@ -147,43 +93,22 @@ fn kubelet_style_connections_from_the_node_are_not_captured() {
     let node = bed.node("n1");
     let b = bed.pod(&node, "b");
     let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    write_mesh(&mesh, &Mesh::default().namespace("demo", &[AMBIENT]).pod(&b, "demo", &[]).yaml());
     let ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let server = http_server(&bed, &b, "probe ok\n");
 
-    for url in [
-        format!("http://{}:8080/", b.ipv4),
-        format!("http://[{}]:8080/", b.ipv6),
-    ] {
+    for url in [format!("http://{}:8080/", b.ipv4), format!("http://[{}]:8080/", b.ipv6)] {
         let cmd = node_command(&node, &["curl", "-sS", "--max-time", "5", &url]);
         let out = run_with_timeout(cmd, T).expect("curl runs");
         assert_eq!(ok_body(&out), "probe ok\n", "{url}");
     }
     // Straight to the application: the proxy saw nothing, the kernel counted two bypasses,
     // and the server saw the node's own addresses as the source.
-    assert_eq!(
-        counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "inbound",
-            "demo",
-            "b"
-        ),
-        0
-    );
+    assert_eq!(counter(&ambit, "ambit_proxy_connections_opened_total", "inbound", "demo", "b"), 0);
     assert_eq!(kernel(&ambit, "inbound_node_bypass"), 2);
     assert_eq!(kernel(&ambit, "inbound_assigned"), 0);
     let log = server.output();
-    assert!(
-        log.contains(&format!("::ffff:{} ", node.bridge_ipv4())),
-        "{log}"
-    );
+    assert!(log.contains(&format!("::ffff:{} ", node.bridge_ipv4())), "{log}");
     assert!(log.contains(&format!("{} ", node.bridge_ipv6())), "{log}");
 }
 
@@ -191,34 +116,17 @@ fn kubelet_style_connections_from_the_node_are_not_captured() {
 /// `nft list ruleset` print them, without comments and counters.
 fn firewall_rules(netns: Option<&str>) -> String {
     let mut out = String::new();
-    for tool in [
-        &["iptables-save"][..],
-        &["ip6tables-save"],
-        &["nft", "list", "ruleset"],
-    ] {
+    for tool in [&["iptables-save"][..], &["ip6tables-save"], &["nft", "list", "ruleset"]] {
         let mut argv: Vec<String> = Vec::new();
         if let Some(ns) = netns {
-            argv.extend([
-                "nsenter".to_string(),
-                format!("--net=/var/run/netns/{ns}"),
-                "--".into(),
-            ]);
+            argv.extend(["nsenter".to_string(), format!("--net=/var/run/netns/{ns}"), "--".into()]);
         }
         argv.extend(tool.iter().map(|s| s.to_string()));
         let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
         let text = sh(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        {
+        for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
             // Counters change with traffic; they are not rules.
-            out.push_str(
-                &line
-                    .split(" [")
-                    .next()
-                    .unwrap_or(line)
-                    .replace(|c: char| c.is_ascii_digit(), ""),
-            );
+            out.push_str(&line.split(" [").next().unwrap_or(line).replace(|c: char| c.is_ascii_digit(), ""));
             out.push('\n');
         }
     }
@@ -228,60 +136,28 @@ fn firewall_rules(netns: Option<&str>) -> String {
 #[test]
 fn ambit_creates_no_iptables_or_nftables_rules_in_any_namespace() {
     let bed = Bed::new("no-iptables");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
     let root_before = firewall_rules(None);
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let _server = http_server(&bed, &b, "x");
     assert_eq!(ok_body(&curl(&a, &format!("http://{}:8080/", b.ipv4))), "x");
-    assert_eq!(
-        kernel(&ambit, "connect_captured"),
-        1,
-        "the check is only meaningful with capture active"
-    );
+    assert_eq!(kernel(&ambit, "connect_captured"), 1, "the check is only meaningful with capture active");
 
     for ns in [&node.netns, &a.netns, &b.netns] {
         let rules = firewall_rules(Some(ns));
         assert!(
-            rules
-                .lines()
-                .all(|l| !l.starts_with("-A") && !l.contains("rule") && !l.contains("redirect")),
+            rules.lines().all(|l| !l.starts_with("-A") && !l.contains("rule") && !l.contains("redirect")),
             "rules found in {ns}:\n{rules}"
         );
     }
-    assert_eq!(
-        firewall_rules(None),
-        root_before,
-        "the root namespace's rules changed"
-    );
+    assert_eq!(firewall_rules(None), root_before, "the root namespace's rules changed");
 }
 
 #[test]
 fn one_gibibyte_through_the_capture_path_arrives_byte_exact() {
     const GIB: u64 = 1 << 30;
     let bed = Bed::new("gibibyte");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let mut sink = netprobe(&bed, &b, "sink", "[::]:9000");
     sink.wait_for_output("listening", T).expect("sink listens");
@@ -289,43 +165,19 @@ fn one_gibibyte_through_the_capture_path_arrives_byte_exact() {
     let bin = ambit_testbed::exec::workspace_bin("netprobe");
     let send = pod_command(
         &a,
-        &[
-            bin.to_str().expect("utf-8"),
-            "send",
-            &format!("{}:9000", b.ipv4),
-            &GIB.to_string(),
-        ],
+        &[bin.to_str().expect("utf-8"), "send", &format!("{}:9000", b.ipv4), &GIB.to_string()],
     );
     let out = run_with_timeout(send, Duration::from_secs(300)).expect("netprobe send runs");
     let text = ok_body(&out);
-    let sent = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sent "))
-        .expect("sender's hash");
-    let received = text
-        .lines()
-        .find_map(|l| l.strip_prefix("received "))
-        .expect("sink's hash");
+    let sent = text.lines().find_map(|l| l.strip_prefix("sent ")).expect("sender's hash");
+    let received = text.lines().find_map(|l| l.strip_prefix("received ")).expect("sink's hash");
     assert_eq!(sent, received, "hash at the sender vs at the receiver");
     assert!(sent.starts_with(&format!("{GIB} ")), "{sent}");
     // And it was captured, both ways, not sent around the proxy.
     assert!(
-        eventually(T, || access_lines(
-            &ambit,
-            &["pod=a", &format!("bytes_sent={GIB}")]
-        ) == 1),
+        eventually(T, || access_lines(&ambit, &["pod=a", &format!("bytes_sent={GIB}")]) == 1),
         "{}",
         ambit.log()
     );
-    assert_eq!(
-        access_lines(
-            &ambit,
-            &[
-                "direction=\"inbound\"",
-                "pod=b",
-                &format!("bytes_sent={GIB}")
-            ]
-        ),
-        1
-    );
+    assert_eq!(access_lines(&ambit, &["direction=\"inbound\"", "pod=b", &format!("bytes_sent={GIB}")]), 1);
 }

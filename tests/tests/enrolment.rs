@@ -40,38 +40,17 @@ fn enrolment_follows_the_file_and_established_connections_survive() {
     echo.wait_for_output("listening", T).expect("echo listens");
     let url_b = format!("http://{}:8080/", b.ipv4);
     let echo_d = format!("{}:7000", d.ipv4);
-    let outbound_c = || {
-        counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "outbound",
-            "other",
-            "c",
-        )
-    };
+    let outbound_c = || counter(&ambit, "ambit_proxy_connections_opened_total", "outbound", "other", "c");
 
     // Neither c (namespace not labelled) nor e (opted out) is captured on the way out.
     assert_eq!(ok_body(&curl(&c, &url_b)), "b\n");
     assert_eq!(ok_body(&curl(&e, &url_b)), "b\n");
     assert_eq!(outbound_c(), 0);
-    assert_eq!(
-        counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "outbound",
-            "demo",
-            "e"
-        ),
-        0
-    );
+    assert_eq!(counter(&ambit, "ambit_proxy_connections_opened_total", "outbound", "demo", "e"), 0);
     assert_eq!(kernel(&ambit, "connect_not_enrolled"), 2);
     let dump = ambit.config_dump();
-    let names: Vec<&str> = dump["pods"]
-        .as_array()
-        .expect("pods")
-        .iter()
-        .filter_map(|p| p["name"].as_str())
-        .collect();
+    let names: Vec<&str> =
+        dump["pods"].as_array().expect("pods").iter().filter_map(|p| p["name"].as_str()).collect();
     assert_eq!(names, ["b"], "{dump}");
 
     // A connection opened before enrolment.
@@ -79,19 +58,12 @@ fn enrolment_follows_the_file_and_established_connections_survive() {
     assert_eq!(before.say("one").expect("echo"), "one");
 
     // Enrol c's namespace: new connections are captured within 2 s.
-    write_mesh(
-        &mesh_path,
-        &mesh.clone().relabel_namespace("other", &[AMBIENT]).yaml(),
-    );
+    write_mesh(&mesh_path, &mesh.clone().relabel_namespace("other", &[AMBIENT]).yaml());
     let captured = eventually(TWO_SECONDS, || {
         assert_eq!(ok_body(&curl(&c, &url_b)), "b\n");
         outbound_c() > 0
     });
-    assert!(
-        captured,
-        "c not captured within 2 s of enrolment:\n{}",
-        ambit.log()
-    );
+    assert!(captured, "c not captured within 2 s of enrolment:\n{}", ambit.log());
     assert_eq!(before.say("two").expect("survives enrolment"), "two");
     let opened = outbound_c();
     let mut during = Chat::open(&bed, &c, &echo_d).expect("captured connection");
@@ -105,18 +77,9 @@ fn enrolment_follows_the_file_and_established_connections_survive() {
         assert_eq!(ok_body(&curl(&c, &url_b)), "b\n");
         outbound_c() == n
     });
-    assert!(
-        direct,
-        "c still captured 2 s after unenrolment:\n{}",
-        ambit.log()
-    );
+    assert!(direct, "c still captured 2 s after unenrolment:\n{}", ambit.log());
     assert_eq!(before.say("three").expect("survives unenrolment"), "three");
-    assert_eq!(
-        during
-            .say("y")
-            .expect("proxied connection survives unenrolment"),
-        "y"
-    );
+    assert_eq!(during.say("y").expect("proxied connection survives unenrolment"), "y");
     let dump = ambit.config_dump();
     assert_eq!(dump["pods"].as_array().expect("pods").len(), 1, "{dump}");
 }
@@ -133,11 +96,7 @@ fn invalid_files(good: &str) -> Vec<(&'static str, String, &'static str)> {
             ),
             "field `pods[0]`: unknown field `colour`",
         ),
-        (
-            "bad IP",
-            good.replacen("ips: [10.1.0.2,", "ips: [10.1.0.300,", 1),
-            "field `pods[0].ips[0]`",
-        ),
+        ("bad IP", good.replacen("ips: [10.1.0.2,", "ips: [10.1.0.300,", 1), "field `pods[0].ips[0]`"),
         (
             "duplicate pod",
             good.replacen("  - name: b\n", "  - name: a\n", 1),
@@ -153,10 +112,7 @@ fn invalid_files(good: &str) -> Vec<(&'static str, String, &'static str)> {
 
 /// The line number the error must carry: where `needle` is in the broken file.
 fn line_of(text: &str, needle: &str) -> usize {
-    text.lines()
-        .position(|l| l.contains(needle))
-        .expect("needle in file")
-        + 1
+    text.lines().position(|l| l.contains(needle)).expect("needle in file") + 1
 }
 
 #[test]
@@ -165,51 +121,25 @@ fn an_invalid_file_is_refused_at_start_with_line_and_field() {
     let node = bed.node("n1");
     let a = bed.pod(&node, "a");
     let b = bed.pod(&node, "b");
-    let good = Mesh::default()
-        .namespace("demo", &[AMBIENT])
-        .pod(&a, "demo", &[])
-        .pod(&b, "demo", &[])
-        .yaml();
+    let good = Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).pod(&b, "demo", &[]).yaml();
     let path = bed.dir().join("mesh.yaml");
-    let needles = [
-        "colour",
-        "10.1.0.300",
-        "  - name: a\n    namespace: demo\n    serviceAccount",
-        "-n1-gone",
-    ];
+    let needles =
+        ["colour", "10.1.0.300", "  - name: a\n    namespace: demo\n    serviceAccount", "-n1-gone"];
     for ((what, text, expect), needle) in invalid_files(&good).into_iter().zip(needles) {
         write_mesh(&path, &text);
         let line = if what == "duplicate pod" {
             // The second "- name: a".
-            text.lines()
-                .enumerate()
-                .filter(|(_, l)| *l == "  - name: a")
-                .nth(1)
-                .expect("duplicate")
-                .0
-                + 1
+            text.lines().enumerate().filter(|(_, l)| *l == "  - name: a").nth(1).expect("duplicate").0 + 1
         } else {
             line_of(&text, needle)
         };
         let out = run_with_timeout(Ambit::command(&bed, &node, &path, &[]), T).expect("ambit runs");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "{what}: ambit started with an invalid file:\n{stderr}"
-        );
-        assert!(
-            stderr.contains(&format!("mesh.yaml:{line}:")),
-            "{what}: line {line} not named:\n{stderr}"
-        );
-        assert!(
-            stderr.contains(expect),
-            "{what}: {expect:?} not in:\n{stderr}"
-        );
+        assert!(!out.status.success(), "{what}: ambit started with an invalid file:\n{stderr}");
+        assert!(stderr.contains(&format!("mesh.yaml:{line}:")), "{what}: line {line} not named:\n{stderr}");
+        assert!(stderr.contains(expect), "{what}: {expect:?} not in:\n{stderr}");
         // Refused before touching the kernel: nothing was pinned.
-        assert!(
-            !bed.bpffs().join("ambit").join("n1").exists(),
-            "{what}: state pinned despite the refusal"
-        );
+        assert!(!bed.bpffs().join("ambit").join("n1").exists(), "{what}: state pinned despite the refusal");
     }
 }
 
@@ -219,11 +149,7 @@ fn an_invalid_edit_is_refused_and_the_previous_state_keeps_serving() {
     let node = bed.node("n1");
     let a = bed.pod(&node, "a");
     let b = bed.pod(&node, "b");
-    let good = Mesh::default()
-        .namespace("demo", &[AMBIENT])
-        .pod(&a, "demo", &[])
-        .pod(&b, "demo", &[])
-        .yaml();
+    let good = Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).pod(&b, "demo", &[]).yaml();
     let path = bed.dir().join("mesh.yaml");
     write_mesh(&path, &good);
     let mut ambit = Ambit::start(&bed, &node, &path, &[]);
@@ -232,40 +158,18 @@ fn an_invalid_edit_is_refused_and_the_previous_state_keeps_serving() {
 
     for (n, (what, text, expect)) in invalid_files(&good).into_iter().enumerate() {
         write_mesh(&path, &text);
-        ambit
-            .wait_log(expect, T)
-            .unwrap_or_else(|e| panic!("{what}: refusal not logged: {e}"));
-        assert!(
-            ambit.log().contains("previous version stays in force"),
-            "{what}"
-        );
+        ambit.wait_log(expect, T).unwrap_or_else(|e| panic!("{what}: refusal not logged: {e}"));
+        assert!(ambit.log().contains("previous version stays in force"), "{what}");
         // Still captured with the previous state.
         assert_eq!(ok_body(&curl(&a, &url)), "still here\n", "{what}");
-        let opened = counter(
-            &ambit,
-            "ambit_proxy_connections_opened_total",
-            "outbound",
-            "demo",
-            "a",
-        );
+        let opened = counter(&ambit, "ambit_proxy_connections_opened_total", "outbound", "demo", "a");
         assert_eq!(opened, n as u64 + 1, "{what}: a no longer captured");
         let dump = ambit.config_dump();
-        assert_eq!(
-            dump["pods"].as_array().expect("pods").len(),
-            2,
-            "{what}: {dump}"
-        );
+        assert_eq!(dump["pods"].as_array().expect("pods").len(), 2, "{what}: {dump}");
     }
 
     // A valid edit is taken again: opting a out.
-    let opted_out = good.replacen(
-        "-n1-a\n",
-        "-n1-a\n    labels:\n      istio.io/dataplane-mode: none\n",
-        1,
-    );
+    let opted_out = good.replacen("-n1-a\n", "-n1-a\n    labels:\n      istio.io/dataplane-mode: none\n", 1);
     write_mesh(&path, &opted_out);
-    assert!(eventually(T, || ambit.config_dump()["pods"]
-        .as_array()
-        .map(Vec::len)
-        == Some(1)));
+    assert!(eventually(T, || ambit.config_dump()["pods"].as_array().map(Vec::len) == Some(1)));
 }

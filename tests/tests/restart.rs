@@ -16,33 +16,16 @@ const CURL_REFUSED: i32 = 7;
 const CURL_TIMEOUT: i32 = 28;
 
 fn curl_code(pod: &Pod, url: &str, connect_timeout: &str) -> (i32, String) {
-    let cmd = pod_command(
-        pod,
-        &[
-            "curl",
-            "-sS",
-            "--connect-timeout",
-            connect_timeout,
-            "--max-time",
-            "5",
-            url,
-        ],
-    );
+    let cmd =
+        pod_command(pod, &["curl", "-sS", "--connect-timeout", connect_timeout, "--max-time", "5", url]);
     let out = run_with_timeout(cmd, T).expect("curl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// IDs of this proxy's pinned programs and of every link in the system that runs them.
 fn program_and_link_ids(ambit: &Ambit) -> (Vec<(String, u32)>, Vec<u32>) {
     let pinned = pinned_ids(&ambit.pin_dir()).expect("reading pins");
-    let progs: Vec<u32> = pinned
-        .iter()
-        .filter(|(n, _)| n.starts_with("prog_"))
-        .map(|(_, id)| *id)
-        .collect();
+    let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
     assert_eq!(progs.len(), 4, "four programs pinned: {pinned:?}");
     (pinned, links_of_programs(&progs).expect("listing links"))
 }
@@ -79,23 +62,21 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     assert_eq!(curl_code(&a, &url, "2").0, CURL_REFUSED);
     // Inbound to an enrolled pod: the SYN is dropped, so the client times out.
     assert_eq!(curl_code(&c, &url, "1").0, CURL_TIMEOUT);
-    assert_eq!(
-        server.output().matches("GET /").count(),
-        requests_before,
-        "a request reached b"
-    );
+    assert_eq!(server.output().matches("GET /").count(), requests_before, "a request reached b");
 
     ambit.restart();
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
     assert_eq!(curl_code(&c, &url, "2"), (0, "b\n".into()));
     let (pins_after, links_after) = program_and_link_ids(&ambit);
-    assert_eq!(
-        pins_after, pins_before,
-        "the same programs, maps and links, not new ones"
-    );
+    assert_eq!(pins_after, pins_before, "the same programs, maps and links, not new ones");
     assert_eq!(links_after, links_before, "no link was added or replaced");
     let log = ambit.log();
-    assert!(log.contains(r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#), "{log}");
+    assert!(
+        log.contains(
+            r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#
+        ),
+        "{log}"
+    );
     assert!(log.contains("attached_links=[]"), "{log}");
     let dump = ambit.config_dump();
     for pod in dump["pods"].as_array().expect("pods") {
@@ -103,135 +84,60 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     }
     // The kernel's counters live in the pinned map: they saw the refusals.
     assert_eq!(kernel(&ambit, "connect_fail_closed"), 1);
-    assert!(
-        kernel(&ambit, "inbound_fail_closed") >= 1,
-        "SYN retransmits may add more"
-    );
+    assert!(kernel(&ambit, "inbound_fail_closed") >= 1, "SYN retransmits may add more");
 }
 
 #[test]
 fn with_fail_open_enrolled_pods_bypass_the_missing_proxy() {
     let bed = Bed::new("fail-open");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &["--fail-open"]);
     let server = http_server(&bed, &b, "b\n");
     let url = format!("http://{}:8080/", b.ipv4);
 
     ambit.kill();
-    assert_eq!(
-        curl_code(&a, &url, "2"),
-        (0, "b\n".into()),
-        "fail-open lets the connection through"
-    );
+    assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()), "fail-open lets the connection through");
     // Directly: the server saw a's address, not its own (as it does through the proxy).
-    assert!(
-        server.output().contains(&format!("::ffff:{} ", a.ipv4)),
-        "{}",
-        server.output()
-    );
+    assert!(server.output().contains(&format!("::ffff:{} ", a.ipv4)), "{}", server.output());
 
     ambit.restart();
     assert_eq!(kernel(&ambit, "connect_fail_open"), 1);
     assert_eq!(kernel(&ambit, "inbound_fail_open"), 1);
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
-    assert_eq!(
-        kernel(&ambit, "connect_captured"),
-        1,
-        "captured again after the restart"
-    );
+    assert_eq!(kernel(&ambit, "connect_captured"), 1, "captured again after the restart");
 }
 
 #[test]
 fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
     let bed = Bed::new("stale");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    let both = Mesh::default()
-        .namespace("demo", &[AMBIENT])
-        .pod(&a, "demo", &[])
-        .pod(&b, "demo", &[]);
-    write_mesh(&mesh, &both.yaml());
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (_, links_before) = program_and_link_ids(&ambit);
     assert_eq!(links_before.len(), 3 + 2);
-    assert_eq!(
-        std::fs::read_dir(ambit.pin_dir().join("tc"))
-            .expect("tc pins")
-            .count(),
-        2
-    );
+    assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 2);
 
     ambit.kill();
     // b leaves the mesh while no proxy runs.
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .yaml(),
-    );
+    write_mesh(&mesh, &Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).yaml());
     ambit.restart();
     let (_, links_after) = program_and_link_ids(&ambit);
-    assert_eq!(
-        links_after.len(),
-        3 + 1,
-        "b's inbound attachment is gone: {links_after:?}"
-    );
-    assert_eq!(
-        std::fs::read_dir(ambit.pin_dir().join("tc"))
-            .expect("tc pins")
-            .count(),
-        1
-    );
+    assert_eq!(links_after.len(), 3 + 1, "b's inbound attachment is gone: {links_after:?}");
+    assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 1);
     let log = ambit.log();
-    assert!(
-        log.contains("stale=StaleRemoved { enrolled: 1, pod_ips: 2, inbound_attachments: 1 }"),
-        "{log}"
-    );
+    assert!(log.contains("stale=StaleRemoved { enrolled: 1, pod_ips: 2, inbound_attachments: 1 }"), "{log}");
     // b is really released: a client in b connects out directly.
     let _server = http_server(&bed, &a, "a\n");
-    assert_eq!(
-        curl_code(&b, &format!("http://{}:8080/", a.ipv4), "2"),
-        (0, "a\n".into())
-    );
+    assert_eq!(curl_code(&b, &format!("http://{}:8080/", a.ipv4), "2"), (0, "a\n".into()));
     assert_eq!(kernel(&ambit, "connect_not_enrolled"), 1);
 }
 
 #[test]
 fn uninstall_removes_every_pin_and_capture_stops() {
     let bed = Bed::new("uninstall");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (pinned, links) = program_and_link_ids(&ambit);
-    let progs: Vec<u32> = pinned
-        .iter()
-        .filter(|(n, _)| n.starts_with("prog_"))
-        .map(|(_, id)| *id)
-        .collect();
+    let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
     assert_eq!(links.len(), 5);
     ambit.kill();
 
@@ -240,35 +146,17 @@ fn uninstall_removes_every_pin_and_capture_stops() {
     let out = run_with_timeout(
         ambit_testbed::exec::node_command(
             &node,
-            &[
-                bin.to_str().expect("utf-8"),
-                "uninstall",
-                "--bpffs",
-                &bpffs,
-                "--instance",
-                "n1",
-            ],
+            &[bin.to_str().expect("utf-8"), "uninstall", "--bpffs", &bpffs, "--instance", "n1"],
         ),
         T,
     )
     .expect("uninstall runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!ambit.pin_dir().exists(), "pins left behind");
-    assert_eq!(
-        links_of_programs(&progs).expect("links"),
-        Vec::<u32>::new(),
-        "links still attached"
-    );
+    assert_eq!(links_of_programs(&progs).expect("links"), Vec::<u32>::new(), "links still attached");
     // With nothing attached, a's connection goes straight to b (no fail-closed refusal).
     let _server = http_server(&bed, &b, "b\n");
-    assert_eq!(
-        curl_code(&a, &format!("http://{}:8080/", b.ipv4), "2"),
-        (0, "b\n".into())
-    );
+    assert_eq!(curl_code(&a, &format!("http://{}:8080/", b.ipv4), "2"), (0, "b\n".into()));
 }
 
 /// Makes the pinned state look as if another ambit build had created it, by changing the
@@ -284,18 +172,12 @@ fn pretend_another_build_pinned(ambit: &Ambit) {
         .as_array()
         .expect("value bytes")
         .iter()
-        .map(|b| {
-            b.as_str()
-                .expect("hex byte")
-                .trim_start_matches("0x")
-                .to_string()
-        })
+        .map(|b| b.as_str().expect("hex byte").trim_start_matches("0x").to_string())
         .collect();
     assert_eq!(value.len(), 24);
     value[16] = "ff".into();
-    let mut args = vec![
-        "bpftool", "map", "update", "pinned", &map, "key", "0", "0", "0", "0", "value", "hex",
-    ];
+    let mut args =
+        vec!["bpftool", "map", "update", "pinned", &map, "key", "0", "0", "0", "0", "value", "hex"];
     args.extend(value.iter().map(String::as_str));
     ambit_testbed::bed::sh(&args).expect("writing the pinned config");
 }
@@ -303,68 +185,39 @@ fn pretend_another_build_pinned(ambit: &Ambit) {
 #[test]
 fn a_proxy_with_another_ebpf_object_replaces_the_pinned_programs_and_links() {
     let bed = Bed::new("upgrade");
-    let node = bed.node("n1");
-    let a = bed.pod(&node, "a");
-    let b = bed.pod(&node, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod(&a, "demo", &[])
-            .pod(&b, "demo", &[])
-            .yaml(),
-    );
+    let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let _server = http_server(&bed, &b, "b\n");
     let url = format!("http://{}:8080/", b.ipv4);
     let (pins_before, links_before) = program_and_link_ids(&ambit);
-    let old_progs: Vec<u32> = pins_before
-        .iter()
-        .filter(|(n, _)| n.starts_with("prog_"))
-        .map(|(_, id)| *id)
-        .collect();
+    let old_progs: Vec<u32> =
+        pins_before.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
 
     ambit.kill();
     pretend_another_build_pinned(&ambit);
     ambit.restart();
     let log = ambit.log();
-    assert!(log.contains(r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#), "{log}");
-    let (pins_after, links_after) = program_and_link_ids(&ambit);
-    let new_progs: Vec<u32> = pins_after
-        .iter()
-        .filter(|(n, _)| n.starts_with("prog_"))
-        .map(|(_, id)| *id)
-        .collect();
     assert!(
-        new_progs.iter().all(|p| !old_progs.contains(p)),
-        "new programs: {old_progs:?} -> {new_progs:?}"
+        log.contains(
+            r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#
+        ),
+        "{log}"
     );
+    let (pins_after, links_after) = program_and_link_ids(&ambit);
+    let new_progs: Vec<u32> =
+        pins_after.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
+    assert!(new_progs.iter().all(|p| !old_progs.contains(p)), "new programs: {old_progs:?} -> {new_progs:?}");
     // The old programs run nowhere any more; the new ones exactly where the old ones did.
-    assert_eq!(
-        links_of_programs(&old_progs).expect("links"),
-        Vec::<u32>::new()
-    );
-    assert_eq!(
-        links_after.len(),
-        links_before.len(),
-        "{links_before:?} -> {links_after:?}"
-    );
+    assert_eq!(links_of_programs(&old_progs).expect("links"), Vec::<u32>::new());
+    assert_eq!(links_after.len(), links_before.len(), "{links_before:?} -> {links_after:?}");
     for pod in ambit.config_dump()["pods"].as_array().expect("pods") {
         assert_eq!(pod["inbound_attachment"], "replaced");
     }
     // Maps are kept (same IDs): the enrolment state carried over.
     let maps = |p: &[(String, u32)]| -> Vec<(String, u32)> {
-        p.iter()
-            .filter(|(n, _)| n.starts_with("AMBIT_"))
-            .cloned()
-            .collect()
+        p.iter().filter(|(n, _)| n.starts_with("AMBIT_")).cloned().collect()
     };
     assert_eq!(maps(&pins_after), maps(&pins_before));
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
-    assert_eq!(
-        kernel(&ambit, "connect_captured"),
-        1,
-        "captured by the new programs"
-    );
+    assert_eq!(kernel(&ambit, "connect_captured"), 1, "captured by the new programs");
 }

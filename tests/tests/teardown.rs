@@ -18,11 +18,7 @@ use ambit_testbed::{
 };
 
 fn leftovers_of(run: &str) -> Vec<String> {
-    leftovers()
-        .into_iter()
-        .filter(|(id, _)| id == run)
-        .map(|(_, what)| what)
-        .collect()
+    leftovers().into_iter().filter(|(id, _)| id == run).map(|(_, what)| what).collect()
 }
 
 #[test]
@@ -34,19 +30,10 @@ fn a_failing_test_leaves_no_namespace_cgroup_or_pin_behind() {
         let node = bed.node("n1");
         let pod = bed.pod(&node, "a");
         let path = bed.dir().join("mesh.yaml");
-        write_mesh(
-            &path,
-            &Mesh::default()
-                .namespace("demo", &[AMBIENT])
-                .pod(&pod, "demo", &[])
-                .yaml(),
-        );
+        write_mesh(&path, &Mesh::default().namespace("demo", &[AMBIENT]).pod(&pod, "demo", &[]).yaml());
         let ambit = Ambit::start(&bed, &node, &path, &[]);
         assert!(ambit.pin_dir().exists());
-        assert!(
-            !leftovers_of(bed.id()).is_empty(),
-            "the run's resources exist while it runs"
-        );
+        assert!(!leftovers_of(bed.id()).is_empty(), "the run's resources exist while it runs");
         panic!("deliberate failure inside a test");
     }));
     assert!(result.is_err(), "the closure panicked");
@@ -79,11 +66,8 @@ fn ctrl_c_tears_the_bed_down() {
         }
     };
     assert!(!leftovers_of(&run).is_empty(), "bed-hold's run exists");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .expect("SIGINT");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
@@ -95,20 +79,13 @@ fn ctrl_c_tears_the_bed_down() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    assert_eq!(
-        status.code(),
-        Some(128 + libc::SIGINT),
-        "exit status of an interrupted run"
-    );
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "exit status of an interrupted run");
     assert_eq!(leftovers_of(&run), Vec::<String>::new());
     // The proxy the run started is gone too (reaped by init once its parent exited).
     let gone = ambit_testbed::eventually(Duration::from_secs(5), || {
         !std::path::Path::new(&format!("/proc/{proxy_pid}")).exists()
     });
-    assert!(
-        gone,
-        "the run's proxy (pid {proxy_pid}) survived the teardown"
-    );
+    assert!(gone, "the run's proxy (pid {proxy_pid}) survived the teardown");
 }
 
 #[test]

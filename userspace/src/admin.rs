@@ -66,8 +66,7 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
             let dump = state.dump.lock().unwrap_or_else(|p| p.into_inner());
             let body = serde_json::to_vec_pretty(&*dump).unwrap_or_default();
             let mut r = text(StatusCode::OK, body);
-            r.headers_mut()
-                .insert("content-type", "application/json".parse().expect("static"));
+            r.headers_mut().insert("content-type", "application/json".parse().expect("static"));
             r
         }
         (Routes::Admin, &Method::POST, "/quitquitquit") => {
@@ -77,24 +76,13 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
         }
         (Routes::Stats, &Method::GET, "/stats/prometheus" | "/metrics") => {
             let mut r = text(StatusCode::OK, state.metrics.render());
-            r.headers_mut().insert(
-                "content-type",
-                "text/plain; version=0.0.4".parse().expect("static"),
-            );
+            r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().expect("static"));
             r
         }
         (Routes::Readiness, &Method::GET, "/healthz/ready") => {
-            match state
-                .not_ready
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_deref()
-            {
+            match state.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
                 None => text(StatusCode::OK, "ready\n"),
-                Some(why) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("not ready: {why}\n"),
-                ),
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
             }
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -107,12 +95,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves until `stop` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    routes: Routes,
-    state: Arc<AdminState>,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>, stop: CancellationToken) {
     loop {
         let (stream, _) = tokio::select! {
             () = stop.cancelled() => return,
@@ -131,10 +114,7 @@ pub async fn serve(
                 let resp = route(routes, &state, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "admin connection");
             }
         });

@@ -57,11 +57,7 @@ pub struct NodeArgs {
     /// The node's own addresses: inbound connections from them (kubelet health probes) are
     /// not captured. Repeat for several. Default: every non-loopback address of the proxy's
     /// network namespace, re-read every 30 s.
-    #[arg(
-        long = "node-address",
-        env = "AMBIT_NODE_ADDRESSES",
-        value_delimiter = ','
-    )]
+    #[arg(long = "node-address", env = "AMBIT_NODE_ADDRESSES", value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
 
     /// Admin endpoint (/config_dump, /quitquitquit); keep it on loopback.
@@ -109,9 +105,7 @@ fn parse_u32(s: &str) -> Result<u32, String> {
 /// `500ms`, `10s`, `2m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m)"))?;
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
@@ -148,22 +142,15 @@ pub struct NodeSettings {
 }
 
 mod humantime_ms {
-    pub fn serialize<S: serde::Serializer>(
-        d: &std::time::Duration,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format!("{}ms", d.as_millis()))
     }
 }
 
 impl NodeSettings {
     pub fn resolve(args: NodeArgs) -> anyhow::Result<NodeSettings> {
-        if args.instance.is_empty() || args.instance.contains('/') || args.instance.starts_with('.')
-        {
-            bail!(
-                "--instance {:?}: must be a plain name (no '/')",
-                args.instance
-            );
+        if args.instance.is_empty() || args.instance.contains('/') || args.instance.starts_with('.') {
+            bail!("--instance {:?}: must be a plain name (no '/')", args.instance);
         }
         let node_name = match args.node_name {
             Some(n) if !n.is_empty() => n,
@@ -226,8 +213,7 @@ impl NodeSettings {
 /// The first cgroup v2 mount (`/sys/fs/cgroup` on most Kubernetes nodes, `/sys/fs/cgroup/unified`
 /// on hybrid hosts).
 pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     mounts
         .lines()
         .filter_map(|l| {
@@ -240,8 +226,7 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
 }
 
 fn check_cgroup2(path: &Path) -> anyhow::Result<()> {
-    let st =
-        nix::sys::statfs::statfs(path).with_context(|| format!("--cgroup {}", path.display()))?;
+    let st = nix::sys::statfs::statfs(path).with_context(|| format!("--cgroup {}", path.display()))?;
     if st.filesystem_type().0 as i64 != CGROUP2_MAGIC {
         bail!("--cgroup {}: not a cgroup v2 directory", path.display());
     }

@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use ambit::{config, node, telemetry};
 
 #[derive(Parser)]
-#[command(
-    name = "ambit",
-    version,
-    about = "Sidecarless, eBPF-accelerated service-mesh node proxy"
-)]
+#[command(name = "ambit", version, about = "Sidecarless, eBPF-accelerated service-mesh node proxy")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,10 +57,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Uninstall { bpffs, instance } => {
             telemetry::init("info", telemetry::LogFormat::Text)?;
             let removed = ambit::capture::uninstall(&bpffs, &instance).with_context(|| {
-                format!(
-                    "removing pinned state of instance {instance:?} under {}",
-                    bpffs.display()
-                )
+                format!("removing pinned state of instance {instance:?} under {}", bpffs.display())
             })?;
             tracing::info!(removed = removed.len(), "uninstalled");
             Ok(())

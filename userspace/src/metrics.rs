@@ -36,9 +36,7 @@ fn direction_label(d: Direction) -> &'static str {
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("metric names are unique");
+    registry.register(Box::new(c.clone())).expect("metric names are unique");
     c
 }
 
@@ -77,35 +75,19 @@ impl Metrics {
             "Bytes from the destination back to the connecting side.",
             &POD_LABELS,
         );
-        let enrolled_pods = IntGauge::new("ambit_enrolled_pods", "Pods whose traffic is captured.")
-            .expect("valid metric");
-        registry
-            .register(Box::new(enrolled_pods.clone()))
-            .expect("unique");
-        Metrics {
-            registry,
-            opened,
-            closed,
-            failed,
-            sent,
-            received,
-            enrolled_pods,
-        }
+        let enrolled_pods =
+            IntGauge::new("ambit_enrolled_pods", "Pods whose traffic is captured.").expect("valid metric");
+        registry.register(Box::new(enrolled_pods.clone())).expect("unique");
+        Metrics { registry, opened, closed, failed, sent, received, enrolled_pods }
     }
 
     /// Adds the kernel-side counters, read from the eBPF stats map on every scrape.
     pub fn register_kernel_stats(&self, stats: Arc<KernelStats>) {
-        self.registry
-            .register(Box::new(KernelCollector::new(stats)))
-            .expect("registered once");
+        self.registry.register(Box::new(KernelCollector::new(stats))).expect("registered once");
     }
 
     pub fn connection_opened(&self, d: Direction, pod: &PodCtx) -> RelayCounters {
-        let labels = [
-            direction_label(d),
-            pod.namespace.as_str(),
-            pod.name.as_str(),
-        ];
+        let labels = [direction_label(d), pod.namespace.as_str(), pod.name.as_str()];
         self.opened.with_label_values(&labels).inc();
         RelayCounters {
             sent: self.sent.with_label_values(&labels),
@@ -114,23 +96,12 @@ impl Metrics {
     }
 
     pub fn connection_closed(&self, d: Direction, pod: &PodCtx) {
-        self.closed
-            .with_label_values(&[
-                direction_label(d),
-                pod.namespace.as_str(),
-                pod.name.as_str(),
-            ])
-            .inc();
+        self.closed.with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str()]).inc();
     }
 
     pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str) {
         self.failed
-            .with_label_values(&[
-                direction_label(d),
-                pod.namespace.as_str(),
-                pod.name.as_str(),
-                reason,
-            ])
+            .with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str(), reason])
             .inc();
     }
 
@@ -160,8 +131,7 @@ impl KernelCollector {
     fn new(stats: Arc<KernelStats>) -> Self {
         let desc = Desc::new(
             "ambit_capture_events_total".into(),
-            "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event."
-                .into(),
+            "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event.".into(),
             vec!["event".into()],
             Default::default(),
         )
@@ -184,7 +154,10 @@ impl Collector for KernelCollector {
             }
         };
         let vec = IntCounterVec::new(
-            Opts::new("ambit_capture_events_total", "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event."),
+            Opts::new(
+                "ambit_capture_events_total",
+                "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event.",
+            ),
             &["event"],
         )
         .expect("valid metric");

@@ -30,13 +30,10 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     let shutdown = CancellationToken::new();
     // The mesh file first: an invalid one stops the start before the kernel is touched.
-    let mut meshes = enroll::local::watch(
-        settings.mesh_file.clone(),
-        settings.node_name.clone(),
-        shutdown.clone(),
-    )
-    .map_err(|e| anyhow::anyhow!("{e}"))
-    .context("loading the mesh file")?;
+    let mut meshes =
+        enroll::local::watch(settings.mesh_file.clone(), settings.node_name.clone(), shutdown.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("loading the mesh file")?;
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [
@@ -44,19 +41,12 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         (settings.stats_addr, Routes::Stats),
         (settings.readiness_addr, Routes::Readiness),
     ] {
-        let listener = admin::bind(addr)
-            .await
-            .with_context(|| format!("binding the {routes:?} endpoint on {addr}"))?;
-        tokio::spawn(admin::serve(
-            listener,
-            routes,
-            admin.clone(),
-            shutdown.clone(),
-        ));
+        let listener =
+            admin::bind(addr).await.with_context(|| format!("binding the {routes:?} endpoint on {addr}"))?;
+        tokio::spawn(admin::serve(listener, routes, admin.clone(), shutdown.clone()));
     }
 
-    let (capture, orig, stats) =
-        Capture::open(&settings.capture()).context("setting up eBPF capture")?;
+    let (capture, orig, stats) = Capture::open(&settings.capture()).context("setting up eBPF capture")?;
     let adoption = capture.adoption().clone();
     tracing::info!(
         pins = %capture.pin_dir().display(),
@@ -72,11 +62,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         ProxySettings {
             mark: settings.proxy_mark,
             connect_timeout: settings.connect_timeout,
-            own_ports: vec![
-                settings.outbound_port,
-                settings.inbound_port,
-                settings.hbone_port,
-            ],
+            own_ports: vec![settings.outbound_port, settings.inbound_port, settings.hbone_port],
         },
         orig,
         metrics.clone(),
@@ -84,23 +70,14 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let mut pods = PodManager::new(
         capture,
         proxy.clone(),
-        Ports {
-            outbound: settings.outbound_port,
-            inbound: settings.inbound_port,
-        },
+        Ports { outbound: settings.outbound_port, inbound: settings.inbound_port },
     );
     refresh_node_addresses(&settings, &mut pods)?;
 
     let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
     pods.reconcile(&desired).await;
-    let stale = pods
-        .remove_stale()
-        .context("removing stale capture state")?;
-    tracing::info!(
-        ?stale,
-        enrolled = pods.enrolled_count(),
-        "initial pod set reconciled"
-    );
+    let stale = pods.remove_stale().context("removing stale capture state")?;
+    tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
     publish(&admin, &metrics, &settings, &pods, &adoption, &proxy);
     admin.set_ready(None);
 
@@ -154,9 +131,7 @@ fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> any
     } else {
         settings.node_addresses.clone()
     };
-    pods.capture_mut()
-        .set_node_addrs(&addrs)
-        .context("updating node addresses")?;
+    pods.capture_mut().set_node_addrs(&addrs).context("updating node addresses")?;
     tracing::debug!(?addrs, "node addresses (not captured inbound)");
     Ok(())
 }
@@ -173,12 +148,8 @@ fn publish(
     metrics.enrolled_pods.set(enrolled.len() as i64);
     let maps = pods.capture().maps();
     let listeners = maps.listeners().map(|l| l.len()).unwrap_or(0);
-    let node_addrs: Vec<_> = maps
-        .node_addrs()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(crate::capture::addr::ip_from_key)
-        .collect();
+    let node_addrs: Vec<_> =
+        maps.node_addrs().unwrap_or_default().iter().filter_map(crate::capture::addr::ip_from_key).collect();
     admin.set_dump(serde_json::json!({
         "settings": settings,
         "capture": {

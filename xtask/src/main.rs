@@ -52,10 +52,7 @@ enum Cmd {
 }
 
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask/ is in the workspace")
-        .to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask/ is in the workspace").to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -96,19 +93,10 @@ fn lint() -> anyhow::Result<()> {
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt)?;
     let mut fmt_ebpf = cargo();
-    fmt_ebpf
-        .current_dir(root().join("ebpf/programs"))
-        .args(["fmt", "--", "--check"]);
+    fmt_ebpf.current_dir(root().join("ebpf/programs")).args(["fmt", "--", "--check"]);
     run(fmt_ebpf)?;
     let mut clippy = cargo();
-    clippy.args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
     run(clippy)
 }
 

@@ -8,16 +8,10 @@ use anyhow::{bail, Context};
 
 /// Debian packages and why each is needed.
 pub const PACKAGES: &[(&str, &str)] = &[
-    (
-        "rustc-web",
-        "Debian's rustc and its library sources build the eBPF programs",
-    ),
+    ("rustc-web", "Debian's rustc and its library sources build the eBPF programs"),
     ("rust-web-src", "library sources for -Z build-std=core"),
     ("cargo-web", "the cargo that drives the eBPF build"),
-    (
-        "llvm-22-dev",
-        "bpf-linker links libLLVM 22 (same LLVM as rustc-web)",
-    ),
+    ("llvm-22-dev", "bpf-linker links libLLVM 22 (same LLVM as rustc-web)"),
     ("zlib1g-dev", "bpf-linker's build"),
     ("libzstd-dev", "bpf-linker's build"),
     ("iproute2", "the test bed's namespaces, veths and bridges"),
@@ -43,10 +37,7 @@ fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
         .output()
         .context("running dpkg-query (ambit's setup supports Debian-based systems)")?;
     let text = String::from_utf8_lossy(&out.stdout);
-    Ok(names
-        .into_iter()
-        .filter(|p| !text.lines().any(|l| l.starts_with(&format!("{p} ii"))))
-        .collect())
+    Ok(names.into_iter().filter(|p| !text.lines().any(|l| l.starts_with(&format!("{p} ii")))).collect())
 }
 
 fn cargo_bin() -> std::path::PathBuf {
@@ -65,10 +56,7 @@ fn bpf_linker_ok() -> bool {
 }
 
 fn ebpf_rustc_version() -> Option<(u32, u32)> {
-    let out = Command::new("/usr/bin/rustc")
-        .arg("--version")
-        .output()
-        .ok()?;
+    let out = Command::new("/usr/bin/rustc").arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let v = text.split_whitespace().nth(1)?;
     let mut it = v.split('.').map(|p| p.parse::<u32>().ok());

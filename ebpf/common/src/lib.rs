@@ -47,19 +47,11 @@ impl IpKey {
         addr[1] = octets[1];
         addr[2] = octets[2];
         addr[3] = octets[3];
-        IpKey {
-            family: AF_INET,
-            _pad: 0,
-            addr,
-        }
+        IpKey { family: AF_INET, _pad: 0, addr }
     }
 
     pub const fn v6(octets: [u8; 16]) -> Self {
-        IpKey {
-            family: AF_INET6,
-            _pad: 0,
-            addr: octets,
-        }
+        IpKey { family: AF_INET6, _pad: 0, addr: octets }
     }
 }
 

@@ -82,12 +82,7 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
         count(stats::CONNECT_NOT_ENROLLED);
         return Decision::Leave;
     }
-    let listener = ListenerKey {
-        netns_cookie,
-        family: listener_family,
-        port: cfg.outbound_port,
-        _pad: 0,
-    };
+    let listener = ListenerKey { netns_cookie, family: listener_family, port: cfg.outbound_port, _pad: 0 };
     if !listener_alive(&listener) {
         if cfg.flags & CONFIG_FAIL_OPEN != 0 {
             count(stats::CONNECT_FAIL_OPEN);
@@ -99,34 +94,15 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     }
     // SAFETY: the helper takes the program context and only reads it.
     let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let pending = PendingConnect {
-        netns_cookie,
-        orig,
-        keyed: 0,
-        _pad: 0,
-        key: Default::default(),
-    };
+    let pending = PendingConnect { netns_cookie, orig, keyed: 0, _pad: 0, key: Default::default() };
     // If the record cannot be stored the connect is still captured: the proxy finds no
     // original destination and resets the connection (fail closed, counted by sock_ops).
     match PENDING.insert(&socket_cookie, &pending, 0) {
         Ok(()) => {
             count(stats::CONNECT_CAPTURED);
-            crate::klog!(
-                cfg,
-                ctx,
-                debug,
-                "connect captured: netns {} port {}",
-                netns_cookie,
-                orig.port
-            );
+            crate::klog!(cfg, ctx, debug, "connect captured: netns {} port {}", netns_cookie, orig.port);
         }
-        Err(e) => crate::klog!(
-            cfg,
-            ctx,
-            warn,
-            "connect: storing the original destination failed: {}",
-            e
-        ),
+        Err(e) => crate::klog!(cfg, ctx, warn, "connect: storing the original destination failed: {}", e),
     }
     Decision::Capture
 }
@@ -137,31 +113,20 @@ pub fn connect4(ctx: &SockAddrContext) -> i32 {
     };
     let sa = ctx.sock_addr;
     // SAFETY: context pointer, valid for the run; plain field reads.
-    let (ip, port) = unsafe {
-        (
-            read_volatile(addr_of!((*sa).user_ip4)),
-            read_volatile(addr_of!((*sa).user_port)),
-        )
-    };
+    let (ip, port) =
+        unsafe { (read_volatile(addr_of!((*sa).user_ip4)), read_volatile(addr_of!((*sa).user_port))) };
     let octets = ip.to_ne_bytes();
     // 127/8 and 0.0.0.0 (which connect() treats as loopback) stay inside the pod.
     if octets[0] == 127 || ip == 0 {
         count(stats::CONNECT_LOOPBACK);
         return ALLOW;
     }
-    let orig = OrigDst {
-        ip: IpKey::v4(octets),
-        port: u16::from_be(port as u16),
-        _pad: 0,
-    };
+    let orig = OrigDst { ip: IpKey::v4(octets), port: u16::from_be(port as u16), _pad: 0 };
     if let Decision::Capture = decide(ctx, cfg, orig, AF_INET) {
         // SAFETY: user_ip4/user_port are the writable fields of a connect4 context.
         unsafe {
             write_volatile(addr_of_mut!((*sa).user_ip4), LOOPBACK4);
-            write_volatile(
-                addr_of_mut!((*sa).user_port),
-                u32::from(cfg.outbound_port.to_be()),
-            );
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(cfg.outbound_port.to_be()));
         }
     }
     ALLOW
@@ -206,18 +171,10 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         addr[12..16].copy_from_slice(&w3.to_ne_bytes());
         (IpKey::v6(addr), AF_INET6)
     };
-    let orig = OrigDst {
-        ip: orig,
-        port,
-        _pad: 0,
-    };
+    let orig = OrigDst { ip: orig, port, _pad: 0 };
     if let Decision::Capture = decide(ctx, cfg, orig, family) {
         // ::ffff:127.0.0.1 for mapped peers (served by the IPv4 listener), ::1 otherwise.
-        let (n2, n3) = if mapped {
-            (V4MAPPED_WORD2, LOOPBACK4)
-        } else {
-            (0, LOOPBACK6_WORD3)
-        };
+        let (n2, n3) = if mapped { (V4MAPPED_WORD2, LOOPBACK4) } else { (0, LOOPBACK6_WORD3) };
         // SAFETY: user_ip6 words and user_port are the writable fields of a connect6 context;
         // each word is written with its own 32-bit store as the verifier requires.
         unsafe {
@@ -225,10 +182,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
             write_volatile(addr_of_mut!((*sa).user_ip6[1]), 0);
             write_volatile(addr_of_mut!((*sa).user_ip6[2]), n2);
             write_volatile(addr_of_mut!((*sa).user_ip6[3]), n3);
-            write_volatile(
-                addr_of_mut!((*sa).user_port),
-                u32::from(cfg.outbound_port.to_be()),
-            );
+            write_volatile(addr_of_mut!((*sa).user_port), u32::from(cfg.outbound_port.to_be()));
         }
     }
     ALLOW

@@ -14,12 +14,7 @@ pub fn sockhash_lookup<K>(map: &SockHash<K>, key: &K) -> *mut c_void {
     // SAFETY: `map` is a map definition the loader relocates to the map's fd (taking the
     // address of the static is how BPF code names a map) and `key` points at a key of the
     // map's key size; the helper only reads both.
-    unsafe {
-        bpf_map_lookup_elem(
-            (map as *const SockHash<K>).cast_mut().cast(),
-            (key as *const K).cast(),
-        )
-    }
+    unsafe { bpf_map_lookup_elem((map as *const SockHash<K>).cast_mut().cast(), (key as *const K).cast()) }
 }
 
 #[inline(always)]

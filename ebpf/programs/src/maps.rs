@@ -3,8 +3,8 @@
 
 use ambit_common::{
     maps::{
-        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS,
-        MAX_NODE_ADDRS, MAX_PENDING, MAX_PODS, MAX_POD_IPS,
+        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS, MAX_NODE_ADDRS,
+        MAX_PENDING, MAX_PODS, MAX_POD_IPS,
     },
     stats, IpKey,
 };

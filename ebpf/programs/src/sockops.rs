@@ -8,8 +8,7 @@
 use ambit_common::{maps::ConnKey, stats, AF_INET, AF_INET6};
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
     helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
@@ -37,11 +36,7 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
 /// kernels of some versions and in its lower half on others; the other half is zero.
 #[inline(always)]
 fn remote_port(raw: u32) -> u16 {
-    let be = if raw > 0xffff {
-        (raw >> 16) as u16
-    } else {
-        raw as u16
-    };
+    let be = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
     u16::from_be(be)
 }
 
@@ -73,11 +68,7 @@ fn on_connect(ctx: &SockOpsContext) {
     let local_port = ctx.local_port() as u16;
     let dst_port = remote_port(ctx.remote_port());
     let (family, src, dst) = if family == u32::from(AF_INET) {
-        (
-            AF_INET,
-            v4_bytes(ctx.local_ip4()),
-            v4_bytes(ctx.remote_ip4()),
-        )
+        (AF_INET, v4_bytes(ctx.local_ip4()), v4_bytes(ctx.remote_ip4()))
     } else {
         let local = ctx.local_ip6();
         let remote = ctx.remote_ip6();
@@ -92,25 +83,11 @@ fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: `pending` comes from a successful lookup in an LRU hash; the element stays
     // valid for this program run (RCU), and only this socket's programs write it.
     let (netns_cookie, orig) = unsafe { ((*pending).netns_cookie, (*pending).orig) };
-    let key = ConnKey {
-        netns_cookie,
-        family,
-        src_port: local_port,
-        dst_port,
-        _pad: 0,
-        src,
-        dst,
-    };
+    let key = ConnKey { netns_cookie, family, src_port: local_port, dst_port, _pad: 0, src, dst };
     if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
         count(stats::SOCKOPS_RECORD_FAILED);
         if let Some(cfg) = crate::maps::config() {
-            crate::klog!(
-                cfg,
-                ctx,
-                warn,
-                "sock_ops: storing the connection record failed: {}",
-                e
-            );
+            crate::klog!(cfg, ctx, warn, "sock_ops: storing the connection record failed: {}", e);
         }
         return;
     }

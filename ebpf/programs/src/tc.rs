@@ -83,11 +83,7 @@ fn parse_syn(ctx: &TcContext) -> Option<Syn> {
     if flags & TCP_SYN == 0 || flags & TCP_ACK != 0 {
         return None;
     }
-    Some(Syn {
-        src,
-        dst,
-        dst_port: u16::from_be_bytes([tcp[2], tcp[3]]),
-    })
+    Some(Syn { src, dst, dst_port: u16::from_be_bytes([tcp[2], tcp[3]]) })
 }
 
 #[inline(always)]
@@ -113,11 +109,7 @@ fn on_syn(ctx: &TcContext, cfg: &Config, syn: &Syn) -> i32 {
     }
     let key = ListenerKey {
         netns_cookie,
-        family: if syn.dst.family == AF_INET6 {
-            AF_INET6
-        } else {
-            AF_INET
-        },
+        family: if syn.dst.family == AF_INET6 { AF_INET6 } else { AF_INET },
         port: cfg.inbound_port,
         _pad: 0,
     };
@@ -137,14 +129,7 @@ fn on_syn(ctx: &TcContext, cfg: &Config, syn: &Syn) -> i32 {
     sk_release(sk);
     if ret != 0 {
         count(stats::INBOUND_ASSIGN_ERROR);
-        crate::klog!(
-            cfg,
-            ctx,
-            warn,
-            "inbound: bpf_sk_assign failed ({}) for port {}",
-            ret,
-            p
-        );
+        crate::klog!(cfg, ctx, warn, "inbound: bpf_sk_assign failed ({}) for port {}", ret, p);
         return TC_DROP;
     }
     count(stats::INBOUND_ASSIGNED);

@@ -13,10 +13,7 @@ fn main() {
     let path = bed.dir().join("mesh.yaml");
     write_mesh(
         &path,
-        &mesh::Mesh::default()
-            .namespace("demo", &[mesh::AMBIENT])
-            .pod(&pod, "demo", &[])
-            .yaml(),
+        &mesh::Mesh::default().namespace("demo", &[mesh::AMBIENT]).pod(&pod, "demo", &[]).yaml(),
     );
     let proxy = Ambit::start(&bed, &node, &path, &[]);
     println!("READY {} {}", bed.id(), proxy.proc.pid());

@@ -166,11 +166,9 @@ fn main() -> ExitCode {
         ["sink", addr] => serve(addr, sink),
         ["echo", addr] => serve(addr, echo),
         ["send", addr, bytes] => send(addr, bytes.parse().expect("byte count"), 0x5eed),
-        ["send", addr, bytes, seed] => send(
-            addr,
-            bytes.parse().expect("byte count"),
-            seed.parse().expect("seed"),
-        ),
+        ["send", addr, bytes, seed] => {
+            send(addr, bytes.parse().expect("byte count"), seed.parse().expect("seed"))
+        }
         ["chat", addr] => chat(addr),
         _ => {
             eprintln!("usage: netprobe sink|echo <listen addr> | send <addr> <bytes> [seed] | chat <addr>");

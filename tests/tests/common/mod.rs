@@ -1,51 +1,34 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::{process::Output, time::Duration};
+use std::{path::PathBuf, process::Output, time::Duration};
 
+#[allow(unused_imports)] // not every test binary uses both
+pub use ambit_testbed::apps::{http_server, netprobe};
 use ambit_testbed::{
-    bed::Pod, exec::workspace_bin, pod_command, run_with_timeout, Ambit, Bed, Proc,
+    ambit::write_mesh,
+    mesh::{Mesh, AMBIENT},
+    pod_command, run_with_timeout, Ambit, Bed, Node, Pod,
 };
 
 pub const T: Duration = Duration::from_secs(20);
 
 pub fn curl(pod: &Pod, url: &str) -> Output {
-    run_with_timeout(
-        pod_command(pod, &["curl", "-sS", "--max-time", "5", url]),
-        T,
-    )
-    .expect("curl runs")
+    run_with_timeout(pod_command(pod, &["curl", "-sS", "--max-time", "5", url]), T).expect("curl runs")
 }
 
-pub fn http_server<'b>(bed: &'b Bed, pod: &Pod, body: &str) -> Proc<'b> {
-    let root = bed.dir().join(format!("www-{}", pod.name));
-    std::fs::create_dir_all(&root).expect("www dir");
-    std::fs::write(root.join("index.html"), body).expect("body");
-    let root = root.display().to_string();
-    let cmd = pod_command(
-        pod,
-        &[
-            "python3",
-            "-u",
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            "::",
-            "--directory",
-            &root,
-        ],
+/// A node with two pods `a` and `b` in the enrolled namespace `demo`, and the mesh file
+/// listing them (written); start the proxy with `Ambit::start(&bed, &node, &mesh, &[])`.
+pub fn enrolled_pair(bed: &Bed) -> (Node, Pod, Pod, PathBuf) {
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let b = bed.pod(&node, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).pod(&b, "demo", &[]).yaml(),
     );
-    let mut p = Proc::spawn(bed, &format!("http-{}", pod.name), cmd);
-    p.wait_for_output("Serving HTTP", T)
-        .expect("http server starts");
-    p
-}
-
-pub fn netprobe<'b>(bed: &'b Bed, pod: &Pod, mode: &str, addr: &str) -> Proc<'b> {
-    let bin = workspace_bin("netprobe");
-    let cmd = pod_command(pod, &[bin.to_str().expect("utf-8"), mode, addr]);
-    Proc::spawn(bed, &format!("netprobe-{mode}-{}", pod.name), cmd)
+    (node, a, b, mesh)
 }
 
 pub fn ok_body(out: &Output) -> String {
@@ -59,9 +42,7 @@ pub fn ok_body(out: &Output) -> String {
 }
 
 pub fn counter(ambit: &Ambit, name: &str, direction: &str, ns: &str, pod: &str) -> u64 {
-    ambit.metric(&format!(
-        r#"{name}{{direction="{direction}",namespace="{ns}",pod="{pod}"}}"#
-    ))
+    ambit.metric(&format!(r#"{name}{{direction="{direction}",namespace="{ns}",pod="{pod}"}}"#))
 }
 
 pub fn kernel(ambit: &Ambit, event: &str) -> u64 {
@@ -70,9 +51,5 @@ pub fn kernel(ambit: &Ambit, event: &str) -> u64 {
 
 /// Lines of the proxy's access log (target `access`) that contain every needle.
 pub fn access_lines(ambit: &Ambit, needles: &[&str]) -> usize {
-    ambit
-        .log()
-        .lines()
-        .filter(|l| l.contains(" access: ") && needles.iter().all(|n| l.contains(n)))
-        .count()
+    ambit.log().lines().filter(|l| l.contains(" access: ") && needles.iter().all(|n| l.contains(n))).count()
 }

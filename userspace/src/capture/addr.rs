@@ -21,12 +21,7 @@ pub fn ip_key(ip: IpAddr) -> IpKey {
 
 pub fn ip_from_key(key: &IpKey) -> Option<IpAddr> {
     match key.family {
-        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(
-            key.addr[0],
-            key.addr[1],
-            key.addr[2],
-            key.addr[3],
-        ))),
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3]))),
         AF_INET6 => Some(IpAddr::V6(Ipv6Addr::from(key.addr))),
         _ => None,
     }
@@ -72,11 +67,7 @@ mod tests {
     fn round_trips() {
         for s in ["10.0.0.1:80", "[fd00::1]:8080"] {
             let a: SocketAddr = s.parse().expect("addr");
-            let orig = OrigDst {
-                ip: ip_key(a.ip()),
-                port: a.port(),
-                _pad: 0,
-            };
+            let orig = OrigDst { ip: ip_key(a.ip()), port: a.port(), _pad: 0 };
             assert_eq!(orig_dst_addr(&orig), Some(a));
         }
     }

@@ -35,37 +35,17 @@ fn typed<T>(name: &'static str, map: Map) -> Result<T, CaptureError>
 where
     T: TryFrom<Map, Error = MapError>,
 {
-    T::try_from(map).map_err(|source| CaptureError::Map {
-        name,
-        source: Box::new(source),
-    })
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source: Box::new(source) })
 }
 
 /// Refuses a pinned map left by a different ambit whose layout differs from ours: reusing it
 /// would make the programs and the proxy read each other's bytes wrongly.
-fn check_shape(
-    name: &'static str,
-    map: &Map,
-    key: usize,
-    value: usize,
-) -> Result<(), CaptureError> {
+fn check_shape(name: &'static str, map: &Map, key: usize, value: usize) -> Result<(), CaptureError> {
     let data: &MapData = match map {
-        Map::Array(m)
-        | Map::HashMap(m)
-        | Map::LruHashMap(m)
-        | Map::PerCpuArray(m)
-        | Map::SockHash(m) => m,
-        _ => {
-            return Err(CaptureError::MapShape {
-                name,
-                detail: "unexpected map type".into(),
-            })
-        }
+        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::SockHash(m) => m,
+        _ => return Err(CaptureError::MapShape { name, detail: "unexpected map type".into() }),
     };
-    let info = data.info().map_err(|source| CaptureError::Map {
-        name,
-        source: Box::new(source),
-    })?;
+    let info = data.info().map_err(|source| CaptureError::Map { name, source: Box::new(source) })?;
     if info.key_size() as usize != key || info.value_size() as usize != value {
         return Err(CaptureError::MapShape {
             name,
@@ -110,10 +90,7 @@ pub fn split(ebpf: &mut Ebpf) -> Result<(Maps, OrigDstTable, KernelStats), Captu
 }
 
 fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, CaptureError> {
-    r.map_err(|source| CaptureError::Map {
-        name,
-        source: Box::new(source),
-    })
+    r.map_err(|source| CaptureError::Map { name, source: Box::new(source) })
 }
 
 /// `Ok(None)` for a missing key, errors for everything else.
@@ -121,10 +98,7 @@ fn found<T>(name: &'static str, r: Result<T, MapError>) -> Result<Option<T>, Cap
     match r {
         Ok(v) => Ok(Some(v)),
         Err(MapError::KeyNotFound) => Ok(None),
-        Err(source) => Err(CaptureError::Map {
-            name,
-            source: Box::new(source),
-        }),
+        Err(source) => Err(CaptureError::Map { name, source: Box::new(source) }),
     }
 }
 
@@ -137,10 +111,7 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
     match map.remove(key) {
         Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
         Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        Err(source) => Err(CaptureError::Map {
-            name,
-            source: Box::new(source),
-        }),
+        Err(source) => Err(CaptureError::Map { name, source: Box::new(source) }),
     }
 }
 
@@ -166,10 +137,7 @@ impl Maps {
     }
 
     pub fn set_pod_ip(&mut self, ip: IpAddr, netns_cookie: u64) -> Result<(), CaptureError> {
-        op(
-            MAP_POD_IPS,
-            self.pod_ips.insert(addr::ip_key(ip), netns_cookie, 0),
-        )
+        op(MAP_POD_IPS, self.pod_ips.insert(addr::ip_key(ip), netns_cookie, 0))
     }
 
     pub fn remove_pod_ip(&mut self, key: &IpKey) -> Result<(), CaptureError> {
@@ -183,11 +151,8 @@ impl Maps {
     /// Makes the node-address set exactly `addrs`.
     pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), CaptureError> {
         let want: HashSet<IpKey> = addrs.iter().map(|a| addr::ip_key(*a)).collect();
-        let have: Vec<IpKey> = self
-            .node_addrs
-            .keys()
-            .map(|r| op(MAP_NODE_ADDRS, r))
-            .collect::<Result<_, _>>()?;
+        let have: Vec<IpKey> =
+            self.node_addrs.keys().map(|r| op(MAP_NODE_ADDRS, r)).collect::<Result<_, _>>()?;
         for k in have.iter().filter(|k| !want.contains(k)) {
             remove_if_present(MAP_NODE_ADDRS, &mut self.node_addrs, k)?;
         }
@@ -198,29 +163,16 @@ impl Maps {
     }
 
     pub fn node_addrs(&self) -> Result<Vec<IpKey>, CaptureError> {
-        self.node_addrs
-            .keys()
-            .map(|r| op(MAP_NODE_ADDRS, r))
-            .collect()
+        self.node_addrs.keys().map(|r| op(MAP_NODE_ADDRS, r)).collect()
     }
 
     /// Registers an in-pod listener. The entry leaves the map by itself when the socket closes.
-    pub fn register_listener(
-        &mut self,
-        key: ListenerKey,
-        sock: &impl AsRawFd,
-    ) -> Result<(), CaptureError> {
-        op(
-            MAP_LISTENERS,
-            self.listeners.insert(key, sock.as_raw_fd(), 0),
-        )
+    pub fn register_listener(&mut self, key: ListenerKey, sock: &impl AsRawFd) -> Result<(), CaptureError> {
+        op(MAP_LISTENERS, self.listeners.insert(key, sock.as_raw_fd(), 0))
     }
 
     pub fn listeners(&self) -> Result<Vec<ListenerKey>, CaptureError> {
-        self.listeners
-            .keys()
-            .map(|r| op(MAP_LISTENERS, r))
-            .collect()
+        self.listeners.keys().map(|r| op(MAP_LISTENERS, r)).collect()
     }
 
     /// Captured connects not yet closed (diagnostics).
@@ -244,11 +196,7 @@ impl OrigDstTable {
     }
 
     pub fn len(&self) -> usize {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .count()
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).keys().count()
     }
 
     pub fn is_empty(&self) -> bool {

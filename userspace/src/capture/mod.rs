@@ -132,17 +132,15 @@ pub struct Capture {
 /// FNV-1a: a stable fingerprint of the embedded object, stored in the pinned config so the
 /// next run can tell whether the pinned programs are its own.
 pub fn object_hash() -> u64 {
-    OBJECT.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
+    OBJECT
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 impl Capture {
     /// Loads (or re-adopts) the programs and maps, attaches the cgroup programs, and writes
     /// the settings the programs read.
-    pub fn open(
-        settings: &CaptureSettings,
-    ) -> Result<(Capture, OrigDstTable, KernelStats), CaptureError> {
+    pub fn open(settings: &CaptureSettings) -> Result<(Capture, OrigDstTable, KernelStats), CaptureError> {
         let pins = PinDir::create(&settings.bpffs, &settings.instance)?;
         let logs_pin = pins.root().join(AYA_LOGS);
         let mut ebpf = EbpfLoader::new()
@@ -161,28 +159,18 @@ impl Capture {
             pins::program(&mut ebpf, &pins, PROG_CONNECT4, same_object, &mut adoption)?;
         let connect6: CgroupSockAddr =
             pins::program(&mut ebpf, &pins, PROG_CONNECT6, same_object, &mut adoption)?;
-        let sock_ops: SockOps =
-            pins::program(&mut ebpf, &pins, PROG_SOCK_OPS, same_object, &mut adoption)?;
-        let tc: SchedClassifier = pins::program(
-            &mut ebpf,
-            &pins,
-            PROG_TC_INGRESS,
-            same_object,
-            &mut adoption,
-        )?;
+        let sock_ops: SockOps = pins::program(&mut ebpf, &pins, PROG_SOCK_OPS, same_object, &mut adoption)?;
+        let tc: SchedClassifier =
+            pins::program(&mut ebpf, &pins, PROG_TC_INGRESS, same_object, &mut adoption)?;
 
-        let cgroup = std::fs::File::open(&settings.cgroup).map_err(|source| CaptureError::Io {
-            path: settings.cgroup.clone(),
-            source,
-        })?;
+        let cgroup = std::fs::File::open(&settings.cgroup)
+            .map_err(|source| CaptureError::Io { path: settings.cgroup.clone(), source })?;
         let mut connect4 = pins::CgroupProgram::SockAddr(connect4);
         let mut connect6 = pins::CgroupProgram::SockAddr(connect6);
         let mut sock_ops = pins::CgroupProgram::SockOps(sock_ops);
-        for (name, prog) in [
-            (PROG_CONNECT4, &mut connect4),
-            (PROG_CONNECT6, &mut connect6),
-            (PROG_SOCK_OPS, &mut sock_ops),
-        ] {
+        for (name, prog) in
+            [(PROG_CONNECT4, &mut connect4), (PROG_CONNECT6, &mut connect6), (PROG_SOCK_OPS, &mut sock_ops)]
+        {
             pins::cgroup_link(&pins, name, prog, &cgroup, &mut adoption)?;
         }
 
@@ -190,11 +178,7 @@ impl Capture {
         // The settings go in last: until they are there the programs capture nothing.
         maps.set_config(&Config {
             proxy_mark: settings.proxy_mark,
-            flags: if settings.fail_open {
-                CONFIG_FAIL_OPEN
-            } else {
-                0
-            },
+            flags: if settings.fail_open { CONFIG_FAIL_OPEN } else { 0 },
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
             hbone_port: settings.hbone_port,
@@ -206,14 +190,7 @@ impl Capture {
         if settings.kernel_log_level != klog::KernelLogLevel::Off {
             klog::spawn(&mut ebpf).map_err(|e| CaptureError::Logs(e.to_string()))?;
         }
-        let capture = Capture {
-            pins,
-            maps,
-            tc,
-            tc_prog_id,
-            adoption,
-            _ebpf: ebpf,
-        };
+        let capture = Capture { pins, maps, tc, tc_prog_id, adoption, _ebpf: ebpf };
         Ok((capture, orig, stats))
     }
 
@@ -259,17 +236,11 @@ impl Capture {
     }
 
     /// Turns outbound capture on for a pod (its listeners must be registered first).
-    pub fn enroll(
-        &mut self,
-        netns_cookie: u64,
-        pod_id: u32,
-        ips: &[IpAddr],
-    ) -> Result<(), CaptureError> {
+    pub fn enroll(&mut self, netns_cookie: u64, pod_id: u32, ips: &[IpAddr]) -> Result<(), CaptureError> {
         for ip in ips {
             self.maps.set_pod_ip(*ip, netns_cookie)?;
         }
-        self.maps
-            .enroll(netns_cookie, PodEntry { pod_id, flags: 0 })
+        self.maps.enroll(netns_cookie, PodEntry { pod_id, flags: 0 })
     }
 
     /// Turns capture off for a pod: outbound first (no new connects), then the addresses the

@@ -43,30 +43,19 @@ pub struct Adoption {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaptureError + '_ {
-    move |source| CaptureError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| CaptureError::Io { path: path.to_path_buf(), source }
 }
 
 impl PinDir {
     pub fn create(bpffs: &Path, instance: &str) -> Result<PinDir, CaptureError> {
-        let st = nix::sys::statfs::statfs(bpffs).map_err(|e| CaptureError::Io {
-            path: bpffs.to_path_buf(),
-            source: e.into(),
-        })?;
+        let st = nix::sys::statfs::statfs(bpffs)
+            .map_err(|e| CaptureError::Io { path: bpffs.to_path_buf(), source: e.into() })?;
         if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
-            return Err(CaptureError::NotBpffs {
-                path: bpffs.to_path_buf(),
-            });
+            return Err(CaptureError::NotBpffs { path: bpffs.to_path_buf() });
         }
         let root = instance_dir(bpffs, instance);
         for dir in [root.clone(), root.join("tc")] {
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(io_err(&dir))?;
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
         }
         Ok(PinDir { root })
     }
@@ -139,9 +128,7 @@ macro_rules! pinnable {
 }
 
 pinnable!(SockOps, SockOps, |p: &Path, _| SockOps::from_pin(p));
-pinnable!(SchedClassifier, SchedClassifier, |p: &Path, _| {
-    SchedClassifier::from_pin(p)
-});
+pinnable!(SchedClassifier, SchedClassifier, |p: &Path, _| { SchedClassifier::from_pin(p) });
 pinnable!(CgroupSockAddr, CgroupSockAddr, |p: &Path, name: &str| {
     use aya::programs::cgroup_sock_addr::CgroupSockAddrAttachType;
     let kind = if name == super::PROG_CONNECT6 {
@@ -163,44 +150,25 @@ pub fn program<P: Pinnable>(
 ) -> Result<P, CaptureError> {
     let path = pins.program(name);
     if same_object && path.exists() {
-        let prog = P::from_pin(&path, name).map_err(|source| CaptureError::Program {
-            name,
-            source: Box::new(source),
-        })?;
+        let prog = P::from_pin(&path, name)
+            .map_err(|source| CaptureError::Program { name, source: Box::new(source) })?;
         adoption.adopted_programs.push(name.to_string());
         return Ok(prog);
     }
-    let taken = ebpf
-        .program_mut(name)
-        .and_then(P::from_program)
-        .ok_or(CaptureError::MissingProgram(name))?;
-    taken.load().map_err(|source| CaptureError::Program {
-        name,
-        source: Box::new(source),
-    })?;
+    let taken = ebpf.program_mut(name).and_then(P::from_program).ok_or(CaptureError::MissingProgram(name))?;
+    taken.load().map_err(|source| CaptureError::Program { name, source: Box::new(source) })?;
     if path.exists() {
         fs::remove_file(&path).map_err(io_err(&path))?;
     }
-    taken.pin(&path).map_err(|source| CaptureError::Pin {
-        path: path.clone(),
-        source: Box::new(source),
-    })?;
+    taken.pin(&path).map_err(|source| CaptureError::Pin { path: path.clone(), source: Box::new(source) })?;
     adoption.loaded_programs.push(name.to_string());
     // Hand back an owned handle on the same kernel program, so the caller can keep it without
     // borrowing the object.
-    P::from_pin(&path, name).map_err(|source| CaptureError::Program {
-        name,
-        source: Box::new(source),
-    })
+    P::from_pin(&path, name).map_err(|source| CaptureError::Program { name, source: Box::new(source) })
 }
 
 pub fn program_id<P: Pinnable>(p: &P, name: &'static str) -> Result<u32, CaptureError> {
-    p.info()
-        .map(|i| i.id())
-        .map_err(|source| CaptureError::Program {
-            name,
-            source: Box::new(source),
-        })
+    p.info().map(|i| i.id()).map_err(|source| CaptureError::Program { name, source: Box::new(source) })
 }
 
 /// The cgroup programs, which attach the same way but are different types in aya.
@@ -222,36 +190,26 @@ impl CgroupProgram {
     /// running); the kernel refuses the multi-attach flag on links, since it is implied, so
     /// the mode passed is aya's "no flags".
     fn attach(&mut self, name: &'static str, cgroup: &fs::File) -> Result<FdLink, CaptureError> {
-        let err = |source| CaptureError::Program {
-            name,
-            source: Box::new(source),
-        };
+        let err = |source| CaptureError::Program { name, source: Box::new(source) };
         match self {
             CgroupProgram::SockAddr(p) => {
                 let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
                 let link = p.take_link(id).map_err(err)?;
-                FdLink::try_from(link).map_err(|source| CaptureError::Link {
-                    path: name.into(),
-                    source: Box::new(source),
-                })
+                FdLink::try_from(link)
+                    .map_err(|source| CaptureError::Link { path: name.into(), source: Box::new(source) })
             }
             CgroupProgram::SockOps(p) => {
                 let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(err)?;
                 let link = p.take_link(id).map_err(err)?;
-                FdLink::try_from(link).map_err(|source| CaptureError::Link {
-                    path: name.into(),
-                    source: Box::new(source),
-                })
+                FdLink::try_from(link)
+                    .map_err(|source| CaptureError::Link { path: name.into(), source: Box::new(source) })
             }
         }
     }
 }
 
 fn link_err(path: &Path) -> impl FnOnce(LinkError) -> CaptureError + '_ {
-    move |source| CaptureError::Link {
-        path: path.to_path_buf(),
-        source: Box::new(source),
-    }
+    move |source| CaptureError::Link { path: path.to_path_buf(), source: Box::new(source) }
 }
 
 /// Makes sure `prog` is attached to the cgroup through the pinned link `link_<name>`:
@@ -284,10 +242,7 @@ pub fn cgroup_link(
     if tmp.exists() {
         fs::remove_file(&tmp).map_err(io_err(&tmp))?;
     }
-    link.pin(&tmp).map_err(|source| CaptureError::Pin {
-        path: tmp.clone(),
-        source: Box::new(source),
-    })?;
+    link.pin(&tmp).map_err(|source| CaptureError::Pin { path: tmp.clone(), source: Box::new(source) })?;
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     adoption.attached_links.push((name.to_string(), id));
     Ok(())
@@ -315,10 +270,7 @@ pub fn remove_all(bpffs: &Path, instance: &str) -> Result<Vec<PathBuf>, CaptureE
         .collect::<Result<_, _>>()?;
     // Links before programs before maps, so nothing is left running on a half-removed state.
     entries.sort_by_key(|p| {
-        let n = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         (!n.starts_with("link_"), !n.starts_with("prog_"), n)
     });
     for path in entries {
@@ -327,10 +279,7 @@ pub fn remove_all(bpffs: &Path, instance: &str) -> Result<Vec<PathBuf>, CaptureE
     }
     fs::remove_dir(&root).map_err(io_err(&root))?;
     let parent = bpffs.join("ambit");
-    if fs::read_dir(&parent)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(false)
-    {
+    if fs::read_dir(&parent).map(|mut d| d.next().is_none()).unwrap_or(false) {
         fs::remove_dir(&parent).map_err(io_err(&parent))?;
     }
     Ok(removed)

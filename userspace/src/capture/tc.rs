@@ -67,23 +67,17 @@ pub fn attach(
                 return attach_netlink(prog, interface).map_err(tc_err);
             }
             if pin.exists() {
-                let pinned = PinnedLink::from_pin(&pin).map_err(|source| CaptureError::Link {
-                    path: pin.clone(),
-                    source: Box::new(source),
-                })?;
+                let pinned = PinnedLink::from_pin(&pin)
+                    .map_err(|source| CaptureError::Link { path: pin.clone(), source: Box::new(source) })?;
                 let link = FdLink::from(pinned);
-                let info = link.info().map_err(|source| CaptureError::Link {
-                    path: pin.clone(),
-                    source: Box::new(source),
-                })?;
+                let info = link
+                    .info()
+                    .map_err(|source| CaptureError::Link { path: pin.clone(), source: Box::new(source) })?;
                 if info.program_id() == prog_id {
                     return Ok(TcState::Adopted);
                 }
-                let link =
-                    SchedClassifierLink::try_from(link).map_err(|source| CaptureError::Link {
-                        path: pin.clone(),
-                        source: Box::new(source),
-                    })?;
+                let link = SchedClassifierLink::try_from(link)
+                    .map_err(|source| CaptureError::Link { path: pin.clone(), source: Box::new(source) })?;
                 let id = prog.attach_to_link(link).map_err(tc_err)?;
                 // The pin still names the (updated) link; our handle can go.
                 drop(prog.take_link(id).map_err(tc_err)?);
@@ -96,16 +90,10 @@ pub fn attach(
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
                 .map_err(tc_err)?;
-            let link = FdLink::try_from(prog.take_link(id).map_err(tc_err)?).map_err(|source| {
-                CaptureError::Link {
-                    path: pin.clone(),
-                    source: Box::new(source),
-                }
-            })?;
-            link.pin(&pin).map_err(|source| CaptureError::Pin {
-                path: pin.clone(),
-                source: Box::new(source),
-            })?;
+            let link = FdLink::try_from(prog.take_link(id).map_err(tc_err)?)
+                .map_err(|source| CaptureError::Link { path: pin.clone(), source: Box::new(source) })?;
+            link.pin(&pin)
+                .map_err(|source| CaptureError::Pin { path: pin.clone(), source: Box::new(source) })?;
             Ok(TcState::Attached)
         })
         .map_err(io(netns.path()))?;
@@ -124,13 +112,8 @@ fn attach_netlink(
         Err(e) => return Err(e.into()),
     }
     // Replace in place if an earlier run left our filter, else create it.
-    let existing = SchedClassifierLink::attached(
-        interface,
-        TcAttachType::Ingress,
-        NL_PRIORITY,
-        NL_HANDLE,
-        None,
-    )?;
+    let existing =
+        SchedClassifierLink::attached(interface, TcAttachType::Ingress, NL_PRIORITY, NL_HANDLE, None)?;
     let id = match prog.attach_to_link(existing) {
         Ok(id) => id,
         Err(_) => prog.attach_with_options(
@@ -159,10 +142,7 @@ pub fn detach(
 ) -> Result<(), CaptureError> {
     let pin = pins.tc(netns_cookie);
     if pin.exists() {
-        fs::remove_file(&pin).map_err(|source| CaptureError::Io {
-            path: pin.clone(),
-            source,
-        })?;
+        fs::remove_file(&pin).map_err(|source| CaptureError::Io { path: pin.clone(), source })?;
     }
     if has_tcx() {
         return Ok(());
@@ -190,8 +170,5 @@ pub fn detach(
                 Err(_) => Ok(()),
             }
         })
-        .map_err(|source| CaptureError::Io {
-            path: netns.path().to_path_buf(),
-            source,
-        })?
+        .map_err(|source| CaptureError::Io { path: netns.path().to_path_buf(), source })?
 }

@@ -8,8 +8,5 @@ use crate::meshfile::{Mesh, PodSpec};
 
 /// The pods of `node` that are enrolled in `mesh`.
 pub fn enrolled_pods(mesh: &Mesh, node: &str) -> Vec<PodSpec> {
-    mesh.pods_on(node)
-        .filter(|p| mesh.is_enrolled(p))
-        .cloned()
-        .collect()
+    mesh.pods_on(node).filter(|p| mesh.is_enrolled(p)).cloned().collect()
 }

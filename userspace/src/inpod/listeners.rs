@@ -33,11 +33,7 @@ impl PodListener {
     pub fn key(&self, netns_cookie: u64) -> ListenerKey {
         ListenerKey {
             netns_cookie,
-            family: if self.addr.is_ipv4() {
-                AF_INET
-            } else {
-                AF_INET6
-            },
+            family: if self.addr.is_ipv4() { AF_INET } else { AF_INET6 },
             port: self.addr.port(),
             _pad: 0,
         }
@@ -48,11 +44,7 @@ impl PodListener {
 const BACKLOG: i32 = 4096;
 
 fn listen(addr: SocketAddr) -> io::Result<Socket> {
-    let sock = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM.nonblocking(),
-        Some(Protocol::TCP),
-    )?;
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
@@ -97,11 +89,7 @@ pub fn create(
                     };
                     io::Error::new(e.kind(), format!("listening on {addr}{hint}: {e}"))
                 })?;
-                Ok(PodListener {
-                    direction,
-                    addr,
-                    socket,
-                })
+                Ok(PodListener { direction, addr, socket })
             })
             .collect()
     })?

@@ -27,15 +27,9 @@ use netns::Netns;
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
     #[error("opening network namespace {path}: {source}")]
-    Netns {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Netns { path: std::path::PathBuf, source: std::io::Error },
     #[error("creating listeners in {path}: {source}")]
-    Listeners {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Listeners { path: std::path::PathBuf, source: std::io::Error },
     #[error(transparent)]
     Capture(#[from] CaptureError),
 }
@@ -92,14 +86,7 @@ pub struct StaleRemoved {
 
 impl PodManager {
     pub fn new(capture: Capture, proxy: Proxy, ports: Ports) -> PodManager {
-        PodManager {
-            capture,
-            proxy,
-            ports,
-            pods: BTreeMap::new(),
-            failed: BTreeMap::new(),
-            next_id: 1,
-        }
+        PodManager { capture, proxy, ports, pods: BTreeMap::new(), failed: BTreeMap::new(), next_id: 1 }
     }
 
     pub fn capture(&self) -> &Capture {
@@ -118,10 +105,7 @@ impl PodManager {
         let gone: Vec<String> = self
             .pods
             .iter()
-            .filter(|(key, pod)| {
-                want.get(*key)
-                    .is_none_or(|spec| !spec.same_capture(&pod.spec))
-            })
+            .filter(|(key, pod)| want.get(*key).is_none_or(|spec| !spec.same_capture(&pod.spec)))
             .map(|(key, _)| key.clone())
             .collect();
         for key in gone {
@@ -163,17 +147,12 @@ impl PodManager {
 
     fn enroll(&mut self, spec: &PodSpec) -> Result<EnrolledPod, EnrollError> {
         let netns = Arc::new(
-            Netns::open(&spec.netns).map_err(|source| EnrollError::Netns {
-                path: spec.netns.clone(),
-                source,
-            })?,
+            Netns::open(&spec.netns)
+                .map_err(|source| EnrollError::Netns { path: spec.netns.clone(), source })?,
         );
         let cookie = netns.cookie();
         let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound)
-            .map_err(|source| EnrollError::Listeners {
-                path: spec.netns.clone(),
-                source,
-            })?;
+            .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
         // Listeners first, so that capture never points at a socket that is not there yet.
         for l in &made {
             self.capture.register_listener(l.key(cookie), &l.socket)?;
@@ -202,22 +181,11 @@ impl PodManager {
                 Err(e) => {
                     stop.cancel();
                     self.rollback(cookie, &netns, &spec.interface);
-                    return Err(EnrollError::Listeners {
-                        path: spec.netns.clone(),
-                        source: e,
-                    });
+                    return Err(EnrollError::Listeners { path: spec.netns.clone(), source: e });
                 }
             }
         }
-        Ok(EnrolledPod {
-            spec: spec.clone(),
-            id,
-            netns,
-            tc,
-            listeners: bound,
-            stop,
-            tasks,
-        })
+        Ok(EnrolledPod { spec: spec.clone(), id, netns, tc, listeners: bound, stop, tasks })
     }
 
     /// Undoes a half-done enrolment; errors are logged, as the original error is the one
@@ -240,10 +208,7 @@ impl PodManager {
         if let Err(e) = self.capture.unenroll(cookie) {
             tracing::error!(pod = %key, error = %e, "removing capture map entries");
         }
-        if let Err(e) = self
-            .capture
-            .detach_pod(cookie, Some(&pod.netns), &pod.spec.interface)
-        {
+        if let Err(e) = self.capture.detach_pod(cookie, Some(&pod.netns), &pod.spec.interface) {
             tracing::error!(pod = %key, error = %e, "detaching inbound capture");
         }
         pod.stop.cancel();
@@ -276,20 +241,13 @@ impl PodManager {
         for cookie in stale_cookies {
             self.capture.unenroll(cookie)?;
         }
-        let stale_tc: Vec<u64> = self
-            .capture
-            .attached_pods()?
-            .into_iter()
-            .filter(|c| !live.contains(c))
-            .collect();
+        let stale_tc: Vec<u64> =
+            self.capture.attached_pods()?.into_iter().filter(|c| !live.contains(c)).collect();
         for cookie in &stale_tc {
             // The pod's netns is unknown or gone: the tcx link goes with its pin.
             self.capture.detach_pod(*cookie, None, "")?;
         }
-        Ok(StaleRemoved {
-            inbound_attachments: stale_tc.len(),
-            ..removed
-        })
+        Ok(StaleRemoved { inbound_attachments: stale_tc.len(), ..removed })
     }
 
     /// Stops accepting in every pod (listeners close: new connects of enrolled pods are

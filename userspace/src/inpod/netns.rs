@@ -44,13 +44,8 @@ impl Netns {
             ));
         }
         let fd: OwnedFd = file.into();
-        let mut ns = Netns {
-            fd,
-            path: path.to_path_buf(),
-            cookie: 0,
-        };
-        let probe =
-            ns.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
+        let mut ns = Netns { fd, path: path.to_path_buf(), cookie: 0 };
+        let probe = ns.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
         ns.cookie = netns_cookie(&probe)?;
         Ok(ns)
     }
@@ -59,11 +54,7 @@ impl Netns {
     pub fn host() -> io::Result<Netns> {
         let fd = host_netns()?.try_clone()?;
         let probe = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
-        Ok(Netns {
-            fd,
-            path: PathBuf::from("/proc/self/ns/net"),
-            cookie: netns_cookie(&probe)?,
-        })
+        Ok(Netns { fd, path: PathBuf::from("/proc/self/ns/net"), cookie: netns_cookie(&probe)? })
     }
 
     /// The kernel's cookie for this netns: what the eBPF programs see via
@@ -148,8 +139,7 @@ mod tests {
     #[test]
     fn host_cookie_matches_a_socket_made_here() {
         let host = Netns::host().expect("host netns");
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-            .expect("socket");
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
         assert_eq!(host.cookie(), netns_cookie(&s).expect("cookie"));
         assert_ne!(host.cookie(), 0);
     }

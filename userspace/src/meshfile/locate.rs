@@ -120,10 +120,7 @@ impl TreeBuilder {
         match &mut parent.kind {
             Kind::Seq(items) => items.push(node),
             Kind::Map(entries) => {
-                let slot = self
-                    .pending_keys
-                    .last_mut()
-                    .expect("a key slot per open mapping");
+                let slot = self.pending_keys.last_mut().expect("a key slot per open mapping");
                 match slot.take() {
                     None => {
                         // This node is a key; non-scalar keys are named by their text-less kind.
@@ -143,28 +140,13 @@ impl TreeBuilder {
 
 impl MarkedEventReceiver for TreeBuilder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
-        let loc = Location {
-            line: mark.line(),
-            column: mark.col() + 1,
-        };
+        let loc = Location { line: mark.line(), column: mark.col() + 1 };
         match ev {
-            Event::Scalar(value, ..) => self.push_value(Node {
-                mark: loc,
-                kind: Kind::Scalar(value),
-            }),
-            Event::Alias(_) => self.push_value(Node {
-                mark: loc,
-                kind: Kind::Scalar(String::new()),
-            }),
-            Event::SequenceStart(..) => self.stack.push(Node {
-                mark: loc,
-                kind: Kind::Seq(Vec::new()),
-            }),
+            Event::Scalar(value, ..) => self.push_value(Node { mark: loc, kind: Kind::Scalar(value) }),
+            Event::Alias(_) => self.push_value(Node { mark: loc, kind: Kind::Scalar(String::new()) }),
+            Event::SequenceStart(..) => self.stack.push(Node { mark: loc, kind: Kind::Seq(Vec::new()) }),
             Event::MappingStart(..) => {
-                self.stack.push(Node {
-                    mark: loc,
-                    kind: Kind::Map(Vec::new()),
-                });
+                self.stack.push(Node { mark: loc, kind: Kind::Map(Vec::new()) });
                 self.pending_keys.push(None);
             }
             Event::SequenceEnd => {
@@ -206,17 +188,9 @@ pods:
     fn finds_keys_and_items() {
         let p = FieldPath::default().key("pods").index(1).key("name");
         assert_eq!(locate(DOC, &p), Some(Location { line: 6, column: 5 }));
-        let p = FieldPath::default()
-            .key("pods")
-            .index(0)
-            .key("ips")
-            .index(1);
+        let p = FieldPath::default().key("pods").index(0).key("ips").index(1);
         assert_eq!(locate(DOC, &p).map(|l| l.line), Some(5));
-        let p = FieldPath::default()
-            .key("pods")
-            .index(1)
-            .key("ips")
-            .index(0);
+        let p = FieldPath::default().key("pods").index(1).key("ips").index(0);
         assert_eq!(locate(DOC, &p).map(|l| l.line), Some(8));
         assert_eq!(p.to_string(), "pods[1].ips[0]");
     }

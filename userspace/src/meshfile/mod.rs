@@ -122,9 +122,7 @@ impl Mesh {
 
     /// Pods on `node` (pods without a node are on every reader's node).
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a PodSpec> + 'a {
-        self.pods
-            .iter()
-            .filter(move |p| p.node.as_deref().is_none_or(|n| n == node))
+        self.pods.iter().filter(move |p| p.node.as_deref().is_none_or(|n| n == node))
     }
 }
 
@@ -192,10 +190,7 @@ fn serde_error(path: &Path, e: &serde_norway::Error) -> MeshFileError {
     };
     MeshFileError {
         file: path.to_path_buf(),
-        location: e.location().map(|l| Location {
-            line: l.line(),
-            column: l.column(),
-        }),
+        location: e.location().map(|l| Location { line: l.line(), column: l.column() }),
         field,
         message,
     }
@@ -224,10 +219,7 @@ impl Validator<'_> {
             check_dns_label(&ns.name).map_err(|m| self.err(at.clone().key("name"), m))?;
             self.check_labels(&ns.labels, at.clone().key("labels"))?;
             if mesh.namespaces.contains_key(&ns.name) {
-                return Err(self.err(
-                    at.key("name"),
-                    format!("namespace {:?} is declared twice", ns.name),
-                ));
+                return Err(self.err(at.key("name"), format!("namespace {:?} is declared twice", ns.name)));
             }
             mesh.namespaces.insert(ns.name.clone(), ns);
         }
@@ -240,10 +232,7 @@ impl Validator<'_> {
             if !mesh.namespaces.contains_key(&pod.namespace) {
                 return Err(self.err(
                     at.key("namespace"),
-                    format!(
-                        "namespace {:?} is not declared under `namespaces`",
-                        pod.namespace
-                    ),
+                    format!("namespace {:?} is not declared under `namespaces`", pod.namespace),
                 ));
             }
             self.check_labels(&pod.labels, at.clone().key("labels"))?;
@@ -251,10 +240,8 @@ impl Validator<'_> {
                 .map_err(|m| self.err(at.clone().key("serviceAccount"), m))?;
             let key = format!("{}/{}", pod.namespace, pod.name);
             if let Some(first) = by_key.insert(key.clone(), i) {
-                return Err(self.err(
-                    at.key("name"),
-                    format!("duplicate pod {key} (first declared as pods[{first}])"),
-                ));
+                return Err(self
+                    .err(at.key("name"), format!("duplicate pod {key} (first declared as pods[{first}])")));
             }
             if pod.ips.is_empty() {
                 return Err(self.err(at.key("ips"), "a pod needs at least one IP address"));
@@ -263,27 +250,20 @@ impl Validator<'_> {
             for (j, text) in pod.ips.iter().enumerate() {
                 let ip_at = at.clone().key("ips").index(j);
                 let ip: IpAddr = text.parse().map_err(|_| {
-                    self.err(
-                        ip_at.clone(),
-                        format!("{text:?} is not an IPv4 or IPv6 address"),
-                    )
+                    self.err(ip_at.clone(), format!("{text:?} is not an IPv4 or IPv6 address"))
                 })?;
                 if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
                     return Err(self.err(ip_at, format!("{ip} cannot be a pod address")));
                 }
                 if let Some(other) = by_ip.insert(ip, i) {
-                    return Err(self.err(
-                        ip_at,
-                        format!("{ip} is already the address of pods[{other}]"),
-                    ));
+                    return Err(self.err(ip_at, format!("{ip} is already the address of pods[{other}]")));
                 }
                 ips.push(ip);
             }
             if pod.interface.is_empty() || pod.interface.len() > 15 || pod.interface.contains('/') {
-                return Err(self.err(
-                    at.key("interface"),
-                    format!("{:?} is not an interface name", pod.interface),
-                ));
+                return Err(
+                    self.err(at.key("interface"), format!("{:?} is not an interface name", pod.interface))
+                );
             }
             let local = pod.node.as_deref().is_none_or(|n| n == self.checks.node);
             if local {
@@ -303,11 +283,7 @@ impl Validator<'_> {
         Ok(mesh)
     }
 
-    fn check_labels(
-        &self,
-        labels: &BTreeMap<String, String>,
-        at: FieldPath,
-    ) -> Result<(), MeshFileError> {
+    fn check_labels(&self, labels: &BTreeMap<String, String>, at: FieldPath) -> Result<(), MeshFileError> {
         for (k, v) in labels {
             let ok_key = !k.is_empty() && k.len() <= 317 && !k.chars().any(char::is_whitespace);
             if !ok_key || v.len() > 63 || v.chars().any(char::is_whitespace) {
@@ -322,31 +298,23 @@ impl Validator<'_> {
 fn check_dns_label(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a valid name (lowercase letters, digits and '-', at most 63)"
-        ))
+        Err(format!("{name:?} is not a valid name (lowercase letters, digits and '-', at most 63)"))
     }
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires of pod and service account names.
 fn check_dns_subdomain(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|l| check_dns_label(l).is_ok());
+    let ok = !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| check_dns_label(l).is_ok());
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"
-        ))
+        Err(format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"))
     }
 }
 
@@ -358,10 +326,9 @@ fn check_netns(path: &Path) -> Result<(), String> {
     match crate::inpod::netns::is_network_namespace(path) {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!("{} is not a network namespace", path.display())),
-        Err(e) => Err(format!(
-            "network namespace {} does not exist or cannot be opened: {e}",
-            path.display()
-        )),
+        Err(e) => {
+            Err(format!("network namespace {} does not exist or cannot be opened: {e}", path.display()))
+        }
     }
 }
 

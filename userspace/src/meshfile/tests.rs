@@ -45,17 +45,9 @@ pods:
 #[test]
 fn parses_a_good_file_and_applies_istio_enrolment_rules() {
     let mesh = parse_str(GOOD).expect("valid");
-    let enrolled: Vec<_> = mesh
-        .pods_on("node-a")
-        .filter(|p| mesh.is_enrolled(p))
-        .map(PodSpec::key)
-        .collect();
+    let enrolled: Vec<_> = mesh.pods_on("node-a").filter(|p| mesh.is_enrolled(p)).map(PodSpec::key).collect();
     assert_eq!(enrolled, ["demo/client", "plain/solo"]);
-    let remote = mesh
-        .pods
-        .iter()
-        .find(|p| p.name == "remote")
-        .expect("listed");
+    let remote = mesh.pods.iter().find(|p| p.name == "remote").expect("listed");
     assert_eq!(remote.service_account, "remote-sa");
     assert_eq!(mesh.pods[0].service_account, "default");
     assert_eq!(mesh.pods[0].interface, "eth0");
@@ -67,11 +59,7 @@ fn parses_a_good_file_and_applies_istio_enrolment_rules() {
 fn refused(text: &str, line: usize, field: &str, what: &str) {
     let err = parse_str(text).expect_err("must be refused");
     let msg = err.to_string();
-    assert_eq!(
-        err.location.map(|l| l.line),
-        Some(line),
-        "wrong line in: {msg}"
-    );
+    assert_eq!(err.location.map(|l| l.line), Some(line), "wrong line in: {msg}");
     assert_eq!(err.field, field, "wrong field in: {msg}");
     assert!(msg.contains(what), "{msg:?} does not mention {what:?}");
     assert!(msg.starts_with(&format!("mesh.yaml:{line}:")), "{msg}");
@@ -79,42 +67,27 @@ fn refused(text: &str, line: usize, field: &str, what: &str) {
 
 #[test]
 fn unknown_field_is_refused_with_its_line() {
-    let text = GOOD.replace(
-        "    ips: [10.1.0.3]",
-        "    ips: [10.1.0.3]\n    colour: blue",
-    );
+    let text = GOOD.replace("    ips: [10.1.0.3]", "    ips: [10.1.0.3]\n    colour: blue");
     refused(&text, 15, "pods[1]", "unknown field `colour`");
 }
 
 #[test]
 fn bad_ip_is_refused_with_its_line() {
     let text = GOOD.replace("10.1.0.4", "10.1.0.300");
-    refused(
-        &text,
-        18,
-        "pods[2].ips[0]",
-        "\"10.1.0.300\" is not an IPv4 or IPv6 address",
-    );
+    refused(&text, 18, "pods[2].ips[0]", "\"10.1.0.300\" is not an IPv4 or IPv6 address");
 }
 
 #[test]
 fn duplicate_pod_is_refused_with_its_line() {
-    let text = GOOD.replace(
-        "  - name: outside\n    namespace: plain",
-        "  - name: client\n    namespace: demo",
-    );
+    let text =
+        GOOD.replace("  - name: outside\n    namespace: plain", "  - name: client\n    namespace: demo");
     refused(&text, 16, "pods[2].name", "duplicate pod demo/client");
 }
 
 #[test]
 fn duplicate_ip_is_refused() {
     let text = GOOD.replace("10.1.0.4", "10.1.0.2");
-    refused(
-        &text,
-        18,
-        "pods[2].ips[0]",
-        "already the address of pods[0]",
-    );
+    refused(&text, 18, "pods[2].ips[0]", "already the address of pods[0]");
 }
 
 #[test]
@@ -139,10 +112,8 @@ fn a_file_that_is_not_a_netns_is_refused() {
 
 #[test]
 fn undeclared_namespace_is_refused() {
-    let text = GOOD.replace(
-        "    namespace: plain\n    ips: [10.1.0.4]",
-        "    namespace: nope\n    ips: [10.1.0.4]",
-    );
+    let text =
+        GOOD.replace("    namespace: plain\n    ips: [10.1.0.4]", "    namespace: nope\n    ips: [10.1.0.4]");
     refused(&text, 17, "pods[2].namespace", "not declared");
 }
 

@@ -12,77 +12,23 @@ use crate::{capture::addr, inpod::Direction};
 
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let started = std::time::Instant::now();
+    let fail = |client, dst, reason, detail: &str| {
+        refuse(inner, pod, Direction::Inbound, client, peer, dst, reason, detail);
+    };
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(addr::canonical(a.ip()), a.port()),
-        Err(e) => {
-            return refuse(
-                inner,
-                pod,
-                Direction::Inbound,
-                client,
-                peer,
-                None,
-                "socket_error",
-                &e.to_string(),
-            )
-        }
+        Err(e) => return fail(client, None, "socket_error", &e.to_string()),
     };
     if !pod.ips.contains(&dst.ip()) {
         // Reached the loopback listener directly from inside the pod, not through capture.
-        return refuse(
-            inner,
-            pod,
-            Direction::Inbound,
-            client,
-            peer,
-            Some(dst),
-            "not_this_pod",
-            "destination is not this pod's address",
-        );
+        return fail(client, Some(dst), "not_this_pod", "destination is not this pod's address");
     }
     if inner.settings.own_ports.contains(&dst.port()) {
-        return refuse(
-            inner,
-            pod,
-            Direction::Inbound,
-            client,
-            peer,
-            Some(dst),
-            "loop",
-            "destination is the proxy itself",
-        );
+        return fail(client, Some(dst), "loop", "destination is the proxy itself");
     }
-    let upstream = match upstream::connect(
-        &pod.netns,
-        dst,
-        inner.settings.mark,
-        inner.settings.connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                inner,
-                pod,
-                Direction::Inbound,
-                client,
-                peer,
-                Some(dst),
-                "connect_failed",
-                &e.to_string(),
-            );
-        }
-    };
-    finish(
-        inner,
-        pod,
-        Direction::Inbound,
-        client,
-        upstream,
-        peer,
-        dst,
-        started,
-    )
-    .await;
+    let s = &inner.settings;
+    match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
+        Ok(upstream) => finish(inner, pod, Direction::Inbound, client, upstream, peer, dst, started).await,
+        Err(e) => fail(client, Some(dst), "connect_failed", &e.to_string()),
+    }
 }

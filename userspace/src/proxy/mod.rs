@@ -61,14 +61,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(settings: ProxySettings, orig: OrigDstTable, metrics: Arc<Metrics>) -> Proxy {
-        Proxy {
-            inner: Arc::new(Inner {
-                settings,
-                orig,
-                metrics,
-                connections: TaskTracker::new(),
-            }),
-        }
+        Proxy { inner: Arc::new(Inner { settings, orig, metrics, connections: TaskTracker::new() }) }
     }
 
     /// Original-destination records waiting for an accept (diagnostics).
@@ -115,12 +108,8 @@ impl Proxy {
                         let pod = pod.clone();
                         inner.connections.clone().spawn(async move {
                             match direction {
-                                Direction::Outbound => {
-                                    outbound::handle(&inner, &pod, stream, peer).await
-                                }
-                                Direction::Inbound => {
-                                    inbound::handle(&inner, &pod, stream, peer).await
-                                }
+                                Direction::Outbound => outbound::handle(&inner, &pod, stream, peer).await,
+                                Direction::Inbound => inbound::handle(&inner, &pod, stream, peer).await,
                             }
                         });
                     }

@@ -11,96 +11,31 @@ use crate::{capture::addr, inpod::Direction};
 
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let started = std::time::Instant::now();
+    let fail = |client, dst, reason, detail: &str| {
+        refuse(inner, pod, Direction::Outbound, client, peer, dst, reason, detail);
+    };
     let local = match client.local_addr() {
         Ok(a) => a,
-        Err(e) => {
-            return refuse(
-                inner,
-                pod,
-                Direction::Outbound,
-                client,
-                peer,
-                None,
-                "socket_error",
-                &e.to_string(),
-            )
-        }
+        Err(e) => return fail(client, None, "socket_error", &e.to_string()),
     };
-    let key = addr::conn_key(pod.netns.cookie(), peer, local);
-    let orig = match inner.orig.take(&key) {
+    let dst = match inner.orig.take(&addr::conn_key(pod.netns.cookie(), peer, local)) {
         Ok(Some(orig)) => addr::orig_dst_addr(&orig),
         Ok(None) => None,
-        Err(e) => {
-            return refuse(
-                inner,
-                pod,
-                Direction::Outbound,
-                client,
-                peer,
-                None,
-                "map_error",
-                &e.to_string(),
-            );
-        }
+        Err(e) => return fail(client, None, "map_error", &e.to_string()),
     };
-    let Some(dst) = orig else {
+    let Some(dst) = dst else {
         // A process in the pod connected to 127.0.0.1:15001 itself, or the record was lost.
-        return refuse(
-            inner,
-            pod,
-            Direction::Outbound,
-            client,
-            peer,
-            None,
-            "no_original_destination",
-            "no original destination recorded for this connection",
-        );
+        let detail = "no original destination recorded for this connection";
+        return fail(client, None, "no_original_destination", detail);
     };
     if dst.ip().is_loopback()
         || (pod.ips.contains(&dst.ip()) && inner.settings.own_ports.contains(&dst.port()))
     {
-        return refuse(
-            inner,
-            pod,
-            Direction::Outbound,
-            client,
-            peer,
-            Some(dst),
-            "loop",
-            "destination is the proxy itself",
-        );
+        return fail(client, Some(dst), "loop", "destination is the proxy itself");
     }
-    let upstream = match upstream::connect(
-        &pod.netns,
-        dst,
-        inner.settings.mark,
-        inner.settings.connect_timeout,
-    )
-    .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            return refuse(
-                inner,
-                pod,
-                Direction::Outbound,
-                client,
-                peer,
-                Some(dst),
-                "connect_failed",
-                &e.to_string(),
-            );
-        }
-    };
-    finish(
-        inner,
-        pod,
-        Direction::Outbound,
-        client,
-        upstream,
-        peer,
-        dst,
-        started,
-    )
-    .await;
+    let s = &inner.settings;
+    match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
+        Ok(upstream) => finish(inner, pod, Direction::Outbound, client, upstream, peer, dst, started).await,
+        Err(e) => fail(client, Some(dst), "connect_failed", &e.to_string()),
+    }
 }

@@ -61,11 +61,7 @@ pub fn linger_zero(stream: &TcpStream) {
     }
 }
 
-pub async fn relay(
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    counters: &Counters,
-) -> Transfer {
+pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, counters: &Counters) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
     {
@@ -90,9 +86,5 @@ pub async fn relay(
         linger_zero(&client);
         linger_zero(&upstream);
     }
-    Transfer {
-        sent,
-        received,
-        error,
-    }
+    Transfer { sent, received, error }
 }
