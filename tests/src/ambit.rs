@@ -234,3 +234,11 @@ pub fn links_of_programs(prog_ids: &[u32]) -> anyhow::Result<Vec<u32>> {
     out.sort();
     Ok(out)
 }
+
+/// Number of entries in a pinned map (bpftool), e.g. to check that nothing leaked.
+pub fn pinned_map_len(path: &Path) -> anyhow::Result<usize> {
+    let json = crate::bed::sh(&["bpftool", "-j", "map", "dump", "pinned", &path.display().to_string()])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json).with_context(|| format!("bpftool output {json:?}"))?;
+    Ok(v.as_array().context("map dump is not a list")?.len())
+}

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use ambit_testbed::{
-    ambit::write_mesh,
+    ambit::{pinned_map_len, write_mesh},
     eventually,
     mesh::{Mesh, AMBIENT, OPT_OUT},
     run_with_timeout, Ambit, Bed, Chat,
@@ -82,6 +82,13 @@ fn enrolment_follows_the_file_and_established_connections_survive() {
     assert_eq!(during.say("y").expect("proxied connection survives unenrolment"), "y");
     let dump = ambit.config_dump();
     assert_eq!(dump["pods"].as_array().expect("pods").len(), 1, "{dump}");
+    // Nothing of c is left in the kernel: one pod's entries, one pod's inbound attachment.
+    let pins = ambit.pin_dir();
+    assert_eq!(pinned_map_len(&pins.join("AMBIT_ENROLLED")).expect("enrolled"), 1);
+    assert_eq!(pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips"), 2);
+    assert_eq!(std::fs::read_dir(pins.join("tc")).expect("tc pins").count(), 1);
+    let listeners = dump["capture"]["registered_listeners"].as_u64();
+    assert_eq!(listeners, Some(4), "b's four listeners only: {dump}");
 }
 
 /// `(what to break, how, the line and field the error must name)`.

@@ -221,3 +221,33 @@ fn a_proxy_with_another_ebpf_object_replaces_the_pinned_programs_and_links() {
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
     assert_eq!(kernel(&ambit, "connect_captured"), 1, "captured by the new programs");
 }
+
+#[test]
+fn a_second_proxy_on_the_same_pinned_state_is_refused() {
+    let bed = Bed::new("instance-lock");
+    let (node, _a, _b, mesh) = enrolled_pair(&bed);
+    let ambit = Ambit::start(&bed, &node, &mesh, &[]);
+    // Another port set, so only the pinned state can conflict.
+    let extra = [
+        "--admin-addr",
+        "127.0.0.1:16000",
+        "--stats-addr",
+        "0.0.0.0:16020",
+        "--readiness-addr",
+        "0.0.0.0:16021",
+    ];
+    let out = run_with_timeout(Ambit::command(&bed, &node, &mesh, &extra), T).expect("second ambit runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("another ambit node is running with the pinned state in"), "{stderr}");
+    // Nor can the state be uninstalled under it.
+    let bin = ambit_testbed::exec::workspace_bin("ambit");
+    let bpffs = bed.bpffs().display().to_string();
+    let argv = [bin.to_str().expect("utf-8"), "uninstall", "--bpffs", &bpffs, "--instance", "n1"];
+    let out = run_with_timeout(ambit_testbed::exec::node_command(&node, &argv), T).expect("uninstall runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("another ambit node is running"));
+    // The first one is unaffected.
+    assert!(ambit.pin_dir().join("AMBIT_CONFIG").exists());
+    assert_eq!(ambit.config_dump()["pods"].as_array().map(Vec::len), Some(2));
+}

@@ -35,7 +35,6 @@ fn main() -> std::process::ExitCode {
         Err(e) => {
             // `{:#}` prints the whole context chain on one line: what failed and why.
             eprintln!("ambit: error: {e:#}");
-            tracing::error!(error = format!("{e:#}"), "exiting");
             std::process::ExitCode::FAILURE
         }
     }

@@ -46,7 +46,14 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(listener, routes, admin.clone(), shutdown.clone()));
     }
 
-    let (capture, orig, stats) = Capture::open(&settings.capture()).context("setting up eBPF capture")?;
+    let (capture, orig, stats) = Capture::open(&settings.capture()).map_err(|e| {
+        let hint = if lacks_privilege(&e) {
+            " (ambit node needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE)"
+        } else {
+            ""
+        };
+        anyhow::Error::new(e).context(format!("setting up eBPF capture{hint}"))
+    })?;
     let adoption = capture.adoption().clone();
     tracing::info!(
         pins = %capture.pin_dir().display(),
@@ -123,6 +130,20 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     shutdown.cancel();
     Ok(())
+}
+
+/// Whether an error comes down to EPERM/EACCES somewhere in its chain.
+fn lacks_privilege(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES)) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> anyhow::Result<()> {

@@ -149,7 +149,9 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             client.netns_path().display()
         );
         println!("  then e.g.:                 curl http://{}:8080/", server.ipv4);
-        println!("  metrics / dump:            nsenter --net={} curl -s localhost:15020/stats/prometheus | localhost:15000/config_dump", node.netns_path().display());
+        let ns = node.netns_path().display().to_string();
+        println!("  metrics:                   nsenter --net={ns} curl -s localhost:15020/stats/prometheus");
+        println!("  config dump:               nsenter --net={ns} curl -s localhost:15000/config_dump");
         println!("  Ctrl-C tears everything down.");
         loop {
             std::thread::sleep(Duration::from_secs(3600));

@@ -56,6 +56,11 @@ pub enum CaptureError {
     NotBpffs { path: PathBuf },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
+    #[error(
+        "another ambit node is running with the pinned state in {path}; stop it first, or give \
+         this one its own --instance"
+    )]
+    InstanceBusy { path: PathBuf },
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF program {name}: {source}")]

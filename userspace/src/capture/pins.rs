@@ -21,10 +21,12 @@ use super::CaptureError;
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// `<bpffs>/ambit/<instance>`.
-#[derive(Clone, Debug)]
+/// `<bpffs>/ambit/<instance>`, locked for as long as this value lives: two proxies driving
+/// the same pinned state would fight over the pods' listeners.
+#[derive(Debug)]
 pub struct PinDir {
     root: PathBuf,
+    _lock: nix::fcntl::Flock<fs::File>,
 }
 
 /// What `Capture::open` found and did, for the log and the config dump.
@@ -57,7 +59,16 @@ impl PinDir {
         for dir in [root.clone(), root.join("tc")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
         }
-        Ok(PinDir { root })
+        let dir = fs::File::open(&root).map_err(io_err(&root))?;
+        let lock =
+            nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+                if e == nix::errno::Errno::EWOULDBLOCK {
+                    CaptureError::InstanceBusy { path: root.clone() }
+                } else {
+                    CaptureError::Io { path: root.clone(), source: e.into() }
+                }
+            })?;
+        Ok(PinDir { root, _lock: lock })
     }
 
     pub fn root(&self) -> &Path {
@@ -87,6 +98,18 @@ impl PinDir {
         }
         Ok(out)
     }
+}
+
+/// Takes the instance's lock (an flock on its pin directory), failing if a proxy holds it.
+fn lock_dir(root: &Path) -> Result<nix::fcntl::Flock<fs::File>, CaptureError> {
+    let dir = fs::File::open(root).map_err(io_err(root))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            CaptureError::InstanceBusy { path: root.to_path_buf() }
+        } else {
+            CaptureError::Io { path: root.to_path_buf(), source: e.into() }
+        }
+    })
 }
 
 fn instance_dir(bpffs: &Path, instance: &str) -> PathBuf {
@@ -255,6 +278,8 @@ pub fn remove_all(bpffs: &Path, instance: &str) -> Result<Vec<PathBuf>, CaptureE
     if !root.exists() {
         return Ok(removed);
     }
+    // Refuse while a proxy runs on this state; hold the lock until everything is gone.
+    let _lock = lock_dir(&root)?;
     let tc = root.join("tc");
     if tc.exists() {
         for entry in fs::read_dir(&tc).map_err(io_err(&tc))? {
