@@ -55,6 +55,9 @@ pub struct Node {
     pub name: String,
     pub index: u32,
     pub netns: String,
+    /// cgroup of the node's own processes (the proxy, kubelet-style clients): a child of the
+    /// run's cgroup, so the capture programs see them as they see everything on a real node.
+    pub cgroup: PathBuf,
     pods: Arc<Mutex<u32>>,
 }
 
@@ -97,6 +100,13 @@ impl Bed {
     /// Creates a run: its id, directory, cgroup and private bpffs. `label` only names logs.
     pub fn new(label: &str) -> Bed {
         require_root();
+        // Leftovers of killed runs (SIGKILL skips every teardown) would only accumulate.
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| {
+            for what in cleanup::sweep_dead_runs() {
+                eprintln!("test bed: removed a leftover of a killed run: {what}");
+            }
+        });
         let id = format!("t{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let state = Arc::new(Mutex::new(RunState { id: id.clone(), ..Default::default() }));
         cleanup::register(state.clone());
@@ -180,6 +190,7 @@ impl Bed {
             *n
         };
         let netns = format!("{PREFIX}{}-{name}", &self.id[1..]);
+        let cgroup = self.cgroup.join(format!("node-{name}"));
         let r = (|| -> anyhow::Result<()> {
             self.add_netns(&netns)?;
             let ip = |args: &[&str]| -> anyhow::Result<String> {
@@ -192,11 +203,13 @@ impl Bed {
             ip(&["addr", "add", &format!("10.{index}.0.1/24"), "dev", "br0"])?;
             ip(&["addr", "add", &format!("fd00:{index}::1/64"), "dev", "br0", "nodad"])?;
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
+            fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
+            self.state().cgroups.push(cgroup.clone());
             sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("creating node {name}: {e:#}"));
-        Node { name: name.to_string(), index, netns, pods: Arc::new(Mutex::new(1)) }
+        Node { name: name.to_string(), index, netns, cgroup, pods: Arc::new(Mutex::new(1)) }
     }
 
     /// Creates a pod on `node`: netns, veth to the bridge, dual-stack addresses, routes, and

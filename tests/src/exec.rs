@@ -16,23 +16,27 @@ use anyhow::{bail, Context};
 
 use crate::bed::{Bed, Node, Pod};
 
-/// A command that runs inside `pod`: joins its cgroup, then its netns.
-pub fn pod_command(pod: &Pod, argv: &[&str]) -> Command {
+/// A command that joins `cgroup`, then enters only the network namespace at `netns`.
+fn in_cgroup_and_netns(cgroup: &Path, netns: &Path, argv: &[&str]) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" -- "$@""#)
         .arg("sh")
-        .arg(&pod.cgroup)
-        .arg(pod.netns_path())
+        .arg(cgroup)
+        .arg(netns)
         .args(argv);
     c
 }
 
-/// A command that runs in `node`'s netns (not in any pod cgroup: like the node proxy).
+/// A command that runs inside `pod`: joins its cgroup, then its netns.
+pub fn pod_command(pod: &Pod, argv: &[&str]) -> Command {
+    in_cgroup_and_netns(&pod.cgroup, &pod.netns_path(), argv)
+}
+
+/// A command that runs on `node`: in the node's netns and cgroup (like the node proxy, or
+/// kubelet).
 pub fn node_command(node: &Node, argv: &[&str]) -> Command {
-    let mut c = Command::new("nsenter");
-    c.arg(format!("--net={}", node.netns_path().display())).arg("--").args(argv);
-    c
+    in_cgroup_and_netns(&node.cgroup, &node.netns_path(), argv)
 }
 
 /// Runs a command to completion with a deadline; kills it if the deadline passes.

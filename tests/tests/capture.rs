@@ -60,6 +60,9 @@ fn curl_between_enrolled_pods_over_ipv4_and_ipv6() {
     );
     assert_eq!(kernel(&ambit, "connect_captured"), 2);
     assert_eq!(kernel(&ambit, "sockops_recorded"), 2);
+    // The proxy runs under the same cgroup as the pods: its four upstream connects (two
+    // outbound legs, two inbound legs) went through the hook and were let through by the mark.
+    assert_eq!(kernel(&ambit, "connect_proxy_mark"), 4);
     assert_eq!(kernel(&ambit, "inbound_assigned"), 2);
     // The config dump lists both pods with their netns cookies and attachments.
     let dump = ambit.config_dump();

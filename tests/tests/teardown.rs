@@ -89,6 +89,34 @@ fn ctrl_c_tears_the_bed_down() {
 }
 
 #[test]
+fn the_leftovers_of_a_killed_run_are_swept() {
+    let mut child = Command::new(workspace_bin("bed-hold"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting bed-hold");
+    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+    let ready = lines.find_map(|l| l.ok().filter(|l| l.starts_with("READY "))).expect("bed-hold ready");
+    let mut f = ready.split_whitespace().skip(1);
+    let run = f.next().expect("run id").to_string();
+    let proxy_pid: u32 = f.next().and_then(|p| p.parse().ok()).expect("proxy pid");
+    // SIGKILL: no teardown runs, everything stays.
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reaped");
+    assert!(!leftovers_of(&run).is_empty());
+    assert!(std::path::Path::new(&format!("/proc/{proxy_pid}")).exists(), "the proxy outlives its parent");
+
+    let swept = ambit_testbed::cleanup::sweep_dead_runs();
+    assert!(swept.iter().any(|w| w.contains(&run)), "{swept:?}");
+    assert_eq!(leftovers_of(&run), Vec::<String>::new());
+    // The proxy ran in the run's node cgroup, so the sweep stopped it too.
+    let gone = ambit_testbed::eventually(Duration::from_secs(5), || {
+        !std::path::Path::new(&format!("/proc/{proxy_pid}")).exists()
+    });
+    assert!(gone, "the killed run's proxy (pid {proxy_pid}) is still running");
+}
+
+#[test]
 fn the_bed_fails_without_root_instead_of_skipping() {
     let out = Command::new("setpriv")
         .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
