@@ -7,6 +7,7 @@
 //! - [`meshfile`]: the mesh file format and its validation;
 //! - [`proxy`]: accept loops, outbound and inbound handling, the relay;
 //! - [`metrics`], [`admin`], [`telemetry`]: what operators see;
+//! - [`probe`]: what the kernel offers, checked before anything is attached;
 //! - [`config`], [`node`]: `ambit node` settings and wiring.
 
 pub mod admin;
@@ -17,5 +18,6 @@ pub mod inpod;
 pub mod meshfile;
 pub mod metrics;
 pub mod node;
+pub mod probe;
 pub mod proxy;
 pub mod telemetry;

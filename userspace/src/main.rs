@@ -18,6 +18,18 @@ struct Cli {
 enum Command {
     /// Run the node proxy: capture enrolled pods' traffic with eBPF and relay it.
     Node(Box<config::NodeArgs>),
+    /// Check whether this kernel can run ambit: every program type, map type, helper and
+    /// attach type it needs, probed for real. Exits 1 when something required is missing.
+    Probe {
+        #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf")]
+        bpffs: PathBuf,
+        /// cgroup v2 directory (default: the cgroup v2 mount).
+        #[arg(long, env = "AMBIT_CGROUP")]
+        cgroup: Option<PathBuf>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove everything an instance pinned (programs, links, maps): capture stops for every
     /// pod it had enrolled. Run it when removing ambit from a node, not between restarts.
     Uninstall {
@@ -52,6 +64,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .build()
                 .context("starting the async runtime")?;
             rt.block_on(node::run(settings))
+        }
+        Command::Probe { bpffs, cgroup, json } => {
+            telemetry::init("warn", telemetry::LogFormat::Text)?;
+            let cgroup = match cgroup {
+                Some(c) => c,
+                None => config::cgroup2_mount()?,
+            };
+            let report = ambit::probe::run(&bpffs, &cgroup);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            match report.refusal() {
+                None => Ok(()),
+                Some(refusal) => Err(anyhow::anyhow!(refusal)),
+            }
         }
         Command::Uninstall { bpffs, instance } => {
             telemetry::init("info", telemetry::LogFormat::Text)?;

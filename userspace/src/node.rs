@@ -14,6 +14,7 @@ use crate::{
     enroll,
     inpod::{PodManager, Ports},
     metrics::Metrics,
+    probe,
     proxy::{Proxy, ProxySettings},
 };
 
@@ -34,6 +35,16 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         enroll::local::watch(settings.mesh_file.clone(), settings.node_name.clone(), shutdown.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("loading the mesh file")?;
+    // The kernel next: refuse, with everything that is missing, before attaching anything.
+    let kernel = probe::run(&settings.bpffs, &settings.cgroup);
+    if let Some(refusal) = kernel.refusal() {
+        anyhow::bail!("{refusal}");
+    }
+    tracing::info!(
+        kernel = %kernel.kernel,
+        inbound_attach = if kernel.has_tcx() { "tcx" } else { "clsact" },
+        "kernel supports ambit"
+    );
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [

@@ -39,10 +39,10 @@ pub use tc::TcState;
 use crate::inpod::netns::Netns;
 
 /// The eBPF object built from `ebpf/programs` by build.rs.
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
+pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
 
 /// aya-log's ring buffer map, pinned like ours.
-const AYA_LOGS: &str = "AYA_LOGS";
+pub(crate) const AYA_LOGS: &str = "AYA_LOGS";
 
 /// Names of the programs in the object.
 pub const PROG_CONNECT4: &str = "ambit_connect4";

@@ -126,8 +126,9 @@ fn attach_netlink(
             }),
         )?,
     };
-    // Dropping a netlink link handle does not detach the filter.
-    drop(prog.take_link(id)?);
+    // aya detaches a link when its handle drops; this filter must outlive the proxy (it is
+    // addressed again by priority and handle), so the handle is forgotten. It owns no fd.
+    std::mem::forget(prog.take_link(id)?);
     Ok(TcState::Netlink)
 }
 

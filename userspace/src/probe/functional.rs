@@ -1,0 +1,220 @@
+//! Functional probes: ambit's own programs through the verifier, a listener in a sockhash, the
+//! cgroup links and the TC attachment — each in scratch places that are removed afterwards, so
+//! probing never touches a pod.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{MapData, SockHash},
+    programs::{
+        tc::{self, NlOptions, TcAttachOptions},
+        CgroupAttachMode, CgroupSockAddr, LinkOrder, ProgramError, SchedClassifier, SockOps, TcAttachType,
+    },
+    util::KernelVersion,
+    Ebpf, EbpfLoader,
+};
+
+use super::{Report, Status};
+use crate::capture::{self, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS, PROG_TC_INGRESS};
+
+pub fn run(r: &mut Report, bpffs: &Path, cgroup: &Path) {
+    let parent = bpffs.join("ambit");
+    let made_parent = !parent.exists();
+    let scratch = parent.join(format!("probe-{}", std::process::id()));
+    if let Err(e) = fs::create_dir_all(&scratch) {
+        r.add("ambit's programs pass the verifier", Status::Error(format!("{}: {e}", scratch.display())));
+        return;
+    }
+    probe_with(r, &scratch, cgroup);
+    remove_scratch_pins(&scratch);
+    if made_parent {
+        // Only if still empty: a proxy may have started meanwhile.
+        let _not_empty_is_fine = fs::remove_dir(&parent);
+    }
+}
+
+fn probe_with(r: &mut Report, scratch: &Path, cgroup: &Path) {
+    let mut ebpf = match EbpfLoader::new()
+        .default_map_pin_directory(scratch)
+        .map_pin_path(capture::AYA_LOGS, scratch.join(capture::AYA_LOGS))
+        .load(capture::OBJECT)
+    {
+        Ok(e) => e,
+        Err(e) => {
+            r.add("ambit's programs pass the verifier", Status::Missing(format!("loading the object: {e}")));
+            return;
+        }
+    };
+    if let Err(detail) = load_all(&mut ebpf) {
+        r.add("ambit's programs pass the verifier", Status::Missing(detail));
+        return;
+    }
+    r.add("ambit's programs pass the verifier", Status::Ok(String::new()));
+    r.add("listening sockets in a sockhash", listener_in_sockhash(&mut ebpf));
+    r.add("cgroup bpf links", cgroup_links(&mut ebpf, cgroup));
+    let (tcx, any) = tc_attach(&mut ebpf);
+    r.add("TC classifier on an interface (tcx or clsact)", any);
+    r.add("tcx", tcx);
+}
+
+/// Loads the four programs; on a verifier refusal, names the helper it did not know.
+fn load_all(ebpf: &mut Ebpf) -> Result<(), String> {
+    fn explain(name: &str, e: ProgramError) -> String {
+        if let ProgramError::LoadError { verifier_log, .. } = &e {
+            let log = verifier_log.to_string();
+            let reason = log
+                .lines()
+                .find(|l| {
+                    l.contains("unknown func")
+                        || l.contains("cannot use helper")
+                        || l.contains("invalid func")
+                })
+                .or_else(|| log.lines().rev().find(|l| !l.trim().is_empty()))
+                .unwrap_or("(empty verifier log)");
+            return format!("{name} refused by the verifier: {reason}");
+        }
+        format!("{name}: {e}")
+    }
+    for name in [PROG_CONNECT4, PROG_CONNECT6] {
+        let p: &mut CgroupSockAddr = prog(ebpf, name)?;
+        p.load().map_err(|e| explain(name, e))?;
+    }
+    let p: &mut SockOps = prog(ebpf, PROG_SOCK_OPS)?;
+    p.load().map_err(|e| explain(PROG_SOCK_OPS, e))?;
+    let p: &mut SchedClassifier = prog(ebpf, PROG_TC_INGRESS)?;
+    p.load().map_err(|e| explain(PROG_TC_INGRESS, e))?;
+    Ok(())
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| format!("{name} is not in the object"))?;
+    p.try_into().map_err(|e: ProgramError| format!("{name}: {e}"))
+}
+
+/// Runs `f` on a thread in a fresh, empty network namespace (gone when the thread ends).
+fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| format!("creating a scratch network namespace: {e}"))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err("probe thread panicked".into()))
+    })
+}
+
+fn listener_in_sockhash(ebpf: &mut Ebpf) -> Status {
+    let Some(map) = ebpf.map_mut(ambit_common::maps::MAP_LISTENERS) else {
+        return Status::Error("listener map missing from the object".into());
+    };
+    let mut map: SockHash<&mut MapData, ambit_common::maps::ListenerKey> = match SockHash::try_from(map) {
+        Ok(m) => m,
+        Err(e) => return Status::Error(e.to_string()),
+    };
+    let r = in_scratch_netns(|| {
+        let l = std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| format!("listening: {e}"))?;
+        let key = ambit_common::maps::ListenerKey::default();
+        map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&l), 0)
+            .map_err(|e| format!("inserting a listener: {e}"))?;
+        map.remove(&key).map_err(|e| format!("removing the listener: {e}"))
+    });
+    match r {
+        Ok(()) => Status::Ok(String::new()),
+        Err(e) => Status::Missing(e),
+    }
+}
+
+/// Attaches the three cgroup programs to a scratch child of `cgroup`, then detaches them.
+fn cgroup_links(ebpf: &mut Ebpf, cgroup: &Path) -> Status {
+    let scratch: PathBuf = cgroup.join(format!("ambit-probe-{}", std::process::id()));
+    if let Err(e) = fs::create_dir(&scratch) {
+        return Status::Error(format!("creating {}: {e}", scratch.display()));
+    }
+    let result = (|| -> Result<(), String> {
+        let dir = fs::File::open(&scratch).map_err(|e| e.to_string())?;
+        for name in [PROG_CONNECT4, PROG_CONNECT6] {
+            let p: &mut CgroupSockAddr = prog(ebpf, name)?;
+            let id = p.attach(&dir, CgroupAttachMode::Single).map_err(|e| format!("{name}: {e}"))?;
+            let link = p.take_link(id).map_err(|e| e.to_string())?;
+            aya::programs::links::FdLink::try_from(link)
+                .map_err(|e| format!("{name}: not attached through a bpf link: {e}"))?;
+        }
+        let p: &mut SockOps = prog(ebpf, PROG_SOCK_OPS)?;
+        let id = p.attach(&dir, CgroupAttachMode::Single).map_err(|e| format!("{PROG_SOCK_OPS}: {e}"))?;
+        let link = p.take_link(id).map_err(|e| e.to_string())?;
+        aya::programs::links::FdLink::try_from(link)
+            .map_err(|e| format!("{PROG_SOCK_OPS}: not attached through a bpf link: {e}"))?;
+        Ok(())
+    })();
+    // The links were dropped (detached) above; the cgroup is empty.
+    if let Err(e) = fs::remove_dir(&scratch) {
+        tracing::warn!(path = %scratch.display(), error = %e, "removing the probe's scratch cgroup");
+    }
+    match result {
+        Ok(()) => Status::Ok(String::new()),
+        Err(e) => Status::Missing(e),
+    }
+}
+
+/// Attaches the classifier to `lo` of a scratch netns: with tcx where the kernel has it, else
+/// through a clsact qdisc. Returns the tcx finding and the overall one.
+fn tc_attach(ebpf: &mut Ebpf) -> (Status, Status) {
+    let p: &mut SchedClassifier = match prog(ebpf, PROG_TC_INGRESS) {
+        Ok(p) => p,
+        Err(e) => return (Status::Error(e.clone()), Status::Error(e)),
+    };
+    let tcx_expected = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    let tcx = if tcx_expected {
+        in_scratch_netns(|| {
+            let id = p
+                .attach_with_options(
+                    "lo",
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(|e| e.to_string())?;
+            drop(p.take_link(id).map_err(|e| e.to_string())?);
+            Ok(())
+        })
+    } else {
+        Err("kernel older than 6.6".to_string())
+    };
+    match tcx {
+        Ok(()) => (Status::Ok(String::new()), Status::Ok("tcx".into())),
+        Err(tcx_err) => {
+            let clsact = in_scratch_netns(|| {
+                tc::qdisc_add_clsact("lo").map_err(|e| format!("adding a clsact qdisc: {e}"))?;
+                let opts = TcAttachOptions::Netlink(NlOptions::default());
+                let id =
+                    p.attach_with_options("lo", TcAttachType::Ingress, opts).map_err(|e| e.to_string())?;
+                drop(p.take_link(id).map_err(|e| e.to_string())?);
+                Ok(())
+            });
+            let any = match clsact {
+                Ok(()) => Status::Ok("clsact + cls_bpf".into()),
+                Err(e) => Status::Missing(e),
+            };
+            (Status::Missing(tcx_err), any)
+        }
+    }
+}
+
+fn remove_scratch_pins(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Err(err) = fs::remove_file(e.path()) {
+                tracing::warn!(path = %e.path().display(), error = %err, "removing a probe pin");
+            }
+        }
+    }
+    if let Err(e) = fs::remove_dir(dir) {
+        tracing::warn!(path = %dir.display(), error = %e, "removing the probe's scratch pins");
+    }
+}
