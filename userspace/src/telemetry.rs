@@ -2,7 +2,7 @@
 //! connection under the separate target `access` (filter it with e.g. `--log-level
 //! info,access=off`).
 
-use std::{net::SocketAddr, time::Duration};
+use std::{io::IsTerminal, net::SocketAddr, time::Duration};
 
 use clap::ValueEnum;
 use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
@@ -23,7 +23,10 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
         EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("invalid --log-level {filter:?}: {e}"))?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).try_init()?,
+        // Colours only for a terminal: log files and collectors get plain text.
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr))
+            .try_init()?,
         LogFormat::Json => {
             registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init()?
         }

@@ -2,14 +2,16 @@
 //!
 //! - `setup`: install what a fresh Debian machine lacks (apt packages, bpf-linker);
 //! - `build`: build everything (the eBPF object is built from source by userspace/build.rs);
-//! - `test`: lints, unit tests and the network-namespace integration tests, then a check that
-//!   no test left anything behind;
+//! - `test`: lints, unit tests and the network-namespace integration tests, a check that no
+//!   test left anything behind, then the kernel matrix;
 //! - `demo [--keep]`: a local mesh in network namespaces, with traffic and what ambit saw;
-//! - `lint`: rustfmt and clippy, warnings as errors.
+//! - `lint`: rustfmt and clippy, warnings as errors;
+//! - `kernels`: the kernel matrix under QEMU (part of `test`).
 //!
 //! Every command runs `setup` first when something is missing.
 
 mod demo;
+mod kernels;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -40,6 +42,9 @@ enum Cmd {
         /// Skip rustfmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Skip the kernel matrix (QEMU).
+        #[arg(long)]
+        no_kernels: bool,
     },
     /// Bring up a local mesh in network namespaces, show captured traffic, tear down.
     Demo {
@@ -49,6 +54,8 @@ enum Cmd {
     },
     /// rustfmt --check and clippy -D warnings over both workspaces.
     Lint,
+    /// Boot Debian's 5.10, 6.1 and 6.12 kernels under QEMU and run a capture test in each.
+    Kernels,
 }
 
 pub fn root() -> PathBuf {
@@ -100,7 +107,7 @@ fn lint() -> anyhow::Result<()> {
     run(clippy)
 }
 
-fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
+fn test(filter: Option<String>, no_lint: bool, no_kernels: bool) -> anyhow::Result<()> {
     ensure_setup()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the integration tests need root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask test`");
@@ -126,6 +133,9 @@ fn test(filter: Option<String>, no_lint: bool) -> anyhow::Result<()> {
         bail!("tests left resources behind (now removed): {leaks:#?}");
     }
     result?;
+    if !no_kernels && filter.is_none() {
+        kernels::run(&root())?;
+    }
     eprintln!("xtask test: all tests passed, nothing left behind");
     Ok(())
 }
@@ -144,11 +154,15 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Build { release } => build(release),
-        Cmd::Test { filter, no_lint } => test(filter, no_lint),
+        Cmd::Test { filter, no_lint, no_kernels } => test(filter, no_lint, no_kernels),
         Cmd::Demo { keep } => {
             build(false)?;
             demo::run(keep)
         }
         Cmd::Lint => lint(),
+        Cmd::Kernels => {
+            build(false)?;
+            kernels::run(&root())
+        }
     }
 }

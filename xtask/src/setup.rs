@@ -22,6 +22,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "checking that ambit creates no iptables rules"),
     ("nftables", "checking that ambit creates no nftables rules"),
     ("bpftool", "inspecting pinned programs and links in tests"),
+    ("qemu-system-x86", "booting other kernels for the kernel matrix (TCG)"),
+    ("busybox-static", "the kernel-matrix guests' userland"),
+    ("cpio", "packing the guests' initramfs"),
+    ("xz-utils", "unpacking 6.12's compressed modules"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
