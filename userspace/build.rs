@@ -14,6 +14,7 @@ use std::{
 const SETUP_HINT: &str = "run `cargo xtask setup` (as root) to install the eBPF toolchain";
 
 fn main() {
+    compile_protos();
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let root = manifest_dir.parent().expect("userspace/ sits in the workspace root");
     let programs = root.join("ebpf/programs");
@@ -92,4 +93,17 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("ambit-ebpf.o");
     std::fs::copy(&object, &out)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), out.display()));
+}
+
+/// The project's own .proto files (the Istio APIs ambit speaks), compiled without a system
+/// protoc: protox parses them in Rust, tonic-prost-build generates the code.
+fn compile_protos() {
+    let protos = ["proto/istio/ca.proto"];
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(protos, ["proto"]).unwrap_or_else(|e| panic!("compiling {protos:?}: {e}"));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating code for {protos:?}: {e}"));
 }

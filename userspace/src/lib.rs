@@ -13,11 +13,16 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod controlplane;
 pub mod enroll;
+pub mod identity;
 pub mod inpod;
 pub mod meshfile;
 pub mod metrics;
 pub mod node;
+pub mod pb;
 pub mod probe;
 pub mod proxy;
+pub mod state;
 pub mod telemetry;
+pub mod tls;

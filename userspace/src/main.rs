@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Run the node proxy: capture enrolled pods' traffic with eBPF and relay it.
     Node(Box<config::NodeArgs>),
+    /// Run the embedded control plane: the mesh CA (Istio's certificate API) for node proxies.
+    Controlplane(Box<ambit::controlplane::ControlPlaneArgs>),
     /// Check whether this kernel can run ambit: every program type, map type, helper and
     /// attach type it needs, probed for real. Exits 1 when something required is missing.
     Probe {
@@ -52,18 +54,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ambit-worker")
+        .build()
+        .context("starting the async runtime")
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    // One TLS provider for every rustls user in the process.
+    ambit::tls::install_default_provider();
     match cli.command {
+        Command::Controlplane(args) => {
+            telemetry::init(&args.log_level, args.log_format)?;
+            runtime()?.block_on(ambit::controlplane::run(*args))
+        }
         Command::Node(args) => {
             let format = args.log_format;
             let settings = config::NodeSettings::resolve(*args)?;
             telemetry::init(&settings.log_filter(), format)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("ambit-worker")
-                .build()
-                .context("starting the async runtime")?;
-            rt.block_on(node::run(settings))
+            runtime()?.block_on(node::run(settings))
         }
         Command::Probe { bpffs, cgroup, json } => {
             telemetry::init("warn", telemetry::LogFormat::Text)?;

@@ -35,15 +35,16 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
-/// Loads the file now and starts watching it. Returns the first version and a receiver that
-/// sees every later valid version.
+/// Loads the file now and starts watching it; returns a receiver holding the first version
+/// and seeing every later valid one. `node`: the reading node, whose pods' network
+/// namespaces must exist (`None` for the control plane).
 pub fn watch(
     path: PathBuf,
-    node: String,
+    node: Option<String>,
     stop: CancellationToken,
 ) -> Result<watch::Receiver<Arc<Mesh>>, MeshFileError> {
     let first_stamp = stamp(&path);
-    let mesh = meshfile::load(&path, &Checks { node: &node })?;
+    let mesh = meshfile::load(&path, &Checks { node: node.as_deref() })?;
     let (tx, rx) = watch::channel(Arc::new(mesh));
     tokio::spawn(async move {
         let mut last = first_stamp;
@@ -60,7 +61,7 @@ pub fn watch(
                 continue;
             }
             last = now;
-            match meshfile::load(&path, &Checks { node: &node }) {
+            match meshfile::load(&path, &Checks { node: node.as_deref() }) {
                 Ok(mesh) => {
                     last_error = None;
                     if **tx.borrow() != mesh {

@@ -128,8 +128,9 @@ impl Mesh {
 
 /// What a mesh file is checked against besides itself.
 pub struct Checks<'a> {
-    /// The reading node: the network namespaces of its pods must exist.
-    pub node: &'a str,
+    /// The reading node: the network namespaces of its pods must exist. `None` (the control
+    /// plane) checks no network namespace.
+    pub node: Option<&'a str>,
 }
 
 /// A refused mesh file: where, which field, what is wrong.
@@ -265,7 +266,7 @@ impl Validator<'_> {
                     self.err(at.key("interface"), format!("{:?} is not an interface name", pod.interface))
                 );
             }
-            let local = pod.node.as_deref().is_none_or(|n| n == self.checks.node);
+            let local = self.checks.node.is_some_and(|me| pod.node.as_deref().is_none_or(|n| n == me));
             if local {
                 check_netns(&pod.netns).map_err(|m| self.err(at.clone().key("netns"), m))?;
             }

@@ -2,7 +2,7 @@ use std::path::Path;
 
 use super::*;
 
-const NODE: Checks<'static> = Checks { node: "node-a" };
+const NODE: Checks<'static> = Checks { node: Some("node-a") };
 
 fn parse_str(text: &str) -> Result<Mesh, MeshFileError> {
     parse(Path::new("mesh.yaml"), text, &NODE)

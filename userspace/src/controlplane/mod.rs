@@ -1,0 +1,182 @@
+//! `ambit controlplane`: the embedded default control plane for machines and clusters without
+//! istiod. Today it is the mesh CA (Istio's certificate API over TLS, bearer-token callers,
+//! identities authorized from the mesh file); xDS comes next.
+
+mod authority;
+mod ca;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+pub use authority::{Authority, CsrRefusal, Source};
+pub use ca::IMPERSONATED_IDENTITY;
+
+use crate::{
+    admin::{self, AdminState, Routes},
+    config::parse_duration,
+    enroll,
+    metrics::Metrics,
+    pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer,
+    telemetry::LogFormat,
+};
+
+#[derive(Args, Debug, Clone)]
+pub struct ControlPlaneArgs {
+    /// Mesh file (docs/mesh-file.md): which workloads run on which node, hence which node
+    /// may ask for which identity. Watched.
+    #[arg(long, env = "AMBIT_MESH_FILE")]
+    pub mesh_file: PathBuf,
+
+    /// Bearer tokens of the node proxies: a YAML map `node name: token`.
+    #[arg(long, env = "AMBIT_TOKENS_FILE")]
+    pub tokens_file: PathBuf,
+
+    /// Where a generated root CA is kept (owner-only). Ignored with --root-cert/--ca-cert.
+    #[arg(long, env = "AMBIT_STATE_DIR", default_value = "/var/lib/ambit-controlplane")]
+    pub state_dir: PathBuf,
+
+    /// Use this root (with --root-key) instead of generating one.
+    #[arg(long, env = "AMBIT_ROOT_CERT", requires = "root_key")]
+    pub root_cert: Option<PathBuf>,
+    #[arg(long, env = "AMBIT_ROOT_KEY")]
+    pub root_key: Option<PathBuf>,
+
+    /// Sign with this intermediate (with --ca-key and --ca-chain, its issuers up to the root).
+    #[arg(long, env = "AMBIT_CA_CERT", requires_all = ["ca_key", "ca_chain"], conflicts_with = "root_cert")]
+    pub ca_cert: Option<PathBuf>,
+    #[arg(long, env = "AMBIT_CA_KEY")]
+    pub ca_key: Option<PathBuf>,
+    #[arg(long, env = "AMBIT_CA_CHAIN")]
+    pub ca_chain: Option<PathBuf>,
+
+    /// Address of the CA (gRPC over TLS); istiod uses 15012.
+    #[arg(long, env = "AMBIT_LISTEN", default_value = "0.0.0.0:15012")]
+    pub listen: SocketAddr,
+
+    /// DNS name in the CA's serving certificate; proxies check it (--ca-server-name).
+    #[arg(long, env = "AMBIT_SERVER_NAME", default_value = "ambit-controlplane")]
+    pub server_name: String,
+
+    /// Readiness endpoint (/healthz/ready).
+    #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    pub readiness_addr: SocketAddr,
+
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Validity given when a request asks for none.
+    #[arg(long, env = "AMBIT_DEFAULT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
+    pub default_cert_validity: Duration,
+
+    /// Longest validity granted; longer requests are refused.
+    #[arg(long, env = "AMBIT_MAX_CERT_VALIDITY", default_value = "48h", value_parser = parse_duration)]
+    pub max_cert_validity: Duration,
+
+    #[arg(long, env = "AMBIT_LOG", default_value = "info")]
+    pub log_level: String,
+
+    #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `node name: token` → `token → node name`, refusing empty and duplicate tokens.
+fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let by_node: std::collections::BTreeMap<String, String> = serde_norway::from_str(&text)
+        .with_context(|| format!("{}: expected a map of node name to token", path.display()))?;
+    let mut out = HashMap::new();
+    for (node, token) in by_node {
+        if token.len() < 16 {
+            bail!("{}: the token of node {node} is shorter than 16 characters", path.display());
+        }
+        if let Some(other) = out.insert(token, node.clone()) {
+            bail!("{}: nodes {other} and {node} have the same token", path.display());
+        }
+    }
+    Ok(out)
+}
+
+pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        mesh_file = %args.mesh_file.display(),
+        state_dir = %args.state_dir.display(),
+        listen = %args.listen,
+        server_name = %args.server_name,
+        trust_domain = %args.trust_domain,
+        default_cert_validity_s = args.default_cert_validity.as_secs(),
+        max_cert_validity_s = args.max_cert_validity.as_secs(),
+        "starting ambit controlplane"
+    );
+    let shutdown = CancellationToken::new();
+    let mesh = enroll::local::watch(args.mesh_file.clone(), None, shutdown.clone())
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("loading the mesh file")?;
+    let tokens = load_tokens(&args.tokens_file)?;
+    let source = match (&args.root_cert, &args.root_key, &args.ca_cert, &args.ca_key, &args.ca_chain) {
+        (Some(cert), Some(key), None, _, _) => Source::Root { cert: cert.clone(), key: key.clone() },
+        (_, _, Some(cert), Some(key), Some(chain)) => {
+            Source::Intermediate { cert: cert.clone(), key: key.clone(), chain: chain.clone() }
+        }
+        _ => Source::StateDir(args.state_dir.clone()),
+    };
+    let authority = Arc::new(Authority::load(&source, &args.trust_domain).context("loading the CA")?);
+    let ips: Vec<_> = Some(args.listen.ip()).filter(|ip| !ip.is_unspecified()).into_iter().collect();
+    let (chain, key) =
+        authority.serving_cert(&args.server_name, &ips).context("issuing the CA's serving certificate")?;
+
+    let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(AdminState::new(metrics, shutdown.clone()));
+    let ready =
+        admin::bind(args.readiness_addr).await.with_context(|| format!("binding {}", args.readiness_addr))?;
+    tokio::spawn(admin::serve(ready, Routes::Readiness, admin.clone(), shutdown.clone()));
+
+    let service = ca::CaService {
+        authority,
+        tokens,
+        mesh,
+        default_validity: args.default_cert_validity,
+        max_validity: args.max_cert_validity,
+    };
+    let tls =
+        tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key));
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .add_service(IstioCertificateServiceServer::new(service));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    admin.set_ready(None);
+    tracing::info!(listen = %args.listen, "CA serving");
+    let stop = shutdown.clone();
+    let signals = async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            stop.cancelled().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+            () = stop.cancelled() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    server
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), signals)
+        .await
+        .context("serving")?;
+    shutdown.cancel();
+    Ok(())
+}
