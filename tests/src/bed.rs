@@ -262,7 +262,8 @@ impl Bed {
     }
 
     /// Joins two nodes with a veth pair and routes each one's pod subnet via the other.
-    pub fn link(&self, a: &Node, b: &Node) {
+    /// Returns the interface names on `a`'s and on `b`'s side.
+    pub fn link(&self, a: &Node, b: &Node) -> (String, String) {
         let i = {
             let mut n = self.links.lock().unwrap_or_else(|p| p.into_inner());
             *n += 1;
@@ -302,6 +303,7 @@ impl Bed {
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("linking {} and {}: {e:#}", a.name, b.name));
+        (ia, ib)
     }
 
     /// Deletes a pod's namespace before teardown (a pod that went away).

@@ -7,7 +7,9 @@
 pub mod ambit;
 pub mod apps;
 pub mod bed;
+pub mod certs;
 pub mod cleanup;
+pub mod controlplane;
 pub mod exec;
 pub mod mesh;
 pub mod netns;

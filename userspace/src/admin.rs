@@ -25,12 +25,18 @@ pub enum Routes {
     Readiness,
 }
 
+/// Produces the live part of the config dump: an object merged into the cached one.
+pub type LiveDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// `None` when ready, else why not.
     not_ready: Mutex<Option<String>>,
     /// The latest config dump, refreshed by the node after every change.
     dump: Mutex<serde_json::Value>,
+    /// Parts of the dump computed when it is requested (pools, certificates): they change
+    /// without any event the node loop sees.
+    live: Mutex<Option<LiveDump>>,
     /// Cancelled by `/quitquitquit`.
     pub shutdown: CancellationToken,
 }
@@ -41,6 +47,7 @@ impl AdminState {
             metrics,
             not_ready: Mutex::new(Some("starting".into())),
             dump: Mutex::new(serde_json::Value::Null),
+            live: Mutex::new(None),
             shutdown,
         }
     }
@@ -51,6 +58,21 @@ impl AdminState {
 
     pub fn set_dump(&self, dump: serde_json::Value) {
         *self.dump.lock().unwrap_or_else(|p| p.into_inner()) = dump;
+    }
+
+    pub fn set_live_dump(&self, live: LiveDump) {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
+    }
+
+    fn current_dump(&self) -> serde_json::Value {
+        let mut dump = self.dump.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let (Some(live), Some(obj)) = (live, dump.as_object_mut()) {
+            if let serde_json::Value::Object(extra) = live() {
+                obj.extend(extra);
+            }
+        }
+        dump
     }
 }
 
@@ -63,8 +85,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match (routes, req.method(), req.uri().path()) {
         (Routes::Admin, &Method::GET, "/config_dump") => {
-            let dump = state.dump.lock().unwrap_or_else(|p| p.into_inner());
-            let body = serde_json::to_vec_pretty(&*dump).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&state.current_dump()).unwrap_or_default();
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert("content-type", "application/json".parse().expect("static"));
             r

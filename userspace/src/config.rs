@@ -60,6 +60,60 @@ pub struct NodeArgs {
     #[arg(long = "node-address", env = "AMBIT_NODE_ADDRESSES", value_delimiter = ',')]
     pub node_addresses: Vec<IpAddr>,
 
+    /// Mesh CA (`https://host:port`, Istio's certificate API: ambit controlplane or istiod).
+    /// With it, traffic between enrolled pods travels in mutual-TLS HBONE tunnels with the
+    /// workloads' SPIFFE identities; without it, captured traffic is relayed in plaintext.
+    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["ca_root_cert", "ca_token_file"])]
+    pub ca_address: Option<String>,
+
+    /// Name expected in the CA's serving certificate.
+    #[arg(long, env = "AMBIT_CA_SERVER_NAME", default_value = "ambit-controlplane")]
+    pub ca_server_name: String,
+
+    /// PEM root(s) the CA's serving certificate chains to: the mesh root.
+    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
+    pub ca_root_cert: Option<PathBuf>,
+
+    /// File with this node's bearer token for the CA (re-read on every request).
+    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
+    pub ca_token_file: Option<PathBuf>,
+
+    /// Trust domain of the workload identities (spiffe://<trust domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
+    /// Validity requested for workload certificates; renewed at half-life.
+    #[arg(long, env = "AMBIT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
+    pub cert_validity: Duration,
+
+    /// HBONE: tunnels per pooled connection before another is opened.
+    #[arg(long, env = "AMBIT_HBONE_MAX_STREAMS", default_value_t = 100)]
+    pub hbone_max_streams: u32,
+
+    /// HBONE: pooled connections without tunnels close after this long.
+    #[arg(long, env = "AMBIT_HBONE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub hbone_idle_timeout: Duration,
+
+    /// HBONE: HTTP/2 stream window, in bytes.
+    #[arg(long, env = "AMBIT_HBONE_STREAM_WINDOW", default_value_t = 4 << 20)]
+    pub hbone_stream_window: u32,
+
+    /// HBONE: HTTP/2 connection window, in bytes.
+    #[arg(long, env = "AMBIT_HBONE_CONNECTION_WINDOW", default_value_t = 16 << 20)]
+    pub hbone_connection_window: u32,
+
+    /// HBONE: largest HTTP/2 frame, in bytes.
+    #[arg(long, env = "AMBIT_HBONE_MAX_FRAME", default_value_t = 1 << 20)]
+    pub hbone_max_frame: u32,
+
+    /// HBONE: keepalive PING interval on pooled connections.
+    #[arg(long, env = "AMBIT_HBONE_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_ping_interval: Duration,
+
+    /// HBONE: a connection whose PING is not answered within this is closed.
+    #[arg(long, env = "AMBIT_HBONE_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub hbone_ping_timeout: Duration,
+
     /// Admin endpoint (/config_dump, /quitquitquit); keep it on loopback.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
@@ -102,15 +156,17 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// `500ms`, `10s`, `2m`.
+/// `500ms`, `10s`, `2m`, `24h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m)"))?;
+    let n: u64 =
+        num.parse().map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m, 24h)"))?;
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
     }
 }
 
@@ -139,6 +195,10 @@ pub struct NodeSettings {
     pub log_level: String,
     pub ebpf_log_level: KernelLogLevel,
     pub log_format: LogFormat,
+    /// `None`: no mesh CA, no mTLS.
+    pub ca: Option<crate::identity::caclient::CaSettings>,
+    pub identity: crate::identity::IdentitySettings,
+    pub hbone: crate::proxy::hbone::HboneSettings,
 }
 
 mod humantime_ms {
@@ -184,6 +244,32 @@ impl NodeSettings {
             log_level: args.log_level,
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
+            ca: match (args.ca_address, args.ca_root_cert, args.ca_token_file) {
+                (Some(address), Some(root_cert), Some(token_file)) => {
+                    Some(crate::identity::caclient::CaSettings {
+                        address,
+                        server_name: args.ca_server_name,
+                        root_cert,
+                        token_file,
+                        timeout: Duration::from_secs(10),
+                    })
+                }
+                _ => None,
+            },
+            identity: crate::identity::IdentitySettings {
+                trust_domain: args.trust_domain,
+                validity: args.cert_validity,
+            },
+            hbone: crate::proxy::hbone::HboneSettings {
+                stream_window: args.hbone_stream_window,
+                connection_window: args.hbone_connection_window,
+                max_frame_size: args.hbone_max_frame,
+                max_streams: args.hbone_max_streams,
+                idle_timeout: args.hbone_idle_timeout,
+                ping_interval: args.hbone_ping_interval,
+                ping_timeout: args.hbone_ping_timeout,
+                ..Default::default()
+            },
         })
     }
 
@@ -259,7 +345,8 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("5").is_err());
-        assert!(parse_duration("5h").is_err());
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
+        assert!(parse_duration("5d").is_err());
         assert_eq!(parse_u32("0x539"), Ok(0x539));
         assert_eq!(parse_u32("1337"), Ok(1337));
         assert!(parse_u32("0xzz").is_err());

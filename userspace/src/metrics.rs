@@ -30,7 +30,7 @@ pub struct Metrics {
 fn direction_label(d: Direction) -> &'static str {
     match d {
         Direction::Outbound => "outbound",
-        Direction::Inbound => "inbound",
+        Direction::Inbound | Direction::Hbone => "inbound",
     }
 }
 

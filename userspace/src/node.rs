@@ -3,6 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
+use rustls_pki_types::pem::PemObject;
+
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -12,10 +14,12 @@ use crate::{
     capture::Capture,
     config::{self, NodeSettings},
     enroll,
+    identity::{caclient::CaClient, IdentityManager},
     inpod::{PodManager, Ports},
     metrics::Metrics,
     probe,
     proxy::{Proxy, ProxySettings},
+    state::{WorkloadStore, Workloads},
 };
 
 /// How often enrolment of pods that failed is retried.
@@ -32,7 +36,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // The mesh file first: an invalid one stops the start before the kernel is touched.
     let mut meshes =
-        enroll::local::watch(settings.mesh_file.clone(), settings.node_name.clone(), shutdown.clone())
+        enroll::local::watch(settings.mesh_file.clone(), Some(settings.node_name.clone()), shutdown.clone())
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("loading the mesh file")?;
     // The kernel next: refuse, with everything that is missing, before attaching anything.
@@ -76,32 +80,63 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     metrics.register_kernel_stats(Arc::new(stats));
 
+    let identities = identities(&settings)?;
+    let workloads = Arc::new(WorkloadStore::default());
     let proxy = Proxy::new(
         ProxySettings {
             mark: settings.proxy_mark,
             connect_timeout: settings.connect_timeout,
             own_ports: vec![settings.outbound_port, settings.inbound_port, settings.hbone_port],
+            hbone_port: settings.hbone_port,
+            hbone: settings.hbone.clone(),
         },
         orig,
         metrics.clone(),
+        identities.clone(),
+        workloads.clone(),
     );
     let mut pods = PodManager::new(
         capture,
         proxy.clone(),
-        Ports { outbound: settings.outbound_port, inbound: settings.inbound_port },
+        identities.clone(),
+        Ports {
+            outbound: settings.outbound_port,
+            inbound: settings.inbound_port,
+            hbone: settings.hbone_port,
+        },
     );
     refresh_node_addresses(&settings, &mut pods)?;
 
-    let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
-    pods.reconcile(&desired).await;
+    let mesh = meshes.borrow_and_update().clone();
+    workloads.store(Workloads::from_mesh(&mesh, &settings.identity.trust_domain));
+    pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
-    publish(&admin, &metrics, &settings, &pods, &adoption, &proxy);
-    admin.set_ready(None);
+    {
+        let (proxy, identities) = (proxy.clone(), identities.clone());
+        admin.set_live_dump(Arc::new(move || {
+            serde_json::json!({
+                "certificates": identities.dump(),
+                "hbone_pools": proxy.hbone_pools(),
+                "active_connections": proxy.active_connections(),
+            })
+        }));
+    }
+    let view = View {
+        admin: &admin,
+        metrics: &metrics,
+        settings: &settings,
+        adoption: &adoption,
+        proxy: &proxy,
+        identities: &identities,
+    };
+    view.publish(&pods);
 
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut retry = tokio::time::interval(RETRY);
+    // Certificates arrive and rotate on their own: refresh the dump and readiness.
+    let mut refresh = tokio::time::interval(Duration::from_secs(1));
     let mut addr_refresh = tokio::time::interval(NODE_ADDR_REFRESH);
     loop {
         tokio::select! {
@@ -109,9 +144,11 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                 if changed.is_err() {
                     break;
                 }
-                let desired = enroll::enrolled_pods(&meshes.borrow_and_update(), &settings.node_name);
-                pods.reconcile(&desired).await;
+                let mesh = meshes.borrow_and_update().clone();
+                workloads.store(Workloads::from_mesh(&mesh, &settings.identity.trust_domain));
+                pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
             }
+            _ = refresh.tick() => {}
             _ = retry.tick(), if pods.has_failures() => {
                 let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name);
                 pods.reconcile(&desired).await;
@@ -125,7 +162,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
             () = shutdown.cancelled() => break,
         }
-        publish(&admin, &metrics, &settings, &pods, &adoption, &proxy);
+        view.publish(&pods);
     }
 
     admin.set_ready(Some("draining".into()));
@@ -168,32 +205,60 @@ fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> any
     Ok(())
 }
 
-fn publish(
-    admin: &AdminState,
-    metrics: &Metrics,
-    settings: &NodeSettings,
-    pods: &PodManager,
-    adoption: &crate::capture::Adoption,
-    proxy: &Proxy,
-) {
-    let (enrolled, failed) = pods.dump();
-    metrics.enrolled_pods.set(enrolled.len() as i64);
-    let maps = pods.capture().maps();
-    let listeners = maps.listeners().map(|l| l.len()).unwrap_or(0);
-    let node_addrs: Vec<_> =
-        maps.node_addrs().unwrap_or_default().iter().filter_map(crate::capture::addr::ip_from_key).collect();
-    admin.set_dump(serde_json::json!({
-        "settings": settings,
-        "capture": {
-            "pin_dir": pods.capture().pin_dir(),
-            "adoption": adoption,
-            "registered_listeners": listeners,
-            "node_addresses": node_addrs,
-            "pending_connects": maps.pending_count(),
-            "unaccepted_original_destinations": proxy.pending_records(),
-        },
-        "pods": enrolled,
-        "failed_pods": failed,
-        "active_connections": proxy.active_connections(),
-    }));
+/// A mesh CA makes identities (and mTLS) available; without one, none.
+fn identities(settings: &NodeSettings) -> anyhow::Result<IdentityManager> {
+    let Some(ca) = &settings.ca else {
+        tracing::warn!("no mesh CA configured (--ca-address): captured traffic is relayed without mTLS");
+        return Ok(IdentityManager::new(None, settings.identity.clone(), Vec::new()));
+    };
+    let roots =
+        std::fs::read(&ca.root_cert).with_context(|| format!("reading {}", ca.root_cert.display()))?;
+    let roots: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(&roots)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{}: not PEM certificates", ca.root_cert.display()))?;
+    let client = CaClient::new(ca).context("setting up the CA client")?;
+    Ok(IdentityManager::new(Some(client), settings.identity.clone(), roots))
+}
+
+/// What the admin endpoints show; refreshed after every change.
+struct View<'a> {
+    admin: &'a AdminState,
+    metrics: &'a Metrics,
+    settings: &'a NodeSettings,
+    adoption: &'a crate::capture::Adoption,
+    proxy: &'a Proxy,
+    identities: &'a IdentityManager,
+}
+
+impl View<'_> {
+    fn publish(&self, pods: &PodManager) {
+        let (enrolled, failed) = pods.dump();
+        self.metrics.enrolled_pods.set(enrolled.len() as i64);
+        let maps = pods.capture().maps();
+        let listeners = maps.listeners().map(|l| l.len()).unwrap_or(0);
+        let node_addrs: Vec<_> = maps
+            .node_addrs()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(crate::capture::addr::ip_from_key)
+            .collect();
+        self.admin.set_dump(serde_json::json!({
+            "settings": self.settings,
+            "capture": {
+                "pin_dir": pods.capture().pin_dir(),
+                "adoption": self.adoption,
+                "registered_listeners": listeners,
+                "node_addresses": node_addrs,
+                "pending_connects": maps.pending_count(),
+                "unaccepted_original_destinations": self.proxy.pending_records(),
+            },
+            "pods": enrolled,
+            "failed_pods": failed,
+        }));
+        // Ready once the programs are attached (we are past that) and every identity on the
+        // node has a valid certificate.
+        let not_ready =
+            (!self.identities.all_ready()).then(|| "waiting for workload certificates".to_string());
+        self.admin.set_ready(not_ready);
+    }
 }

@@ -2,12 +2,15 @@
 //! connection under the separate target `access` (filter it with e.g. `--log-level
 //! info,access=off`).
 
-use std::{io::IsTerminal, net::SocketAddr, time::Duration};
+use std::{io::IsTerminal, time::Duration};
 
 use clap::ValueEnum;
 use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
-use crate::{inpod::Direction, proxy::PodCtx, proxy::Transfer};
+use crate::{
+    inpod::Direction,
+    proxy::{ConnRecord, Transfer},
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -37,28 +40,24 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
 fn direction(d: Direction) -> &'static str {
     match d {
         Direction::Outbound => "outbound",
-        Direction::Inbound => "inbound",
+        Direction::Inbound | Direction::Hbone => "inbound",
     }
 }
 
 /// One finished connection.
-pub fn access_log(
-    d: Direction,
-    pod: &PodCtx,
-    src: SocketAddr,
-    dst: SocketAddr,
-    t: &Transfer,
-    duration: Duration,
-) {
+pub fn access_log(r: &ConnRecord<'_>, t: &Transfer, duration: Duration) {
     let error = t.error.as_ref().map(ToString::to_string);
+    let dst = r.dst.map(|a| a.to_string());
     tracing::info!(
         target: "access",
-        direction = direction(d),
-        namespace = %pod.namespace,
-        pod = %pod.name,
-        service_account = %pod.service_account,
-        src = %src,
-        dst = %dst,
+        direction = %direction(r.direction),
+        namespace = %r.pod.namespace,
+        pod = %r.pod.name,
+        src = %r.src,
+        dst = %dst.as_deref().unwrap_or("unknown"),
+        src_identity = %r.src_identity.as_deref().unwrap_or("-"),
+        dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
+        security = %if r.mtls { "mutual_tls" } else { "none" },
         bytes_sent = t.sent,
         bytes_received = t.received,
         duration_ms = duration.as_millis() as u64,
@@ -67,24 +66,19 @@ pub fn access_log(
     );
 }
 
-/// One captured connection the proxy refused.
-pub fn access_log_refused(
-    d: Direction,
-    pod: &PodCtx,
-    src: SocketAddr,
-    dst: Option<SocketAddr>,
-    reason: &str,
-    detail: &str,
-) {
-    let dst = dst.map(|a| a.to_string());
+/// One connection the proxy refused or could not complete.
+pub fn access_log_refused(r: &ConnRecord<'_>, reason: &str, detail: &str) {
+    let dst = r.dst.map(|a| a.to_string());
     tracing::warn!(
         target: "access",
-        direction = direction(d),
-        namespace = %pod.namespace,
-        pod = %pod.name,
-        service_account = %pod.service_account,
-        src = %src,
-        dst = dst.as_deref().unwrap_or("unknown"),
+        direction = %direction(r.direction),
+        namespace = %r.pod.namespace,
+        pod = %r.pod.name,
+        src = %r.src,
+        dst = %dst.as_deref().unwrap_or("unknown"),
+        src_identity = %r.src_identity.as_deref().unwrap_or("-"),
+        dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
+        security = %if r.mtls { "mutual_tls" } else { "none" },
         reason,
         error = detail,
         "connection refused"

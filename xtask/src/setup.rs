@@ -22,6 +22,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "checking that ambit creates no iptables rules"),
     ("nftables", "checking that ambit creates no nftables rules"),
     ("bpftool", "inspecting pinned programs and links in tests"),
+    ("tcpdump", "checking that tunnelled traffic is encrypted on the wire"),
     ("qemu-system-x86", "booting other kernels for the kernel matrix (TCG)"),
     ("busybox-static", "the kernel-matrix guests' userland"),
     ("cpio", "packing the guests' initramfs"),

@@ -6,7 +6,9 @@
 //! - `netprobe send <addr> <bytes> [seed]`: send that many pseudo-random bytes, half-close,
 //!   read the sink's answer; print both sides and exit 1 if they differ;
 //! - `netprobe chat <addr>`: one long-lived connection driven by stdin lines; prints each
-//!   echoed line, exits on stdin EOF or a connection error (message on stderr).
+//!   echoed line, exits on stdin EOF or a connection error (message on stderr);
+//! - `netprobe hold <addr> <n> <seconds>`: opens `n` connections to an echo server at once,
+//!   checks each with one echoed line, prints `held <n>`, keeps them open for `seconds`.
 //!
 //! Servers print `listening <addr>` once they accept connections.
 
@@ -159,6 +161,39 @@ fn chat(addr: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn hold(addr: &str, n: usize, seconds: u64) -> ExitCode {
+    let addr: SocketAddr = addr.parse().expect("address");
+    let conns: Vec<_> = (0..n)
+        .map(|i| {
+            thread::spawn(move || -> std::io::Result<TcpStream> {
+                let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                writeln!(s, "hello {i}")?;
+                let mut line = String::new();
+                BufReader::new(s.try_clone()?).read_line(&mut line)?;
+                if line.trim() != format!("hello {i}") {
+                    return Err(std::io::Error::other(format!("bad echo {line:?}")));
+                }
+                Ok(s)
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in conns {
+        match c.join().expect("thread") {
+            Ok(s) => held.push(s),
+            Err(e) => {
+                eprintln!("connection failed: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("held {}", held.len());
+    std::io::stdout().flush().expect("stdout");
+    thread::sleep(Duration::from_secs(seconds));
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -170,6 +205,7 @@ fn main() -> ExitCode {
             send(addr, bytes.parse().expect("byte count"), seed.parse().expect("seed"))
         }
         ["chat", addr] => chat(addr),
+        ["hold", addr, n, secs] => hold(addr, n.parse().expect("count"), secs.parse().expect("seconds")),
         _ => {
             eprintln!("usage: netprobe sink|echo <listen addr> | send <addr> <bytes> [seed] | chat <addr>");
             ExitCode::from(64)

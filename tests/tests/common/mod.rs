@@ -5,6 +5,8 @@ use std::{path::PathBuf, process::Output, time::Duration};
 
 #[allow(unused_imports)] // not every test binary uses both
 pub use ambit_testbed::apps::{http_server, netprobe};
+#[allow(unused_imports)]
+pub use ambit_testbed::eventually;
 use ambit_testbed::{
     ambit::write_mesh,
     mesh::{Mesh, AMBIENT},

@@ -20,6 +20,8 @@ use super::netns::Netns;
 pub enum Direction {
     Outbound,
     Inbound,
+    /// The HBONE listener on the pod's IP (mTLS tunnels from other proxies).
+    Hbone,
 }
 
 /// A listening socket created in a pod's netns, not yet handed to the runtime.
@@ -30,7 +32,15 @@ pub struct PodListener {
 }
 
 impl PodListener {
-    pub fn key(&self, netns_cookie: u64) -> ListenerKey {
+    /// The capture map entry of this listener; `None` for HBONE (not steered by eBPF).
+    pub fn key(&self, netns_cookie: u64) -> Option<ListenerKey> {
+        if self.direction == Direction::Hbone {
+            return None;
+        }
+        Some(self.capture_key(netns_cookie))
+    }
+
+    fn capture_key(&self, netns_cookie: u64) -> ListenerKey {
         ListenerKey {
             netns_cookie,
             family: if self.addr.is_ipv4() { AF_INET } else { AF_INET6 },
@@ -57,11 +67,15 @@ fn listen(addr: SocketAddr) -> io::Result<Socket> {
 /// Creates the pod's capture listeners: outbound on 127.0.0.1 always (it also serves IPv4-mapped
 /// connects of dual-stack sockets) and on ::1 for pods with an IPv6 address; inbound on the
 /// loopback of each family the pod has an address in.
+///
+/// With `hbone_port`, also the HBONE listener on each of the pod's own addresses: a real
+/// listener the inbound program leaves alone, reached by other proxies over the network.
 pub fn create(
     netns: &Netns,
     ips: &[IpAddr],
     outbound_port: u16,
     inbound_port: u16,
+    hbone_port: Option<u16>,
 ) -> io::Result<Vec<PodListener>> {
     let has_v4 = ips.iter().any(IpAddr::is_ipv4);
     let has_v6 = ips.iter().any(IpAddr::is_ipv6);
@@ -76,6 +90,9 @@ pub fn create(
     }
     if has_v6 {
         wanted.push((Direction::Inbound, SocketAddr::new(lo6, inbound_port)));
+    }
+    if let Some(port) = hbone_port {
+        wanted.extend(ips.iter().map(|ip| (Direction::Hbone, SocketAddr::new(*ip, port))));
     }
     netns.run(|| {
         wanted

@@ -19,6 +19,7 @@ pub use listeners::{Direction, PodListener};
 
 use crate::{
     capture::{addr, Capture, CaptureError},
+    identity::{Identity, IdentityManager},
     meshfile::PodSpec,
     proxy::{PodCtx, Proxy},
 };
@@ -36,6 +37,7 @@ pub enum EnrollError {
 
 struct EnrolledPod {
     spec: PodSpec,
+    identity: Option<Identity>,
     id: u32,
     netns: Arc<Netns>,
     tc: crate::capture::TcState,
@@ -49,11 +51,13 @@ struct EnrolledPod {
 pub struct Ports {
     pub outbound: u16,
     pub inbound: u16,
+    pub hbone: u16,
 }
 
 pub struct PodManager {
     capture: Capture,
     proxy: Proxy,
+    identities: IdentityManager,
     ports: Ports,
     pods: BTreeMap<String, EnrolledPod>,
     /// Pods that should be enrolled but could not be, with the reason; retried on every
@@ -68,6 +72,7 @@ pub struct PodDump {
     pub namespace: String,
     pub name: String,
     pub service_account: String,
+    pub identity: Option<Identity>,
     pub ips: Vec<std::net::IpAddr>,
     pub netns: std::path::PathBuf,
     pub netns_cookie: u64,
@@ -85,8 +90,16 @@ pub struct StaleRemoved {
 }
 
 impl PodManager {
-    pub fn new(capture: Capture, proxy: Proxy, ports: Ports) -> PodManager {
-        PodManager { capture, proxy, ports, pods: BTreeMap::new(), failed: BTreeMap::new(), next_id: 1 }
+    pub fn new(capture: Capture, proxy: Proxy, identities: IdentityManager, ports: Ports) -> PodManager {
+        PodManager {
+            capture,
+            proxy,
+            identities,
+            ports,
+            pods: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            next_id: 1,
+        }
     }
 
     pub fn capture(&self) -> &Capture {
@@ -151,11 +164,18 @@ impl PodManager {
                 .map_err(|source| EnrollError::Netns { path: spec.netns.clone(), source })?,
         );
         let cookie = netns.cookie();
-        let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound)
+        let identity = self
+            .identities
+            .enabled()
+            .then(|| Identity::new(self.identities.trust_domain(), &spec.namespace, &spec.service_account));
+        let hbone = identity.as_ref().map(|_| self.ports.hbone);
+        let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound, hbone)
             .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
         // Listeners first, so that capture never points at a socket that is not there yet.
         for l in &made {
-            self.capture.register_listener(l.key(cookie), &l.socket)?;
+            if let Some(key) = l.key(cookie) {
+                self.capture.register_listener(key, &l.socket)?;
+            }
         }
         let tc = self.capture.attach_pod(&netns, &spec.interface)?;
         let id = self.next_id;
@@ -164,10 +184,20 @@ impl PodManager {
             self.rollback(cookie, &netns, &spec.interface);
             return Err(e.into());
         }
+        if let Some(id) = &identity {
+            self.identities.acquire(id);
+        }
+        let app = ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|k| spec.labels.get(*k))
+            .cloned()
+            .unwrap_or_else(|| spec.name.clone());
         let ctx = Arc::new(PodCtx {
             namespace: spec.namespace.clone(),
             name: spec.name.clone(),
             service_account: spec.service_account.clone(),
+            identity: identity.clone(),
+            app,
             ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),
             netns: netns.clone(),
         });
@@ -180,12 +210,15 @@ impl PodManager {
                 Ok(task) => tasks.push(task),
                 Err(e) => {
                     stop.cancel();
+                    if let Some(id) = &identity {
+                        self.identities.release(id);
+                    }
                     self.rollback(cookie, &netns, &spec.interface);
                     return Err(EnrollError::Listeners { path: spec.netns.clone(), source: e });
                 }
             }
         }
-        Ok(EnrolledPod { spec: spec.clone(), id, netns, tc, listeners: bound, stop, tasks })
+        Ok(EnrolledPod { spec: spec.clone(), identity, id, netns, tc, listeners: bound, stop, tasks })
     }
 
     /// Undoes a half-done enrolment; errors are logged, as the original error is the one
@@ -216,6 +249,9 @@ impl PodManager {
             if let Err(e) = task.await {
                 tracing::warn!(pod = %key, error = %e, "accept loop ended abnormally");
             }
+        }
+        if let Some(id) = &pod.identity {
+            self.identities.release(id);
         }
         tracing::info!(pod = %key, netns_cookie = cookie, "pod unenrolled");
     }
@@ -272,6 +308,7 @@ impl PodManager {
                 namespace: p.spec.namespace.clone(),
                 name: p.spec.name.clone(),
                 service_account: p.spec.service_account.clone(),
+                identity: p.identity.clone(),
                 ips: p.spec.ips.clone(),
                 netns: p.spec.netns.clone(),
                 netns_cookie: p.netns.cookie(),

@@ -1,34 +1,40 @@
-//! Inbound plaintext: a connection to an enrolled pod, assigned to the pod-local 15006
-//! listener by the TC program. The accepted socket's local address is the original
-//! destination (the pod's IP and the application's port); the proxy connects to it from
-//! inside the pod's netns, so the application sees a local connection.
+//! Inbound plaintext: a connection to an enrolled pod from outside the mesh (mesh clients
+//! arrive over HBONE on 15008), assigned to the pod-local 15006 listener by the TC program.
+//! The accepted socket's local address is the original destination (the pod's IP and the
+//! application's port); the proxy connects to it from inside the pod's netns.
 
 use std::net::SocketAddr;
 
 use tokio::net::TcpStream;
 
-use super::{finish, refuse, upstream, Inner, PodCtx};
-use crate::{capture::addr, inpod::Direction};
+use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx};
+use crate::capture::addr;
 
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let started = std::time::Instant::now();
-    let fail = |client, dst, reason, detail: &str| {
-        refuse(inner, pod, Direction::Inbound, client, peer, dst, reason, detail);
-    };
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(addr::canonical(a.ip()), a.port()),
-        Err(e) => return fail(client, None, "socket_error", &e.to_string()),
+        Err(e) => {
+            return refuse(
+                inner,
+                &ConnRecord::inbound(pod, peer, None, None, false),
+                client,
+                "socket_error",
+                &e.to_string(),
+            )
+        }
     };
+    let record = ConnRecord::inbound(pod, peer, Some(dst), None, false);
     if !pod.ips.contains(&dst.ip()) {
         // Reached the loopback listener directly from inside the pod, not through capture.
-        return fail(client, Some(dst), "not_this_pod", "destination is not this pod's address");
+        return refuse(inner, &record, client, "not_this_pod", "destination is not this pod's address");
     }
     if inner.settings.own_ports.contains(&dst.port()) {
-        return fail(client, Some(dst), "loop", "destination is the proxy itself");
+        return refuse(inner, &record, client, "loop", "destination is the proxy itself");
     }
     let s = &inner.settings;
     match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
-        Ok(upstream) => finish(inner, pod, Direction::Inbound, client, upstream, peer, dst, started).await,
-        Err(e) => fail(client, Some(dst), "connect_failed", &e.to_string()),
+        Ok(upstream) => finish(inner, record, client, upstream, started).await,
+        Err(e) => refuse(inner, &record, client, "connect_failed", &e.to_string()),
     }
 }

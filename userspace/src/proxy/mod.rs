@@ -1,6 +1,7 @@
 //! The node proxy's data path: accept loops on the in-pod listeners, the outbound and inbound
 //! handlers, and the byte relay.
 
+pub mod hbone;
 mod inbound;
 mod outbound;
 mod relay;
@@ -13,8 +14,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capture::OrigDstTable,
+    identity::{Identity, IdentityManager},
     inpod::{netns::Netns, Direction},
     metrics::Metrics,
+    state::WorkloadStore,
 };
 
 pub use relay::{Counters as RelayCounters, Transfer};
@@ -25,6 +28,10 @@ pub struct PodCtx {
     pub namespace: String,
     pub name: String,
     pub service_account: String,
+    /// Its SPIFFE identity, when the mesh has a CA (mTLS); `None` without one.
+    pub identity: Option<Identity>,
+    /// `app.kubernetes.io/name` or `app` label, else the pod name (telemetry).
+    pub app: String,
     /// Canonical (IPv4-mapped addresses as IPv4).
     pub ips: Vec<IpAddr>,
     pub netns: Arc<Netns>,
@@ -33,6 +40,10 @@ pub struct PodCtx {
 impl PodCtx {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn app_name(&self) -> &str {
+        &self.app
     }
 }
 
@@ -44,12 +55,62 @@ pub struct ProxySettings {
     /// Ports the proxy serves itself; a captured connection to one of them is refused, as it
     /// would loop back into the proxy.
     pub own_ports: Vec<u16>,
+    pub hbone_port: u16,
+    pub hbone: hbone::HboneSettings,
 }
 
-struct Inner {
+/// What an access-log line and a refusal say about a connection.
+pub struct ConnRecord<'a> {
+    pub direction: Direction,
+    pub pod: &'a PodCtx,
+    /// Where the connection comes from, as the network sees it.
+    pub src: std::net::SocketAddr,
+    pub dst: Option<std::net::SocketAddr>,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// Whether it travelled (or arrived) over mutual TLS.
+    pub mtls: bool,
+}
+
+impl<'a> ConnRecord<'a> {
+    pub fn outbound(pod: &'a PodCtx, src: std::net::SocketAddr, dst: Option<std::net::SocketAddr>) -> Self {
+        ConnRecord {
+            direction: Direction::Outbound,
+            pod,
+            src,
+            dst,
+            src_identity: pod.identity.as_ref().map(ToString::to_string),
+            dst_identity: None,
+            mtls: false,
+        }
+    }
+
+    pub fn inbound(
+        pod: &'a PodCtx,
+        src: std::net::SocketAddr,
+        dst: Option<std::net::SocketAddr>,
+        peer: Option<&Identity>,
+        mtls: bool,
+    ) -> Self {
+        ConnRecord {
+            direction: Direction::Inbound,
+            pod,
+            src,
+            dst,
+            src_identity: peer.map(ToString::to_string),
+            dst_identity: pod.identity.as_ref().map(ToString::to_string),
+            mtls,
+        }
+    }
+}
+
+pub struct Inner {
     settings: ProxySettings,
     orig: OrigDstTable,
     metrics: Arc<Metrics>,
+    identities: IdentityManager,
+    hbone: hbone::client::HboneClient,
+    workloads: Arc<WorkloadStore>,
     /// Every connection task, so that shutdown can wait for them (drain).
     connections: TaskTracker,
 }
@@ -60,8 +121,32 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(settings: ProxySettings, orig: OrigDstTable, metrics: Arc<Metrics>) -> Proxy {
-        Proxy { inner: Arc::new(Inner { settings, orig, metrics, connections: TaskTracker::new() }) }
+    /// Call inside the runtime (the HBONE pool starts its reaper).
+    pub fn new(
+        settings: ProxySettings,
+        orig: OrigDstTable,
+        metrics: Arc<Metrics>,
+        identities: IdentityManager,
+        workloads: Arc<WorkloadStore>,
+    ) -> Proxy {
+        let hbone =
+            hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
+        Proxy {
+            inner: Arc::new(Inner {
+                settings,
+                orig,
+                metrics,
+                identities,
+                hbone,
+                workloads,
+                connections: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The HBONE connection pool (config dump).
+    pub fn hbone_pools(&self) -> Vec<hbone::pool::PoolDump> {
+        self.inner.hbone.dump()
     }
 
     /// Original-destination records waiting for an accept (diagnostics).
@@ -94,6 +179,13 @@ impl Proxy {
     ) -> io::Result<JoinHandle<()>> {
         let direction = listener.direction;
         let listener = TcpListener::from_std(std::net::TcpListener::from(listener.socket))?;
+        if direction == Direction::Hbone {
+            let identity =
+                pod.identity.clone().ok_or_else(|| io::Error::other("HBONE listener without identity"))?;
+            let tls =
+                crate::tls::server_config(&self.inner.identities, &identity).map_err(io::Error::other)?;
+            return Ok(hbone::server::serve(self.inner.clone(), pod, listener, tls, stop));
+        }
         let inner = self.inner.clone();
         Ok(tokio::spawn(async move {
             loop {
@@ -110,6 +202,7 @@ impl Proxy {
                             match direction {
                                 Direction::Outbound => outbound::handle(&inner, &pod, stream, peer).await,
                                 Direction::Inbound => inbound::handle(&inner, &pod, stream, peer).await,
+                                Direction::Hbone => unreachable!("HBONE listeners are served above"),
                             }
                         });
                     }
@@ -125,42 +218,28 @@ impl Proxy {
 }
 
 /// Refuses a captured connection: counted, logged, and closed with a reset.
-#[allow(clippy::too_many_arguments)]
 fn refuse(
     inner: &Inner,
-    pod: &PodCtx,
-    direction: Direction,
+    record: &ConnRecord<'_>,
     client: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    dst: Option<std::net::SocketAddr>,
     reason: &'static str,
     detail: &str,
 ) {
-    inner.metrics.connection_failed(direction, pod, reason);
-    crate::telemetry::access_log_refused(direction, pod, peer, dst, reason, detail);
+    inner.metrics.connection_failed(record.direction, record.pod, reason);
+    crate::telemetry::access_log_refused(record, reason, detail);
     relay::linger_zero(&client);
 }
 
-/// Relays an established pair to its end, with metrics and the access log.
-#[allow(clippy::too_many_arguments)]
+/// Relays an established plaintext pair to its end, with metrics and the access log.
 async fn finish(
     inner: &Inner,
-    pod: &PodCtx,
-    direction: Direction,
+    record: ConnRecord<'_>,
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
-    peer: std::net::SocketAddr,
-    dst: std::net::SocketAddr,
     started: std::time::Instant,
 ) {
-    // What the network sees as the source: the pod's address for outbound, the client's
-    // for inbound.
-    let src = match direction {
-        Direction::Outbound => upstream.local_addr().unwrap_or(peer),
-        Direction::Inbound => peer,
-    };
-    let counters = inner.metrics.connection_opened(direction, pod);
+    let counters = inner.metrics.connection_opened(record.direction, record.pod);
     let transfer = relay::relay(client, upstream, &counters).await;
-    inner.metrics.connection_closed(direction, pod);
-    crate::telemetry::access_log(direction, pod, src, dst, &transfer, started.elapsed());
+    inner.metrics.connection_closed(record.direction, record.pod);
+    crate::telemetry::access_log(&record, &transfer, started.elapsed());
 }

@@ -1,41 +1,112 @@
 //! Outbound: a connection an enrolled pod made, steered to the pod-local 15001 listener by the
-//! connect hook. The original destination comes from the eBPF map; the proxy connects there
-//! from inside the pod's netns.
+//! connect hook. The original destination comes from the eBPF map. A destination that is an
+//! enrolled workload (on this node or another) is reached through an HBONE tunnel to its
+//! 15008, as this pod's identity; anything else is connected to directly. Either way the
+//! proxy's socket is made in the pod's netns, so the network sees the pod's address.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{finish, refuse, upstream, Inner, PodCtx};
-use crate::{capture::addr, inpod::Direction};
+use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx};
+use crate::{capture::addr, identity::Identity, inpod::Direction};
 
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
-    let started = std::time::Instant::now();
-    let fail = |client, dst, reason, detail: &str| {
-        refuse(inner, pod, Direction::Outbound, client, peer, dst, reason, detail);
-    };
+    let started = Instant::now();
     let local = match client.local_addr() {
         Ok(a) => a,
-        Err(e) => return fail(client, None, "socket_error", &e.to_string()),
+        Err(e) => {
+            return refuse(
+                inner,
+                &ConnRecord::outbound(pod, peer, None),
+                client,
+                "socket_error",
+                &e.to_string(),
+            )
+        }
     };
     let dst = match inner.orig.take(&addr::conn_key(pod.netns.cookie(), peer, local)) {
         Ok(Some(orig)) => addr::orig_dst_addr(&orig),
         Ok(None) => None,
-        Err(e) => return fail(client, None, "map_error", &e.to_string()),
+        Err(e) => {
+            return refuse(inner, &ConnRecord::outbound(pod, peer, None), client, "map_error", &e.to_string())
+        }
     };
     let Some(dst) = dst else {
         // A process in the pod connected to 127.0.0.1:15001 itself, or the record was lost.
         let detail = "no original destination recorded for this connection";
-        return fail(client, None, "no_original_destination", detail);
+        return refuse(
+            inner,
+            &ConnRecord::outbound(pod, peer, None),
+            client,
+            "no_original_destination",
+            detail,
+        );
     };
     if dst.ip().is_loopback()
         || (pod.ips.contains(&dst.ip()) && inner.settings.own_ports.contains(&dst.port()))
     {
-        return fail(client, Some(dst), "loop", "destination is the proxy itself");
+        let record = ConnRecord::outbound(pod, peer, Some(dst));
+        return refuse(inner, &record, client, "loop", "destination is the proxy itself");
     }
+    let destination = inner.workloads.load().get(dst.ip()).filter(|w| w.enrolled).map(|w| w.identity.clone());
+    match (destination, pod.identity.as_ref(), inner.identities.enabled()) {
+        (Some(dst_identity), Some(src_identity), true) => {
+            hbone(inner, pod, client, peer, dst, src_identity, &dst_identity, started).await
+        }
+        _ => passthrough(inner, pod, client, peer, dst, started).await,
+    }
+}
+
+async fn passthrough(
+    inner: &Inner,
+    pod: &PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    started: Instant,
+) {
     let s = &inner.settings;
     match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
-        Ok(upstream) => finish(inner, pod, Direction::Outbound, client, upstream, peer, dst, started).await,
-        Err(e) => fail(client, Some(dst), "connect_failed", &e.to_string()),
+        Ok(upstream) => {
+            let src = upstream.local_addr().unwrap_or(peer);
+            finish(inner, ConnRecord::outbound(pod, src, Some(dst)), client, upstream, started).await
+        }
+        Err(e) => refuse(
+            inner,
+            &ConnRecord::outbound(pod, peer, Some(dst)),
+            client,
+            "connect_failed",
+            &e.to_string(),
+        ),
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn hbone(
+    inner: &Inner,
+    pod: &PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    src_identity: &Identity,
+    dst_identity: &Identity,
+    started: Instant,
+) {
+    let mut record = ConnRecord::outbound(pod, peer, Some(dst));
+    record.dst_identity = Some(dst_identity.to_string());
+    record.mtls = true;
+    let tunnel = match inner.hbone.open(pod, src_identity, dst, dst_identity, inner.settings.hbone_port).await
+    {
+        Ok(t) => t,
+        Err(e) => return refuse(inner, &record, client, e.reason(), &e.to_string()),
+    };
+    // The source as the network sees it: the pod's address of the destination's family.
+    if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
+        record.src = SocketAddr::new(*ip, peer.port());
+    }
+    let counters = inner.metrics.connection_opened(Direction::Outbound, pod);
+    let transfer = super::hbone::relay(client, tunnel.send, tunnel.recv, &counters).await;
+    inner.metrics.connection_closed(Direction::Outbound, pod);
+    crate::telemetry::access_log(&record, &transfer, started.elapsed());
 }

@@ -1,0 +1,250 @@
+//! Outbound HBONE: a CONNECT stream to the destination pod's 15008, on a pooled mTLS + HTTP/2
+//! connection opened from the source pod's network namespace (the network sees the pod's IP).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+
+use super::{
+    pool::{Conn, Lease, Pool, PoolDump, PoolKey},
+    HboneSettings,
+};
+use crate::{
+    identity::{Identity, IdentityManager},
+    proxy::{upstream, PodCtx},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("no valid certificate for {0} (is the CA reachable?)")]
+    NoCertificate(Identity),
+    #[error("the pod has no {0} address to tunnel from")]
+    NoSourceAddress(&'static str),
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: SocketAddr, source: std::io::Error },
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
+    #[error("HTTP/2 with {addr}: {source}")]
+    H2 { addr: SocketAddr, source: h2::Error },
+    #[error("{addr} answered the CONNECT with {status}")]
+    Status { addr: SocketAddr, status: StatusCode },
+    #[error("{what} with {addr} timed out")]
+    Timeout { addr: SocketAddr, what: &'static str },
+    #[error("building the TLS configuration: {0}")]
+    Config(#[from] crate::tls::TlsConfigError),
+}
+
+impl TunnelError {
+    /// Short machine-readable reason for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TunnelError::NoCertificate(_) => "no_certificate",
+            TunnelError::NoSourceAddress(_) => "no_source_address",
+            TunnelError::Connect { .. } => "hbone_connect_failed",
+            TunnelError::Tls { .. } => "hbone_tls_failed",
+            TunnelError::H2 { .. } => "hbone_http2_failed",
+            TunnelError::Status { .. } => "hbone_refused",
+            TunnelError::Timeout { .. } => "hbone_timeout",
+            TunnelError::Config(_) => "tls_config",
+        }
+    }
+}
+
+/// An open tunnel: write to `send`, read from `recv`; holds its pool slot.
+pub struct Tunnel {
+    pub send: SendStream<Bytes>,
+    pub recv: RecvStream,
+    pub conn_id: u64,
+    _lease: Lease,
+}
+
+pub struct HboneClient {
+    pool: Arc<Pool>,
+    settings: HboneSettings,
+    identities: IdentityManager,
+    mark: u32,
+}
+
+impl HboneClient {
+    /// Starts the pool's reaper; call inside the runtime.
+    pub fn new(settings: HboneSettings, identities: IdentityManager, mark: u32) -> HboneClient {
+        let pool = Arc::new(Pool::new(settings.max_streams, settings.idle_timeout));
+        let weak = Arc::downgrade(&pool);
+        let every = (settings.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(pool) = weak.upgrade() else { return };
+                let n = pool.reap();
+                if n > 0 {
+                    tracing::debug!(closed = n, "HBONE pool: idle or dead connections closed");
+                }
+            }
+        });
+        HboneClient { pool, settings, identities, mark }
+    }
+
+    pub fn dump(&self) -> Vec<PoolDump> {
+        self.pool.dump()
+    }
+
+    /// Opens a tunnel from `pod` (as `src_identity`) to `dst`, served by the workload
+    /// `dst_identity` on `dst`'s IP, port 15008.
+    pub async fn open(
+        &self,
+        pod: &PodCtx,
+        src_identity: &Identity,
+        dst: SocketAddr,
+        dst_identity: &Identity,
+        hbone_port: u16,
+    ) -> Result<Tunnel, TunnelError> {
+        if self.identities.wait(src_identity, self.settings.handshake_timeout).await.is_none() {
+            return Err(TunnelError::NoCertificate(src_identity.clone()));
+        }
+        let src_ip = pod
+            .ips
+            .iter()
+            .copied()
+            .find(|ip| ip.is_ipv4() == dst.is_ipv4())
+            .ok_or(TunnelError::NoSourceAddress(if dst.is_ipv4() { "IPv4" } else { "IPv6" }))?;
+        let key = PoolKey {
+            src_identity: src_identity.clone(),
+            dst_identity: dst_identity.clone(),
+            src_ip,
+            dst_ip: dst.ip(),
+        };
+        let hbone = SocketAddr::new(dst.ip(), hbone_port);
+        // A pooled connection may have died since it was last used: one more try on a fresh one.
+        let mut last = None;
+        for _ in 0..2 {
+            let lease = self.pool.lease(&key, || self.connect(pod, &key, hbone)).await?;
+            match self.connect_stream(&lease, pod, src_ip, dst, hbone).await {
+                Ok((send, recv)) => {
+                    return Ok(Tunnel { send, recv, conn_id: lease.conn_id(), _lease: lease })
+                }
+                Err(e @ TunnelError::H2 { .. }) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("the loop ran"))
+    }
+
+    async fn connect_stream(
+        &self,
+        lease: &Lease,
+        pod: &PodCtx,
+        src_ip: IpAddr,
+        dst: SocketAddr,
+        hbone: SocketAddr,
+    ) -> Result<(SendStream<Bytes>, RecvStream), TunnelError> {
+        let h2e = |source| TunnelError::H2 { addr: hbone, source };
+        let mut send = lease.send_request().ready().await.map_err(h2e)?;
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header("forwarded", format!("for=\"{}\"", forwarded_for(src_ip)))
+            .header("baggage", baggage(pod))
+            .header("traceparent", traceparent())
+            .body(())
+            .expect("a CONNECT request from valid parts");
+        let (response, stream) = send.send_request(req, false).map_err(h2e)?;
+        let response = tokio::time::timeout(self.settings.handshake_timeout, response)
+            .await
+            .map_err(|_| TunnelError::Timeout { addr: hbone, what: "the CONNECT answer" })?
+            .map_err(h2e)?;
+        if response.status() != StatusCode::OK {
+            return Err(TunnelError::Status { addr: hbone, status: response.status() });
+        }
+        Ok((stream, response.into_body()))
+    }
+
+    /// A new pooled connection: TCP from the source pod's netns, mTLS as the source
+    /// identity expecting the destination identity, HTTP/2 with the configured windows, and
+    /// keepalive PINGs.
+    async fn connect(&self, pod: &PodCtx, key: &PoolKey, hbone: SocketAddr) -> Result<Conn, TunnelError> {
+        let s = &self.settings;
+        let tcp = upstream::connect(&pod.netns, hbone, self.mark, s.handshake_timeout)
+            .await
+            .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
+        let tls_config =
+            crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;
+        let connector = tokio_rustls::TlsConnector::from(tls_config);
+        let tls = tokio::time::timeout(
+            s.handshake_timeout,
+            connector.connect(ServerName::IpAddress(hbone.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| TunnelError::Timeout { addr: hbone, what: "the TLS handshake" })?
+        .map_err(|source| TunnelError::Tls { addr: hbone, source })?;
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(s.stream_window)
+            .initial_connection_window_size(s.connection_window)
+            .max_frame_size(s.max_frame_size)
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| TunnelError::H2 { addr: hbone, source })?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ping = conn.ping_pong();
+        let done = closed.clone();
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(peer = %hbone, error = %e, "HBONE connection ended");
+            }
+            done.store(true, Ordering::Release);
+        });
+        if let Some(mut ping) = ping {
+            let (interval, timeout) = (s.ping_interval, s.ping_timeout);
+            let dead = closed.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(interval).await;
+                    if dead.load(Ordering::Acquire) {
+                        return;
+                    }
+                    match tokio::time::timeout(timeout, ping.ping(h2::Ping::opaque())).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            tracing::warn!(peer = %hbone, "HBONE connection: no PING answer, closing it");
+                            dead.store(true, Ordering::Release);
+                            driver.abort();
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        tracing::debug!(peer = %hbone, src = %key.src_identity, dst = %key.dst_identity, "HBONE connection opened");
+        Ok(Conn::new(send, closed))
+    }
+}
+
+fn forwarded_for(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        // RFC 7239: IPv6 in brackets.
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// W3C baggage describing the source workload, with the keys ztunnel uses.
+fn baggage(pod: &PodCtx) -> String {
+    format!("k8s.namespace.name={},k8s.pod.name={},service.name={}", pod.namespace, pod.name, pod.app_name())
+}
+
+/// A new W3C trace context (sampled).
+fn traceparent() -> String {
+    let trace: u128 = rand::random::<u128>().max(1);
+    let span: u64 = rand::random::<u64>().max(1);
+    format!("00-{trace:032x}-{span:016x}-01")
+}

@@ -1,0 +1,156 @@
+//! HBONE: TCP tunnelled as HTTP/2 CONNECT streams over mutual TLS, between node proxies, as
+//! Istio's ztunnel speaks it (../shared/reference/wire.md).
+//!
+//! - `client`: outbound tunnels, over pooled connections made from the source pod's netns;
+//! - `pool`: connections keyed by (source identity, destination identity, source IP,
+//!   destination IP), up to N streams each, idle ones closed, PING keepalives;
+//! - `server`: the 15008 listener in each enrolled pod's netns;
+//! - here: settings, and the byte relay between a TCP socket and a CONNECT stream.
+
+pub mod client;
+pub mod pool;
+pub mod server;
+
+use std::{io, time::Duration};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{relay::linger_zero, RelayCounters, Transfer};
+
+/// HTTP/2 and pool parameters; the defaults are ztunnel's.
+#[derive(Clone, Debug, Serialize)]
+pub struct HboneSettings {
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_frame_size: u32,
+    /// Streams per pooled connection before another connection is opened.
+    pub max_streams: u32,
+    #[serde(serialize_with = "secs")]
+    pub idle_timeout: Duration,
+    #[serde(serialize_with = "secs")]
+    pub ping_interval: Duration,
+    #[serde(serialize_with = "secs")]
+    pub ping_timeout: Duration,
+    /// Connect + TLS handshake limit, both directions.
+    #[serde(serialize_with = "secs")]
+    pub handshake_timeout: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+impl Default for HboneSettings {
+    fn default() -> Self {
+        HboneSettings {
+            stream_window: 4 << 20,
+            connection_window: 16 << 20,
+            max_frame_size: 1 << 20,
+            max_streams: 100,
+            idle_timeout: Duration::from_secs(300),
+            ping_interval: Duration::from_secs(10),
+            ping_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Bytes read from the TCP side at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+fn h2_io(e: h2::Error) -> io::Error {
+    if e.is_io() {
+        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
+    } else {
+        io::Error::other(e)
+    }
+}
+
+/// TCP → CONNECT stream, honouring HTTP/2 flow control; end of stream on EOF.
+async fn tcp_to_h2(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut SendStream<Bytes>,
+    counter: &prometheus::IntCounter,
+    total: &mut u64,
+) -> io::Result<()> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        let n = from.read_buf(&mut buf).await?;
+        if n == 0 {
+            return to.send_data(Bytes::new(), true).map_err(h2_io);
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            to.reserve_capacity(data.len());
+            let cap = std::future::poll_fn(|cx| to.poll_capacity(cx))
+                .await
+                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))?
+                .map_err(h2_io)?;
+            let chunk = data.split_to(cap.min(data.len()));
+            let len = chunk.len() as u64;
+            to.send_data(chunk, false).map_err(h2_io)?;
+            *total += len;
+            counter.inc_by(len);
+        }
+    }
+}
+
+/// CONNECT stream → TCP, releasing flow-control credit as data is written; FIN at its end.
+async fn h2_to_tcp(
+    from: &mut RecvStream,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    counter: &prometheus::IntCounter,
+    total: &mut u64,
+) -> io::Result<()> {
+    while let Some(chunk) = from.data().await {
+        let chunk = chunk.map_err(h2_io)?;
+        to.write_all(&chunk).await?;
+        let len = chunk.len();
+        from.flow_control().release_capacity(len).map_err(h2_io)?;
+        *total += len as u64;
+        counter.inc_by(len as u64);
+    }
+    to.shutdown().await
+}
+
+/// Relays between a TCP connection and a CONNECT stream until both directions ended. A
+/// failure on one side resets the other (RST_STREAM on the tunnel, TCP reset on the socket).
+/// `sent` counts TCP → tunnel, `received` tunnel → TCP.
+pub async fn relay(
+    mut tcp: TcpStream,
+    mut send: SendStream<Bytes>,
+    mut recv: RecvStream,
+    counters: &RelayCounters,
+) -> Transfer {
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut error = None;
+    {
+        let (mut r, mut w) = tcp.split();
+        let up = tcp_to_h2(&mut r, &mut send, &counters.sent, &mut sent);
+        let down = h2_to_tcp(&mut recv, &mut w, &counters.received, &mut received);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+            };
+            if let Err(e) = result {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    if error.is_some() {
+        send.send_reset(h2::Reason::CANCEL);
+        linger_zero(&tcp);
+    }
+    Transfer { sent, received, error }
+}
