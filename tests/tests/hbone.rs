@@ -10,7 +10,7 @@ use ambit_testbed::{
     certs,
     controlplane::ControlPlane,
     exec::{node_command, workspace_bin},
-    mesh::{Mesh, AMBIENT},
+    mesh::{Mesh, AMBIENT, OPT_OUT},
     pod_command, run_with_timeout, Ambit, Bed, Chat, Node, Pod, Proc,
 };
 use common::*;
@@ -112,6 +112,28 @@ fn same_node_traffic_is_tunnelled_with_identity_too() {
     assert!(eventually(T, || mtls_lines(&p1, "inbound", CLIENT, NEIGHBOUR) == 1), "{}", p1.log());
     // Not a single plaintext leg: the inbound plaintext listener saw nothing.
     assert_eq!(access_lines(&p1, &["security=none"]), 0, "{}", p1.log());
+
+    // The neighbour leaves the mesh: n1 drops its certificate and key with it.
+    let certs = |p: &Ambit| -> Vec<String> {
+        let dump = p.config_dump();
+        dump["certificates"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["identity"].as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(certs(&p1), [CLIENT, NEIGHBOUR]);
+    let opted_out = Mesh::default()
+        .namespace("demo", &[AMBIENT])
+        .pod_with_sa(&t.a, "demo", &[], "client")
+        .pod_with_sa(&t.b, "demo", &[], "server")
+        .pod_with_sa(&t.c, "demo", &[OPT_OUT], "neighbour");
+    write_mesh(&t.mesh, &opted_out.yaml());
+    assert!(eventually(T, || certs(&p1) == [CLIENT]), "{:?}", certs(&p1));
+    assert!(p1.log().contains(&format!(
+        "no pod with this identity left on the node: certificate and key dropped identity={NEIGHBOUR}"
+    )));
 }
 
 /// Packets of a capture file, as `tcpdump -r` prints them (`-A`: with payload as text).

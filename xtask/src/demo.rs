@@ -1,6 +1,6 @@
-//! `cargo xtask demo`: one node, three pods, the embedded eBPF capture, real traffic, and
-//! what the proxy saw. Everything lives in network namespaces and is torn down at the end
-//! (or at Ctrl-C with `--keep`).
+//! `cargo xtask demo`: two nodes and a control plane (the mesh CA) in network namespaces, four
+//! pods, eBPF capture, mTLS HBONE tunnels with workload identities, and what each proxy saw.
+//! Everything is torn down at the end (or at Ctrl-C with `--keep`).
 
 use std::{process::Command, time::Duration};
 
@@ -8,15 +8,18 @@ use anyhow::bail;
 
 use ambit_testbed::{
     ambit::{sample_value, write_mesh},
+    apps::http_server,
+    controlplane::ControlPlane,
     exec::{node_command, run_with_timeout},
     mesh::{Mesh, AMBIENT},
-    pod_command, Ambit, Bed, Pod,
+    pod_command, Ambit, Bed, Node, Pod,
 };
 
 const T: Duration = Duration::from_secs(20);
+const STEPS: u32 = 7;
 
 fn step(n: u32, text: &str) {
-    println!("\n\x1b[1m[{n}/6] {text}\x1b[0m");
+    println!("\n\x1b[1m[{n}/{STEPS}] {text}\x1b[0m");
 }
 
 fn curl(cmd: Command, label: &str) -> anyhow::Result<String> {
@@ -25,7 +28,7 @@ fn curl(cmd: Command, label: &str) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!("{label}: curl failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    println!("  {label:<44} -> {body:?}");
+    println!("  {label:<48} -> {body:?}");
     Ok(body)
 }
 
@@ -33,25 +36,24 @@ fn pod_curl(pod: &Pod, url: &str, label: &str) -> anyhow::Result<String> {
     curl(pod_command(pod, &["curl", "-sS", "--max-time", "5", url]), label)
 }
 
-/// The proxy's access-log lines, trimmed to the interesting fields.
-fn access_log(ambit: &Ambit, skip: usize) -> usize {
+/// Prints a proxy's access-log lines after the first `skip`, trimmed to what matters;
+/// returns how many there are.
+fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
     let log = ambit.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(" access: ")).collect();
     for l in lines.iter().skip(skip) {
-        let fields: Vec<&str> = l
+        let keep = ["direction=", "pod=", "src=", "dst=", "src_identity=", "dst_identity=", "security="];
+        let fields: Vec<String> = l
             .split_whitespace()
-            .filter(|f| {
-                ["direction=", "namespace=", "pod=", "src=", "dst=", "bytes_"]
-                    .iter()
-                    .any(|p| f.starts_with(p))
-            })
+            .filter(|f| keep.iter().any(|p| f.starts_with(p)))
+            .map(|f| f.replace("spiffe://cluster.local/", ""))
             .collect();
-        println!("  access: {}", fields.join(" "));
+        println!("  {node} access: {}", fields.join(" "));
     }
     lines.len()
 }
 
-fn kernel_counters(ambit: &Ambit) {
+fn kernel_counters(node: &str, ambit: &Ambit) {
     let m = ambit.metrics();
     let line: Vec<String> =
         ["connect_captured", "connect_not_enrolled", "inbound_assigned", "inbound_node_bypass"]
@@ -60,96 +62,135 @@ fn kernel_counters(ambit: &Ambit) {
                 format!("{e}={}", sample_value(&m, &format!("ambit_capture_events_total{{event=\"{e}\"}}")))
             })
             .collect();
-    println!("  eBPF counters: {}", line.join(" "));
+    println!("  {node} eBPF counters: {}", line.join(" "));
+}
+
+fn settle() {
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+fn start<'b>(bed: &'b Bed, cp: &ControlPlane<'b>, node: &Node, mesh: &std::path::Path) -> Ambit<'b> {
+    let args = cp.node_args(node);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ambit::start(bed, node, mesh, &args)
 }
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
-    println!("\x1b[1mambit demo\x1b[0m: in-pod eBPF capture into the node proxy — no iptables, no sidecars");
+    println!(
+        "\x1b[1mambit demo\x1b[0m: in-pod eBPF capture, mTLS HBONE between node proxies, workload identities — \
+         no iptables, no sidecars"
+    );
     let bed = Bed::new("demo");
-    let node = bed.node("n1");
-    let client = bed.pod(&node, "client");
-    let server = bed.pod(&node, "server");
-    let outsider = bed.pod(&node, "outsider");
-    step(1, "a node and three pods (network namespaces on this machine)");
-    for (p, ns, enrolled) in [(&client, "demo", true), (&server, "demo", true), (&outsider, "plain", false)] {
-        println!(
-            "  {:<9} ns={ns:<6} {:<10} {:<15} netns {}",
-            p.name,
-            if enrolled { "enrolled" } else { "-" },
-            p.ipv4,
-            p.netns
-        );
+    let (n1, n2, cpn) = (bed.node("n1"), bed.node("n2"), bed.node("cp"));
+    bed.link(&n1, &n2);
+    bed.link(&cpn, &n1);
+    bed.link(&cpn, &n2);
+    let client = bed.pod(&n1, "client");
+    let neighbour = bed.pod(&n1, "neighbour");
+    let outsider = bed.pod(&n1, "outsider");
+    let server = bed.pod(&n2, "server");
+    step(1, "two nodes, a control plane, four pods (network namespaces on this machine)");
+    for (p, ns, sa) in [
+        (&client, "demo", "client"),
+        (&neighbour, "demo", "neighbour"),
+        (&outsider, "plain", "default"),
+        (&server, "demo", "server"),
+    ] {
+        let enrolled = if ns == "demo" { "enrolled" } else { "-" };
+        println!("  {:<10} node={} ns={ns:<6} sa={sa:<10} {enrolled:<9} {}", p.name, p.node, p.ipv4);
     }
     let mesh_path = bed.dir().join("mesh.yaml");
     let mesh = Mesh::default()
         .namespace("demo", &[AMBIENT])
         .namespace("plain", &[])
-        .pod(&client, "demo", &[])
-        .pod(&server, "demo", &[])
-        .pod(&outsider, "plain", &[]);
+        .pod_with_sa(&client, "demo", &[], "client")
+        .pod_with_sa(&neighbour, "demo", &[], "neighbour")
+        .pod(&outsider, "plain", &[])
+        .pod_with_sa(&server, "demo", &[], "server");
     write_mesh(&mesh_path, &mesh.yaml());
 
-    step(2, "ambit node starts in the node's namespace and attaches its eBPF programs");
-    let ambit = Ambit::start(&bed, &node, &mesh_path, &[]);
-    let dump = ambit.config_dump();
-    println!("  ready; pinned state in {}", dump["capture"]["pin_dir"].as_str().unwrap_or("?"));
-    for p in dump["pods"].as_array().into_iter().flatten() {
-        println!(
-            "  enrolled {}/{}: netns cookie {}, listeners {}",
-            p["namespace"].as_str().unwrap_or(""),
-            p["name"].as_str().unwrap_or(""),
-            p["netns_cookie"],
-            p["listeners"]
-        );
+    step(2, "the control plane creates the mesh root; each node proxy gets certificates for its pods");
+    let cp = ControlPlane::start(&bed, &cpn, &mesh_path, &[&n1, &n2], &[]);
+    println!("  CA at {} (root in {})", cp.address, cp.root_cert.display());
+    let p1 = start(&bed, &cp, &n1, &mesh_path);
+    let p2 = start(&bed, &cp, &n2, &mesh_path);
+    for (name, p) in [("n1", &p1), ("n2", &p2)] {
+        for c in p.config_dump()["certificates"].as_array().into_iter().flatten() {
+            println!(
+                "  {name}: {} serial {} valid until {}",
+                c["identity"].as_str().unwrap_or(""),
+                c["certificate"]["serial"].as_str().unwrap_or("-"),
+                c["certificate"]["not_after"].as_str().unwrap_or("-")
+            );
+        }
     }
-    let http = ambit_testbed::apps::http_server(&bed, &server, "hello from the server pod\n");
+    let _http_server = http_server(&bed, &server, "hello from the server pod on n2\n");
+    let _http_neighbour = http_server(&bed, &neighbour, "hello from the neighbour on n1\n");
 
-    step(3, "client -> server, IPv4 and IPv6: captured on both ends");
+    step(3, "client (n1) -> server (n2): an mTLS tunnel between the node proxies, identities on both ends");
     pod_curl(&client, &format!("http://{}:8080/", server.ipv4), "client -> server (IPv4)")?;
     pod_curl(&client, &format!("http://[{}]:8080/", server.ipv6), "client -> server (IPv6)")?;
-    std::thread::sleep(Duration::from_millis(200));
-    let mut seen = access_log(&ambit, 0);
-    kernel_counters(&ambit);
+    settle();
+    let (mut s1, mut s2) = (access_log("n1", &p1, 0), access_log("n2", &p2, 0));
 
-    step(4, "kubelet-style probe from the node, and a client that is not enrolled");
-    curl(
-        node_command(&node, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", server.ipv4)]),
-        "node (kubelet) -> server: not captured",
+    step(4, "client -> neighbour on the same node: tunnelled too, with identity");
+    pod_curl(&client, &format!("http://{}:8080/", neighbour.ipv4), "client -> neighbour")?;
+    settle();
+    s1 = access_log("n1", &p1, s1);
+
+    step(5, "a pod outside the mesh, and a kubelet-style probe from the node");
+    pod_curl(
+        &outsider,
+        &format!("http://{}:8080/", server.ipv4),
+        "outsider -> server: plaintext, captured inbound",
     )?;
-    pod_curl(&outsider, &format!("http://{}:8080/", server.ipv4), "outsider -> server: inbound captured")?;
-    std::thread::sleep(Duration::from_millis(200));
-    seen = access_log(&ambit, seen);
-    kernel_counters(&ambit);
+    curl(
+        node_command(&n2, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", server.ipv4)]),
+        "node n2 (kubelet) -> server: not captured",
+    )?;
+    settle();
+    s1 = access_log("n1", &p1, s1);
+    s2 = access_log("n2", &p2, s2);
+    kernel_counters("n1", &p1);
+    kernel_counters("n2", &p2);
+    for (name, p) in [("n1", &p1), ("n2", &p2)] {
+        for pool in p.config_dump()["hbone_pools"].as_array().into_iter().flatten() {
+            let conns = pool["connections"].as_array().map(Vec::len).unwrap_or(0);
+            println!(
+                "  {name} HBONE pool {} -> {}: {conns} connection(s)",
+                pool["src_ip"].as_str().unwrap_or(""),
+                pool["dst_ip"].as_str().unwrap_or("")
+            );
+        }
+    }
 
-    step(5, "unenrolling namespace demo by editing the mesh file (no restart)");
+    step(6, "unenrolling namespace demo by editing the mesh file (no restart)");
     write_mesh(&mesh_path, &mesh.clone().relabel_namespace("demo", &[]).yaml());
     let gone =
-        ambit_testbed::eventually(T, || ambit.config_dump()["pods"].as_array().is_some_and(Vec::is_empty));
+        ambit_testbed::eventually(T, || p1.config_dump()["pods"].as_array().is_some_and(Vec::is_empty));
     if !gone {
         bail!("the pods were not unenrolled");
     }
     pod_curl(&client, &format!("http://{}:8080/", server.ipv4), "client -> server: direct now")?;
-    std::thread::sleep(Duration::from_millis(200));
-    let after = access_log(&ambit, seen);
-    if after != seen {
+    settle();
+    if access_log("n1", &p1, s1) != s1 || access_log("n2", &p2, s2) != s2 {
         bail!("a connection was captured after unenrolment");
     }
-    println!("  (no new access-log line: the connection went direct)");
-    kernel_counters(&ambit);
+    println!("  (no new access-log line: the connection went direct, and n1 dropped its certificates)");
     write_mesh(&mesh_path, &mesh.yaml());
-    ambit_testbed::eventually(T, || ambit.config_dump()["pods"].as_array().map(Vec::len) == Some(2));
+    ambit_testbed::eventually(T, || p1.config_dump()["pods"].as_array().map(Vec::len) == Some(2));
 
-    step(6, if keep { "the mesh stays up: explore, then Ctrl-C" } else { "tearing down" });
+    step(STEPS, if keep { "the mesh stays up: explore, then Ctrl-C" } else { "tearing down" });
     if keep {
         println!("  mesh file (edit it live):  {}", mesh_path.display());
-        println!("  proxy log:                 {}", ambit.proc.log.display());
+        println!("  proxy logs:                {} {}", p1.proc.log.display(), p2.proc.log.display());
         println!(
             "  a shell in the client pod: sh -c 'echo $$ > {}/cgroup.procs; exec nsenter --net={} bash'",
             client.cgroup.display(),
             client.netns_path().display()
         );
         println!("  then e.g.:                 curl http://{}:8080/", server.ipv4);
-        let ns = node.netns_path().display().to_string();
+        let ns = n1.netns_path().display().to_string();
         println!("  metrics:                   nsenter --net={ns} curl -s localhost:15020/stats/prometheus");
         println!("  config dump:               nsenter --net={ns} curl -s localhost:15000/config_dump");
         println!("  Ctrl-C tears everything down.");
@@ -157,8 +198,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_secs(3600));
         }
     }
-    drop(http);
-    drop(ambit);
+    drop((p1, p2, cp, _http_server, _http_neighbour));
     drop(bed);
     println!("  done: namespaces, cgroups and pins removed");
     Ok(())
