@@ -98,7 +98,7 @@ fn main() {
 /// The project's own .proto files (the Istio APIs ambit speaks), compiled without a system
 /// protoc: protox parses them in Rust, tonic-prost-build generates the code.
 fn compile_protos() {
-    let protos = ["proto/istio/ca.proto"];
+    let protos = ["proto/istio/ca.proto", "proto/istio/workload.proto", "proto/istio/authorization.proto"];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(protos, ["proto"]).unwrap_or_else(|e| panic!("compiling {protos:?}: {e}"));
     tonic_prost_build::configure()
