@@ -135,3 +135,70 @@ fn not_yaml_is_refused() {
     let err = parse_str("pods: [\n").expect_err("refused");
     assert!(err.location.is_some(), "{err}");
 }
+
+const SERVICES: &str = "\
+services:
+  - name: web
+    namespace: demo
+    addresses: [10.96.0.10, fd00:96::10]
+    ports:
+      - port: 80
+        targetPort: 8080
+    selector:
+      app: web
+";
+
+fn with_services(services: &str) -> String {
+    let pods = GOOD.replace(
+        "    ips: [10.1.0.2, fd00:1::2]\n",
+        "    ips: [10.1.0.2, fd00:1::2]\n    labels: {app: web}\n    status: unhealthy\n",
+    );
+    format!("{pods}{services}")
+}
+
+#[test]
+fn services_parse_with_their_endpoints_and_istio_hostnames() {
+    let mesh = parse_str(&with_services(SERVICES)).expect("valid");
+    let web = &mesh.services[0];
+    assert_eq!(web.key(), "demo/web.demo.svc.cluster.local");
+    assert_eq!(web.ports, [ServicePortSpec { port: 80, target_port: 8080 }]);
+    assert_eq!(web.addresses.len(), 2);
+    let selected: Vec<_> = mesh.pods.iter().filter(|p| web.selects(p)).map(PodSpec::key).collect();
+    assert_eq!(selected, ["demo/client"]);
+    assert!(!mesh.pods[0].healthy, "status: unhealthy");
+    assert!(mesh.pods[1].healthy, "healthy by default");
+    // Without a selector a service selects nothing (as in Kubernetes).
+    let bare =
+        parse_str(&with_services(&SERVICES.replace("    selector:\n      app: web\n", ""))).expect("valid");
+    assert!(!mesh.pods.iter().any(|p| bare.services[0].selects(p)));
+}
+
+#[test]
+fn invalid_services_are_refused_with_line_and_field() {
+    // Lines: `services:` is line 33 of the sample.
+    let cases = [
+        ("port: 80", "port: 0", 38, "services[0].ports[0].port", "ports are 1 to 65535"),
+        ("targetPort: 8080", "targetPort: 0", 39, "services[0].ports[0].targetPort", "ports are 1 to 65535"),
+        ("10.96.0.10,", "10.1.0.5,", 36, "services[0].addresses[0]", "already the address of pods[3]"),
+        ("10.96.0.10,", "127.0.0.1,", 36, "services[0].addresses[0]", "cannot be a service address"),
+        (
+            "    namespace: demo\n    addresses",
+            "    namespace: nope\n    addresses",
+            35,
+            "services[0].namespace",
+            "not declared",
+        ),
+        ("name: web", "name: Web_1", 34, "services[0].name", ""),
+    ];
+    for (from, to, line, field, what) in cases {
+        let text = with_services(&SERVICES.replace(from, to));
+        assert_ne!(text, with_services(SERVICES), "{from} not in the sample");
+        refused(&text, line, field, what);
+    }
+    let twice =
+        SERVICES.replace("        targetPort: 8080\n", "        targetPort: 8080\n      - port: 80\n");
+    refused(&with_services(&twice), 40, "services[0].ports[1].port", "port 80 is listed twice");
+    let status = with_services(SERVICES).replace("status: unhealthy", "status: sick");
+    let err = parse_str(&status).expect_err("refused");
+    assert!(err.to_string().contains("pods[0].status") && err.to_string().contains("sick"), "{err}");
+}
