@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use ambit_common::{DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
-use crate::{capture::klog::KernelLogLevel, telemetry::LogFormat};
+use crate::{capture::klog::KernelLogLevel, proxy::UnknownDestination, telemetry::LogFormat};
 
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
@@ -63,20 +63,30 @@ pub struct NodeArgs {
     /// Mesh CA (`https://host:port`, Istio's certificate API: ambit controlplane or istiod).
     /// With it, traffic between enrolled pods travels in mutual-TLS HBONE tunnels with the
     /// workloads' SPIFFE identities; without it, captured traffic is relayed in plaintext.
-    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["ca_root_cert", "ca_token_file"])]
+    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["root_cert", "token_file"])]
     pub ca_address: Option<String>,
 
-    /// Name expected in the CA's serving certificate.
-    #[arg(long, env = "AMBIT_CA_SERVER_NAME", default_value = "ambit-controlplane")]
-    pub ca_server_name: String,
+    /// Control plane serving Delta ADS with Istio's workload API (`https://host:port`: ambit
+    /// controlplane or istiod). Without it, workloads and services come from --mesh-file.
+    #[arg(long, env = "AMBIT_XDS_ADDRESS", requires_all = ["root_cert", "token_file"])]
+    pub xds_address: Option<String>,
 
-    /// PEM root(s) the CA's serving certificate chains to: the mesh root.
-    #[arg(long, env = "AMBIT_CA_ROOT_CERT")]
-    pub ca_root_cert: Option<PathBuf>,
+    /// PEM root(s) the control plane's serving certificates (CA and xDS) chain to: the mesh
+    /// root.
+    #[arg(long, env = "AMBIT_ROOT_CERT")]
+    pub root_cert: Option<PathBuf>,
 
-    /// File with this node's bearer token for the CA (re-read on every request).
-    #[arg(long, env = "AMBIT_CA_TOKEN_FILE")]
-    pub ca_token_file: Option<PathBuf>,
+    /// File with this node's bearer token for the control plane (re-read on every request).
+    #[arg(long, env = "AMBIT_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Name expected in the control plane's serving certificates.
+    #[arg(long, env = "AMBIT_CONTROL_PLANE_NAME", default_value = "ambit-controlplane")]
+    pub control_plane_name: String,
+
+    /// Connections to addresses the mesh does not know: passed through in plaintext, or refused.
+    #[arg(long, env = "AMBIT_UNKNOWN_DESTINATION", value_enum, default_value_t = UnknownDestination::Passthrough)]
+    pub unknown_destination: UnknownDestination,
 
     /// Trust domain of the workload identities (spiffe://<trust domain>/ns/<ns>/sa/<sa>).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
@@ -197,6 +207,9 @@ pub struct NodeSettings {
     pub log_format: LogFormat,
     /// `None`: no mesh CA, no mTLS.
     pub ca: Option<crate::identity::caclient::CaSettings>,
+    /// `None`: workloads and services from the mesh file.
+    pub xds: Option<crate::xds::client::XdsSettings>,
+    pub unknown_destination: UnknownDestination,
     pub identity: crate::identity::IdentitySettings,
     pub hbone: crate::proxy::hbone::HboneSettings,
 }
@@ -226,13 +239,13 @@ impl NodeSettings {
         check_cgroup2(&cgroup)?;
         Ok(NodeSettings {
             mesh_file: args.mesh_file,
-            node_name,
+            node_name: node_name.clone(),
             cgroup,
             bpffs: args.bpffs,
             instance: args.instance,
             fail_open: args.fail_open,
             proxy_mark: args.proxy_mark,
-            node_addresses: args.node_addresses,
+            node_addresses: args.node_addresses.clone(),
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
             hbone_port: HBONE_PORT,
@@ -244,18 +257,41 @@ impl NodeSettings {
             log_level: args.log_level,
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
-            ca: match (args.ca_address, args.ca_root_cert, args.ca_token_file) {
+            ca: match (&args.ca_address, &args.root_cert, &args.token_file) {
                 (Some(address), Some(root_cert), Some(token_file)) => {
                     Some(crate::identity::caclient::CaSettings {
-                        address,
-                        server_name: args.ca_server_name,
-                        root_cert,
-                        token_file,
+                        address: address.clone(),
+                        server_name: args.control_plane_name.clone(),
+                        root_cert: root_cert.clone(),
+                        token_file: token_file.clone(),
                         timeout: Duration::from_secs(10),
                     })
                 }
                 _ => None,
             },
+            xds: match (&args.xds_address, &args.root_cert, &args.token_file) {
+                (Some(address), Some(root_cert), Some(token_file)) => Some(crate::xds::client::XdsSettings {
+                    address: address.clone(),
+                    server_name: args.control_plane_name.clone(),
+                    root_cert: root_cert.clone(),
+                    token_file: token_file.clone(),
+                    node_id: node_id(&node_name, &args.node_addresses),
+                    metadata: [
+                        ("NODE_NAME", node_name.clone()),
+                        (
+                            "NAMESPACE",
+                            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "istio-system".into()),
+                        ),
+                        ("CLUSTER_ID", crate::xds::CLUSTER_ID.to_string()),
+                        ("AMBIT_VERSION", env!("CARGO_PKG_VERSION").to_string()),
+                    ]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+                }),
+                _ => None,
+            },
+            unknown_destination: args.unknown_destination,
             identity: crate::identity::IdentitySettings {
                 trust_domain: args.trust_domain,
                 validity: args.cert_validity,
@@ -294,6 +330,23 @@ impl NodeSettings {
             None => self.log_level.clone(),
         }
     }
+}
+
+/// The node id istiod expects of ztunnel: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
+fn node_id(node_name: &str, addresses: &[IpAddr]) -> String {
+    let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "istio-system".into());
+    let pod = std::env::var("POD_NAME").unwrap_or_else(|_| format!("ambit-{node_name}"));
+    let ip = std::env::var("POD_IP")
+        .ok()
+        .or_else(|| addresses.first().map(ToString::to_string))
+        .or_else(|| {
+            discover_node_addresses()
+                .ok()
+                .and_then(|a| a.into_iter().find(IpAddr::is_ipv4))
+                .map(|ip| ip.to_string())
+        })
+        .unwrap_or_else(|| "0.0.0.0".into());
+    format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
 }
 
 /// The first cgroup v2 mount (`/sys/fs/cgroup` on most Kubernetes nodes, `/sys/fs/cgroup/unified`

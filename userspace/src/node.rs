@@ -19,7 +19,8 @@ use crate::{
     metrics::Metrics,
     probe,
     proxy::{Proxy, ProxySettings},
-    state::{WorkloadStore, Workloads},
+    state::StateStore,
+    xds::{client::XdsClient, translate::translate},
 };
 
 /// How often enrolment of pods that failed is retried.
@@ -81,7 +82,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     metrics.register_kernel_stats(Arc::new(stats));
 
     let identities = identities(&settings)?;
-    let workloads = Arc::new(WorkloadStore::default());
+    let state = Arc::new(StateStore::default());
     let proxy = Proxy::new(
         ProxySettings {
             mark: settings.proxy_mark,
@@ -89,11 +90,12 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             own_ports: vec![settings.outbound_port, settings.inbound_port, settings.hbone_port],
             hbone_port: settings.hbone_port,
             hbone: settings.hbone.clone(),
+            unknown: settings.unknown_destination,
         },
         orig,
         metrics.clone(),
         identities.clone(),
-        workloads.clone(),
+        state.clone(),
     );
     let mut pods = PodManager::new(
         capture,
@@ -107,22 +109,37 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     refresh_node_addresses(&settings, &mut pods)?;
 
+    // Workloads and services: from the control plane over xDS, or from the mesh file.
+    let (synced_tx, synced) = tokio::sync::watch::channel(settings.xds.is_none());
+    let xds_status = settings.xds.as_ref().map(|x| {
+        let client = XdsClient::new(x.clone(), state.clone());
+        let status = client.status();
+        tokio::spawn(client.run(synced_tx, shutdown.clone()));
+        status
+    });
     let mesh = meshes.borrow_and_update().clone();
-    workloads.store(Workloads::from_mesh(&mesh, &settings.identity.trust_domain));
+    if settings.xds.is_none() {
+        apply_mesh(&state, &mesh, &settings.identity.trust_domain);
+    }
     pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
     {
-        let (proxy, identities) = (proxy.clone(), identities.clone());
+        let (proxy, identities, state) = (proxy.clone(), identities.clone(), state.clone());
+        let xds_status = xds_status.clone();
         admin.set_live_dump(Arc::new(move || {
+            let xds = xds_status.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
             serde_json::json!({
                 "certificates": identities.dump(),
                 "hbone_pools": proxy.hbone_pools(),
                 "active_connections": proxy.active_connections(),
+                "mesh": state.read().dump(),
+                "xds": xds,
             })
         }));
     }
     let view = View {
+        synced: &synced,
         admin: &admin,
         metrics: &metrics,
         settings: &settings,
@@ -145,7 +162,9 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                     break;
                 }
                 let mesh = meshes.borrow_and_update().clone();
-                workloads.store(Workloads::from_mesh(&mesh, &settings.identity.trust_domain));
+                if settings.xds.is_none() {
+                    apply_mesh(&state, &mesh, &settings.identity.trust_domain);
+                }
                 pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
             }
             _ = refresh.tick() => {}
@@ -205,6 +224,14 @@ fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> any
     Ok(())
 }
 
+/// Offline mode: the mesh file's workloads and services, through the same translation the
+/// control plane serves.
+fn apply_mesh(state: &StateStore, mesh: &crate::meshfile::Mesh, trust_domain: &str) {
+    for (name, error) in state.replace_all(&translate(mesh, trust_domain)) {
+        tracing::error!(resource = %name, %error, "mesh file resource refused");
+    }
+}
+
 /// A mesh CA makes identities (and mTLS) available; without one, none.
 fn identities(settings: &NodeSettings) -> anyhow::Result<IdentityManager> {
     let Some(ca) = &settings.ca else {
@@ -222,6 +249,7 @@ fn identities(settings: &NodeSettings) -> anyhow::Result<IdentityManager> {
 
 /// What the admin endpoints show; refreshed after every change.
 struct View<'a> {
+    synced: &'a tokio::sync::watch::Receiver<bool>,
     admin: &'a AdminState,
     metrics: &'a Metrics,
     settings: &'a NodeSettings,
@@ -257,8 +285,13 @@ impl View<'_> {
         }));
         // Ready once the programs are attached (we are past that) and every identity on the
         // node has a valid certificate.
-        let not_ready =
-            (!self.identities.all_ready()).then(|| "waiting for workload certificates".to_string());
+        let not_ready = if !*self.synced.borrow() {
+            Some("waiting for the first xDS sync".to_string())
+        } else if !self.identities.all_ready() {
+            Some("waiting for workload certificates".to_string())
+        } else {
+            None
+        };
         self.admin.set_ready(not_ready);
     }
 }

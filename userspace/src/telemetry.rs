@@ -57,6 +57,7 @@ pub fn access_log(r: &ConnRecord<'_>, t: &Transfer, duration: Duration) {
         dst = %dst.as_deref().unwrap_or("unknown"),
         src_identity = %r.src_identity.as_deref().unwrap_or("-"),
         dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
+        dst_service = %r.dst_service.as_deref().unwrap_or("-"),
         security = %if r.mtls { "mutual_tls" } else { "none" },
         bytes_sent = t.sent,
         bytes_received = t.received,
@@ -78,8 +79,9 @@ pub fn access_log_refused(r: &ConnRecord<'_>, reason: &str, detail: &str) {
         dst = %dst.as_deref().unwrap_or("unknown"),
         src_identity = %r.src_identity.as_deref().unwrap_or("-"),
         dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
+        dst_service = %r.dst_service.as_deref().unwrap_or("-"),
         security = %if r.mtls { "mutual_tls" } else { "none" },
-        reason,
+        reason = %reason,
         error = detail,
         "connection refused"
     );

@@ -17,7 +17,7 @@ use crate::{
     identity::{Identity, IdentityManager},
     inpod::{netns::Netns, Direction},
     metrics::Metrics,
-    state::WorkloadStore,
+    state::StateStore,
 };
 
 pub use relay::{Counters as RelayCounters, Transfer};
@@ -57,6 +57,18 @@ pub struct ProxySettings {
     pub own_ports: Vec<u16>,
     pub hbone_port: u16,
     pub hbone: hbone::HboneSettings,
+    /// What to do with a connection to an address the mesh does not know.
+    pub unknown: UnknownDestination,
+}
+
+/// Connections to addresses outside the mesh.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDestination {
+    /// Connect directly, in plaintext (Istio's default).
+    Passthrough,
+    /// Refuse (reset) the connection.
+    Refuse,
 }
 
 /// What an access-log line and a refusal say about a connection.
@@ -68,6 +80,8 @@ pub struct ConnRecord<'a> {
     pub dst: Option<std::net::SocketAddr>,
     pub src_identity: Option<String>,
     pub dst_identity: Option<String>,
+    /// The service the destination was chosen for, when the client dialled a service address.
+    pub dst_service: Option<String>,
     /// Whether it travelled (or arrived) over mutual TLS.
     pub mtls: bool,
 }
@@ -81,6 +95,7 @@ impl<'a> ConnRecord<'a> {
             dst,
             src_identity: pod.identity.as_ref().map(ToString::to_string),
             dst_identity: None,
+            dst_service: None,
             mtls: false,
         }
     }
@@ -99,6 +114,7 @@ impl<'a> ConnRecord<'a> {
             dst,
             src_identity: peer.map(ToString::to_string),
             dst_identity: pod.identity.as_ref().map(ToString::to_string),
+            dst_service: None,
             mtls,
         }
     }
@@ -110,7 +126,7 @@ pub struct Inner {
     metrics: Arc<Metrics>,
     identities: IdentityManager,
     hbone: hbone::client::HboneClient,
-    workloads: Arc<WorkloadStore>,
+    state: Arc<StateStore>,
     /// Every connection task, so that shutdown can wait for them (drain).
     connections: TaskTracker,
 }
@@ -127,7 +143,7 @@ impl Proxy {
         orig: OrigDstTable,
         metrics: Arc<Metrics>,
         identities: IdentityManager,
-        workloads: Arc<WorkloadStore>,
+        state: Arc<StateStore>,
     ) -> Proxy {
         let hbone =
             hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
@@ -138,7 +154,7 @@ impl Proxy {
                 metrics,
                 identities,
                 hbone,
-                workloads,
+                state,
                 connections: TaskTracker::new(),
             }),
         }

@@ -1,15 +1,22 @@
 //! Outbound: a connection an enrolled pod made, steered to the pod-local 15001 listener by the
-//! connect hook. The original destination comes from the eBPF map. A destination that is an
-//! enrolled workload (on this node or another) is reached through an HBONE tunnel to its
-//! 15008, as this pod's identity; anything else is connected to directly. Either way the
-//! proxy's socket is made in the pod's netns, so the network sees the pod's address.
+//! connect hook. The original destination comes from the eBPF map; the mesh state routes it:
+//! a service address goes to one of the service's healthy endpoints, a workload address to
+//! that workload; a workload in the mesh (on this node or another) is reached through an
+//! HBONE tunnel to its 15008 as this pod's identity, anything else directly; an address the
+//! mesh does not know is passed through or refused (`--unknown-destination`). The proxy's
+//! socket is made in the pod's netns, so the network sees the pod's address.
 
 use std::{net::SocketAddr, time::Instant};
 
 use tokio::net::TcpStream;
 
-use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx};
-use crate::{capture::addr, identity::Identity, inpod::Direction};
+use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
+use crate::{
+    capture::addr,
+    identity::Identity,
+    inpod::Direction,
+    state::{Route, Tunnel},
+};
 
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
     let started = Instant::now();
@@ -49,12 +56,51 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
         let record = ConnRecord::outbound(pod, peer, Some(dst));
         return refuse(inner, &record, client, "loop", "destination is the proxy itself");
     }
-    let destination = inner.workloads.load().get(dst.ip()).filter(|w| w.enrolled).map(|w| w.identity.clone());
-    match (destination, pod.identity.as_ref(), inner.identities.enabled()) {
-        (Some(dst_identity), Some(src_identity), true) => {
-            hbone(inner, pod, client, peer, dst, src_identity, &dst_identity, started).await
+    let route = inner.state.read().route(dst);
+    match route {
+        Route::Workload { workload, target, service } => {
+            let mtls = workload.tunnel == Tunnel::Hbone && inner.identities.enabled();
+            match (mtls, pod.identity.as_ref()) {
+                (true, Some(src_identity)) => {
+                    let mut record = ConnRecord::outbound(pod, peer, Some(target));
+                    record.dst_identity = Some(workload.identity.to_string());
+                    record.dst_service = service;
+                    record.mtls = true;
+                    hbone(inner, pod, client, record, target, src_identity, &workload.identity, started).await
+                }
+                _ => passthrough(inner, pod, client, peer, target, service, started).await,
+            }
         }
-        _ => passthrough(inner, pod, client, peer, dst, started).await,
+        Route::NoEndpoint { service, reason } => {
+            let mut record = ConnRecord::outbound(pod, peer, Some(dst));
+            record.dst_service = Some(service.clone());
+            refuse(inner, &record, client, reason, &format!("service {service} has no endpoint for {dst}"))
+        }
+        Route::NotSynced => {
+            let record = ConnRecord::outbound(pod, peer, Some(dst));
+            refuse(
+                inner,
+                &record,
+                client,
+                "not_synced",
+                "no complete view of the mesh yet (first xDS sync pending)",
+            )
+        }
+        Route::Unknown => match inner.settings.unknown {
+            UnknownDestination::Passthrough => {
+                passthrough(inner, pod, client, peer, dst, None, started).await
+            }
+            UnknownDestination::Refuse => {
+                let record = ConnRecord::outbound(pod, peer, Some(dst));
+                refuse(
+                    inner,
+                    &record,
+                    client,
+                    "unknown_destination",
+                    "the destination is not part of the mesh",
+                )
+            }
+        },
     }
 }
 
@@ -64,21 +110,21 @@ async fn passthrough(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
+    service: Option<String>,
     started: Instant,
 ) {
     let s = &inner.settings;
     match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
         Ok(upstream) => {
-            let src = upstream.local_addr().unwrap_or(peer);
-            finish(inner, ConnRecord::outbound(pod, src, Some(dst)), client, upstream, started).await
+            let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
+            record.dst_service = service;
+            finish(inner, record, client, upstream, started).await
         }
-        Err(e) => refuse(
-            inner,
-            &ConnRecord::outbound(pod, peer, Some(dst)),
-            client,
-            "connect_failed",
-            &e.to_string(),
-        ),
+        Err(e) => {
+            let mut record = ConnRecord::outbound(pod, peer, Some(dst));
+            record.dst_service = service;
+            refuse(inner, &record, client, "connect_failed", &e.to_string())
+        }
     }
 }
 
@@ -87,15 +133,13 @@ async fn hbone(
     inner: &Inner,
     pod: &PodCtx,
     client: TcpStream,
-    peer: SocketAddr,
+    mut record: ConnRecord<'_>,
     dst: SocketAddr,
     src_identity: &Identity,
     dst_identity: &Identity,
     started: Instant,
 ) {
-    let mut record = ConnRecord::outbound(pod, peer, Some(dst));
-    record.dst_identity = Some(dst_identity.to_string());
-    record.mtls = true;
+    let peer = record.src;
     let tunnel = match inner.hbone.open(pod, src_identity, dst, dst_identity, inner.settings.hbone_port).await
     {
         Ok(t) => t,

@@ -1,0 +1,316 @@
+//! What the proxy knows of the mesh: workloads by uid and by IP, services by VIP and hostname
+//! with their endpoints, authorization policies — from xDS (or the local mesh file, through
+//! the same translation) — and the routing decision for an outbound connection.
+
+pub mod model;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, RwLock,
+    },
+};
+
+use serde::Serialize;
+
+pub use model::{Decoded, PortMap, Service, Tunnel, Workload};
+
+use crate::{capture::addr, pb::istio::security::Authorization, pb::istio::workload::Address};
+
+struct ServiceEntry {
+    service: Service,
+    /// Round-robin position.
+    next: AtomicUsize,
+}
+
+/// Where an outbound connection goes.
+#[derive(Debug)]
+pub enum Route {
+    /// A workload: connect to `target` (through HBONE when the workload is in the mesh).
+    Workload { workload: Arc<Workload>, target: SocketAddr, service: Option<String> },
+    /// A service address with no endpoint to take the connection.
+    NoEndpoint { service: String, reason: &'static str },
+    /// Not an address of the mesh.
+    Unknown,
+    /// Not known yet: the first sync has not completed, so this may be a mesh address.
+    NotSynced,
+}
+
+#[derive(Default)]
+pub struct MeshState {
+    workloads: HashMap<String, Arc<Workload>>,
+    by_ip: HashMap<IpAddr, String>,
+    services: HashMap<String, Arc<ServiceEntry>>,
+    by_vip: HashMap<IpAddr, String>,
+    /// Service key → uids of the workloads listing it.
+    endpoints: HashMap<String, BTreeSet<String>>,
+    policies: HashMap<String, Arc<Authorization>>,
+    /// Type URL → resource name → version: what `initial_resource_versions` reports.
+    versions: HashMap<&'static str, HashMap<String, String>>,
+    /// The source has delivered a complete first view (xDS: both types once; the mesh file:
+    /// its first load). Before that, no address can be called unknown.
+    synced: bool,
+}
+
+impl MeshState {
+    fn unindex_workload(&mut self, uid: &str) {
+        if let Some(old) = self.workloads.remove(uid) {
+            for ip in &old.addresses {
+                if self.by_ip.get(ip).is_some_and(|u| u == uid) {
+                    self.by_ip.remove(ip);
+                }
+            }
+            for key in old.services.keys() {
+                if let Some(set) = self.endpoints.get_mut(key) {
+                    set.remove(uid);
+                    if set.is_empty() {
+                        self.endpoints.remove(key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn unindex_service(&mut self, key: &str) {
+        if let Some(old) = self.services.remove(key) {
+            for ip in &old.service.vips {
+                if self.by_vip.get(ip).is_some_and(|k| k == key) {
+                    self.by_vip.remove(ip);
+                }
+            }
+        }
+    }
+
+    /// Applies one `istio.workload.Address`. On error nothing changes: the previous version
+    /// of the resource (if any) stays in force.
+    pub fn apply_address(&mut self, name: &str, version: &str, a: &Address) -> Result<(), String> {
+        let decoded = Decoded::from_proto(a)?;
+        if decoded.name() != name {
+            return Err(format!("served as {name:?} but names itself {:?}", decoded.name()));
+        }
+        self.unindex_workload(name);
+        self.unindex_service(name);
+        match decoded {
+            Decoded::Workload(w) => {
+                for ip in &w.addresses {
+                    self.by_ip.insert(addr::canonical(*ip), w.uid.clone());
+                }
+                for key in w.services.keys() {
+                    self.endpoints.entry(key.clone()).or_default().insert(w.uid.clone());
+                }
+                self.workloads.insert(w.uid.clone(), Arc::new(w));
+            }
+            Decoded::Service(s) => {
+                for ip in &s.vips {
+                    self.by_vip.insert(addr::canonical(*ip), s.key.clone());
+                }
+                self.services
+                    .insert(s.key.clone(), Arc::new(ServiceEntry { service: s, next: AtomicUsize::new(0) }));
+            }
+        }
+        self.versions
+            .entry(crate::xds::ADDRESS_TYPE)
+            .or_default()
+            .insert(name.to_string(), version.to_string());
+        Ok(())
+    }
+
+    /// Applies one `istio.security.Authorization` (checked by the policy engine when it is
+    /// enforced; stored as received here).
+    pub fn apply_authorization(
+        &mut self,
+        name: &str,
+        version: &str,
+        a: &Authorization,
+    ) -> Result<(), String> {
+        if a.name.is_empty() {
+            return Err("policy without a name".into());
+        }
+        self.policies.insert(name.to_string(), Arc::new(a.clone()));
+        self.versions
+            .entry(crate::xds::AUTHORIZATION_TYPE)
+            .or_default()
+            .insert(name.to_string(), version.to_string());
+        Ok(())
+    }
+
+    pub fn remove(&mut self, type_url: &str, name: &str) {
+        if type_url == crate::xds::ADDRESS_TYPE {
+            self.unindex_workload(name);
+            self.unindex_service(name);
+        } else {
+            self.policies.remove(name);
+        }
+        if let Some(v) = self.versions.get_mut(type_url) {
+            v.remove(name);
+        }
+    }
+
+    pub fn mark_synced(&mut self) {
+        self.synced = true;
+    }
+
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Resource versions held for `type_url`.
+    pub fn versions(&self, type_url: &str) -> HashMap<String, String> {
+        self.versions.get(type_url).cloned().unwrap_or_default()
+    }
+
+    pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
+        self.by_ip.get(&addr::canonical(ip)).and_then(|uid| self.workloads.get(uid)).cloned()
+    }
+
+    pub fn counts(&self) -> (usize, usize, usize) {
+        (self.workloads.len(), self.services.len(), self.policies.len())
+    }
+
+    /// Index sizes, to check that updates never leave entries behind.
+    pub fn index_sizes(&self) -> (usize, usize, usize) {
+        (self.by_ip.len(), self.by_vip.len(), self.endpoints.values().map(BTreeSet::len).sum())
+    }
+
+    /// Where a connection to `dst` goes: a workload address is itself; a service address
+    /// (VIP and one of its ports) is one of its healthy endpoints, round robin, on the
+    /// endpoint's target port. Before the first sync an address not (yet) known is
+    /// [`Route::NotSynced`], never unknown.
+    pub fn route(&self, dst: SocketAddr) -> Route {
+        let ip = addr::canonical(dst.ip());
+        if let Some(key) = self.by_vip.get(&ip) {
+            let Some(entry) = self.services.get(key) else { return Route::Unknown };
+            let svc = &entry.service;
+            let Some(port) = svc.ports.iter().find(|p| p.service_port == dst.port()) else {
+                return Route::NoEndpoint { service: key.clone(), reason: "no_such_port" };
+            };
+            let candidates: Vec<&Arc<Workload>> = self
+                .endpoints
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|uid| self.workloads.get(uid))
+                .filter(|w| w.healthy && !w.addresses.is_empty())
+                .collect();
+            if candidates.is_empty() {
+                return Route::NoEndpoint { service: key.clone(), reason: "no_healthy_endpoint" };
+            }
+            let w = candidates[entry.next.fetch_add(1, Ordering::Relaxed) % candidates.len()];
+            let target_port = w
+                .services
+                .get(key)
+                .and_then(|ports| ports.iter().find(|p| p.service_port == port.service_port))
+                .map(|p| p.target_port)
+                .filter(|p| *p != 0)
+                .or(Some(port.target_port).filter(|p| *p != 0))
+                .unwrap_or(port.service_port);
+            // The endpoint's address of the family the client used, else any.
+            let target_ip =
+                w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&w.addresses[0]);
+            return Route::Workload {
+                workload: w.clone(),
+                target: SocketAddr::new(*target_ip, target_port),
+                service: Some(key.clone()),
+            };
+        }
+        match self.workload_by_ip(ip) {
+            Some(w) => {
+                Route::Workload { workload: w, target: SocketAddr::new(ip, dst.port()), service: None }
+            }
+            None if !self.synced => Route::NotSynced,
+            None => Route::Unknown,
+        }
+    }
+
+    pub fn dump(&self) -> StateDump {
+        let mut workloads: Vec<Workload> = self.workloads.values().map(|w| (**w).clone()).collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut services: Vec<ServiceDump> = self
+            .services
+            .values()
+            .map(|e| ServiceDump {
+                service: e.service.clone(),
+                endpoints: self
+                    .endpoints
+                    .get(&e.service.key)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        services.sort_by(|a, b| a.service.key.cmp(&b.service.key));
+        let mut policies: Vec<String> = self.policies.keys().cloned().collect();
+        policies.sort();
+        StateDump { workloads, services, policies }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServiceDump {
+    #[serde(flatten)]
+    pub service: Service,
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StateDump {
+    pub workloads: Vec<Workload>,
+    pub services: Vec<ServiceDump>,
+    pub policies: Vec<String>,
+}
+
+/// The shared state: read on every connection, written by the xDS client (or the mesh file).
+#[derive(Default)]
+pub struct StateStore(RwLock<MeshState>);
+
+impl StateStore {
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, MeshState> {
+        self.0.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, MeshState> {
+        self.0.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the state exactly `resources` (the local mesh file's translation): changed
+    /// resources applied, vanished ones removed. Returns errors per resource.
+    pub fn replace_all(&self, resources: &crate::xds::translate::Resources) -> Vec<(String, String)> {
+        use prost::Message;
+        let mut errors = Vec::new();
+        let mut st = self.write();
+        let held = st.versions(crate::xds::ADDRESS_TYPE);
+        for name in held.keys().filter(|n| !resources.addresses.contains_key(*n)).cloned().collect::<Vec<_>>()
+        {
+            st.remove(crate::xds::ADDRESS_TYPE, &name);
+        }
+        for (name, a) in &resources.addresses {
+            let version = crate::xds::version_of(&a.encode_to_vec());
+            if held.get(name) == Some(&version) {
+                continue;
+            }
+            if let Err(e) = st.apply_address(name, &version, a) {
+                errors.push((name.clone(), e));
+            }
+        }
+        let held = st.versions(crate::xds::AUTHORIZATION_TYPE);
+        for name in
+            held.keys().filter(|n| !resources.authorizations.contains_key(*n)).cloned().collect::<Vec<_>>()
+        {
+            st.remove(crate::xds::AUTHORIZATION_TYPE, &name);
+        }
+        for (name, a) in &resources.authorizations {
+            let version = crate::xds::version_of(&a.encode_to_vec());
+            if held.get(name) != Some(&version) {
+                if let Err(e) = st.apply_authorization(name, &version, a) {
+                    errors.push((name.clone(), e));
+                }
+            }
+        }
+        st.mark_synced();
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests;

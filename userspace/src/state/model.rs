@@ -1,0 +1,187 @@
+//! The proxy's view of the mesh, decoded and checked from the Istio workload API.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use crate::{
+    identity::Identity,
+    pb::istio::workload::{self as pb, address},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tunnel {
+    /// Not in the mesh: reached directly, in plaintext.
+    None,
+    /// In the mesh: reached through HBONE (its node proxy's 15008 on its IP).
+    Hbone,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct PortMap {
+    pub service_port: u16,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub addresses: Vec<IpAddr>,
+    pub node: String,
+    pub identity: Identity,
+    pub tunnel: Tunnel,
+    pub healthy: bool,
+    /// Services it is an endpoint of (`<namespace>/<hostname>`), with its port mappings.
+    pub services: BTreeMap<String, Vec<PortMap>>,
+    /// Authorization policies selecting it by name.
+    pub authorization_policies: Vec<String>,
+    pub canonical_name: String,
+    pub canonical_revision: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Service {
+    /// `<namespace>/<hostname>`.
+    pub key: String,
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub vips: Vec<IpAddr>,
+    pub ports: Vec<PortMap>,
+}
+
+/// A decoded `istio.workload.Address`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Workload(Workload),
+    Service(Service),
+}
+
+fn ip(bytes: &[u8], what: &str) -> Result<IpAddr, String> {
+    match bytes.len() {
+        4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked"))),
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked"))),
+        n => Err(format!("{what} has {n} bytes (an IP address has 4 or 16)")),
+    }
+}
+
+fn port(p: u32, what: &str) -> Result<u16, String> {
+    u16::try_from(p).map_err(|_| format!("{what} {p} is not a port (0-65535)"))
+}
+
+fn port_map(p: &pb::Port, what: &str) -> Result<PortMap, String> {
+    let service_port = port(p.service_port, &format!("{what} service_port"))?;
+    if service_port == 0 {
+        return Err(format!("{what} has service_port 0"));
+    }
+    Ok(PortMap { service_port, target_port: port(p.target_port, &format!("{what} target_port"))? })
+}
+
+fn name_part(s: &str, what: &str) -> Result<(), String> {
+    if s.is_empty() || s.contains('/') || s.chars().any(char::is_whitespace) {
+        Err(format!("{what} {s:?} is empty or not a name"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Decoded {
+    /// Checks and converts an Address; the error says what is wrong, for the NACK.
+    pub fn from_proto(a: &pb::Address) -> Result<Decoded, String> {
+        match &a.r#type {
+            Some(address::Type::Workload(w)) => Ok(Decoded::Workload(workload(w)?)),
+            Some(address::Type::Service(s)) => Ok(Decoded::Service(service(s)?)),
+            None => Err("the address is neither a workload nor a service".into()),
+        }
+    }
+
+    /// The resource name it must be served under.
+    pub fn name(&self) -> &str {
+        match self {
+            Decoded::Workload(w) => &w.uid,
+            Decoded::Service(s) => &s.key,
+        }
+    }
+}
+
+fn workload(w: &pb::Workload) -> Result<Workload, String> {
+    if w.uid.is_empty() {
+        return Err("workload without uid".into());
+    }
+    name_part(&w.name, "name")?;
+    name_part(&w.namespace, "namespace")?;
+    let addresses = w
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip(a, &format!("addresses[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let trust_domain = if w.trust_domain.is_empty() { "cluster.local" } else { &w.trust_domain };
+    let sa = if w.service_account.is_empty() { "default" } else { &w.service_account };
+    name_part(trust_domain, "trust_domain")?;
+    name_part(sa, "service_account")?;
+    let tunnel = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
+        Ok(pb::TunnelProtocol::Hbone) => Tunnel::Hbone,
+        Ok(_) => Tunnel::None,
+        Err(_) => return Err(format!("unknown tunnel_protocol {}", w.tunnel_protocol)),
+    };
+    let healthy = match pb::WorkloadStatus::try_from(w.status) {
+        Ok(pb::WorkloadStatus::Healthy) => true,
+        Ok(pb::WorkloadStatus::Unhealthy) => false,
+        Err(_) => return Err(format!("unknown status {}", w.status)),
+    };
+    let mut services = BTreeMap::new();
+    for (key, list) in &w.services {
+        if !key.contains('/') {
+            return Err(format!("services key {key:?} is not <namespace>/<hostname>"));
+        }
+        let ports = list
+            .ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| port_map(p, &format!("services[{key}].ports[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        services.insert(key.clone(), ports);
+    }
+    Ok(Workload {
+        uid: w.uid.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        addresses,
+        node: w.node.clone(),
+        identity: Identity::new(trust_domain, &w.namespace, sa),
+        tunnel,
+        healthy,
+        services,
+        authorization_policies: w.authorization_policies.clone(),
+        canonical_name: w.canonical_name.clone(),
+        canonical_revision: w.canonical_revision.clone(),
+    })
+}
+
+fn service(s: &pb::Service) -> Result<Service, String> {
+    name_part(&s.name, "name")?;
+    name_part(&s.namespace, "namespace")?;
+    name_part(&s.hostname, "hostname")?;
+    let vips = s
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| ip(&a.address, &format!("addresses[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let ports = s
+        .ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| port_map(p, &format!("ports[{i}]")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Service {
+        key: format!("{}/{}", s.namespace, s.hostname),
+        name: s.name.clone(),
+        namespace: s.namespace.clone(),
+        hostname: s.hostname.clone(),
+        vips,
+        ports,
+    })
+}

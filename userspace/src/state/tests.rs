@@ -1,0 +1,197 @@
+use std::collections::HashMap;
+
+use proptest::prelude::*;
+use prost::Message;
+
+use super::*;
+use crate::pb::istio::workload::{self as pb, address};
+
+fn workload(uid: &str, ips: &[&str], healthy: bool, services: &[(&str, u32, u32)]) -> Address {
+    let services = services
+        .iter()
+        .map(|(key, sp, tp)| {
+            (
+                key.to_string(),
+                pb::PortList {
+                    ports: vec![pb::Port { service_port: *sp, target_port: *tp, app_protocol: 0 }],
+                },
+            )
+        })
+        .collect();
+    Address {
+        r#type: Some(address::Type::Workload(pb::Workload {
+            uid: uid.into(),
+            name: uid.rsplit('/').next().unwrap_or(uid).into(),
+            namespace: "demo".into(),
+            addresses: ips.iter().map(|i| ip_bytes(i.parse().expect("ip"))).collect(),
+            tunnel_protocol: pb::TunnelProtocol::Hbone as i32,
+            service_account: "sa".into(),
+            status: if healthy { pb::WorkloadStatus::Healthy } else { pb::WorkloadStatus::Unhealthy } as i32,
+            services,
+            ..Default::default()
+        })),
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(v) => v.octets().to_vec(),
+        IpAddr::V6(v) => v.octets().to_vec(),
+    }
+}
+
+fn service(hostname: &str, vip: &str, port: u32, target: u32) -> Address {
+    Address {
+        r#type: Some(address::Type::Service(pb::Service {
+            name: hostname.split('.').next().unwrap_or(hostname).into(),
+            namespace: "demo".into(),
+            hostname: hostname.into(),
+            addresses: vec![pb::NetworkAddress {
+                network: String::new(),
+                address: ip_bytes(vip.parse().expect("ip")),
+                length: None,
+            }],
+            ports: vec![pb::Port { service_port: port, target_port: target, app_protocol: 0 }],
+            ..Default::default()
+        })),
+    }
+}
+
+fn state_with_web() -> MeshState {
+    let mut s = MeshState::default();
+    let key = "demo/web.demo.svc.cluster.local";
+    s.apply_address(key, "1", &service("web.demo.svc.cluster.local", "10.96.0.10", 80, 8080))
+        .expect("service");
+    s.apply_address("w1", "1", &workload("w1", &["10.1.0.2"], true, &[(key, 80, 0)])).expect("w1");
+    s.apply_address("w2", "1", &workload("w2", &["10.2.0.2"], true, &[(key, 80, 9090)])).expect("w2");
+    s.apply_address("w3", "1", &workload("w3", &["10.2.0.3"], false, &[(key, 80, 8080)])).expect("w3");
+    s
+}
+
+#[test]
+fn a_service_vip_is_balanced_over_healthy_endpoints_on_their_target_ports() {
+    let s = state_with_web();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10 {
+        match s.route("10.96.0.10:80".parse().expect("addr")) {
+            Route::Workload { workload, target, service } => {
+                assert_eq!(service.as_deref(), Some("demo/web.demo.svc.cluster.local"));
+                // w1 has no target port of its own: the service's; w2 maps 80 to 9090.
+                let expected = if workload.uid == "w1" { 8080 } else { 9090 };
+                assert_eq!(target.port(), expected);
+                *seen.entry(workload.uid.clone()).or_default() += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(seen.get("w1"), Some(&5));
+    assert_eq!(seen.get("w2"), Some(&5));
+    assert_eq!(seen.get("w3"), None, "the unhealthy endpoint gets nothing");
+    assert!(matches!(
+        s.route("10.96.0.10:81".parse().expect("addr")),
+        Route::NoEndpoint { reason: "no_such_port", .. }
+    ));
+    assert!(matches!(s.route("10.2.0.2:22".parse().expect("addr")), Route::Workload { service: None, .. }));
+    assert!(matches!(s.route("192.0.2.1:80".parse().expect("addr")), Route::NotSynced));
+}
+
+#[test]
+fn an_address_is_unknown_only_after_the_first_sync() {
+    let mut s = state_with_web();
+    let outside = "192.0.2.1:80".parse().expect("addr");
+    assert!(matches!(s.route(outside), Route::NotSynced), "it may be a workload not received yet");
+    s.mark_synced();
+    assert!(matches!(s.route(outside), Route::Unknown));
+    // Known addresses route either way.
+    assert!(matches!(s.route("10.2.0.2:22".parse().expect("addr")), Route::Workload { .. }));
+}
+
+#[test]
+fn an_invalid_resource_is_refused_by_name_and_the_previous_version_stays() {
+    let mut s = state_with_web();
+    let mut bad = workload("w1", &["10.1.0.2"], true, &[]);
+    if let Some(address::Type::Workload(w)) = &mut bad.r#type {
+        w.addresses = vec![vec![10, 1, 0, 9, 9]];
+    }
+    let err = s.apply_address("w1", "2", &bad).expect_err("refused");
+    assert_eq!(err, "addresses[0] has 5 bytes (an IP address has 4 or 16)");
+    let w1 = s.workload_by_ip("10.1.0.2".parse().expect("ip")).expect("still there");
+    assert_eq!(w1.services.len(), 1, "the previous version, with its service");
+    assert_eq!(s.versions(crate::xds::ADDRESS_TYPE).get("w1").map(String::as_str), Some("1"));
+    assert!(
+        s.apply_address("other", "1", &workload("w9", &["10.9.9.9"], true, &[])).is_err(),
+        "name mismatch"
+    );
+}
+
+#[test]
+fn removals_leave_no_index_behind() {
+    let mut s = state_with_web();
+    for name in ["w1", "w2", "w3", "demo/web.demo.svc.cluster.local"] {
+        s.remove(crate::xds::ADDRESS_TYPE, name);
+    }
+    assert_eq!(s.counts(), (0, 0, 0));
+    assert_eq!(s.index_sizes(), (0, 0, 0));
+    assert!(s.versions(crate::xds::ADDRESS_TYPE).is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, .. ProptestConfig::default() })]
+
+    /// Whatever bytes arrive, decoding and applying never panics.
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let mut s = MeshState::default();
+        if let Ok(a) = Address::decode(bytes.as_slice()) {
+            let name = match &a.r#type {
+                Some(address::Type::Workload(w)) => w.uid.clone(),
+                Some(address::Type::Service(sv)) => format!("{}/{}", sv.namespace, sv.hostname),
+                None => String::new(),
+            };
+            let _either_is_fine = s.apply_address(&name, "v", &a);
+        }
+        if let Ok(a) = crate::pb::istio::security::Authorization::decode(bytes.as_slice()) {
+            let _either_is_fine = s.apply_authorization(&a.name.clone(), "v", &a);
+        }
+    }
+
+    /// Random well-typed updates and removals over a small name space: the state never holds
+    /// more than the live names, and every index entry points at something that exists.
+    #[test]
+    fn random_updates_keep_the_indexes_exact(ops in proptest::collection::vec(
+        (0u8..3, 0usize..6, proptest::collection::vec((0u8..4, 0u8..8), 0..4), any::<bool>(), 0u32..70000),
+        1..80,
+    )) {
+        let names = ["w0", "w1", "w2", "demo/s0", "demo/s1", "w3"];
+        let mut s = MeshState::default();
+        let mut live = std::collections::BTreeSet::new();
+        for (kind, n, addrs, healthy, port) in ops {
+            let name = names[n];
+            let ips: Vec<String> = addrs.iter().map(|(a, b)| if *a == 3 { format!("fd00::{b}") } else { format!("10.0.{a}.{b}") }).collect();
+            let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+            let result = match (kind, name.starts_with("demo/")) {
+                (0, false) => s.apply_address(name, "v", &workload(name, &ips, healthy, &[("demo/s0", port, port)])),
+                (0, true) => s.apply_address(name, "v", &service(&name[5..], ips.first().copied().unwrap_or("10.96.0.1"), port, port)),
+                (1, _) => { s.remove(crate::xds::ADDRESS_TYPE, name); live.remove(name); Ok(()) }
+                _ => s.apply_address(name, "v", &workload("mismatch", &ips, healthy, &[])),
+            };
+            if kind == 0 && result.is_ok() {
+                live.insert(name);
+            }
+            let (w, sv, _) = s.counts();
+            prop_assert!(w + sv <= live.len());
+            for (ip, uid) in &s.by_ip {
+                let wl = s.workloads.get(uid);
+                prop_assert!(wl.is_some_and(|w| w.addresses.iter().any(|a| addr::canonical(*a) == *ip)));
+            }
+            for uids in s.endpoints.values() {
+                prop_assert!(uids.iter().all(|u| s.workloads.contains_key(u)));
+            }
+        }
+        for name in names {
+            s.remove(crate::xds::ADDRESS_TYPE, name);
+        }
+        prop_assert_eq!(s.counts(), (0, 0, 0));
+        prop_assert_eq!(s.index_sizes(), (0, 0, 0));
+    }
+}

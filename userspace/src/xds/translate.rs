@@ -1,0 +1,117 @@
+//! A mesh file as the Istio workload API: one `Workload` per pod (uid
+//! `Kubernetes//Pod/<namespace>/<name>`), one `Service` per service (`<namespace>/<hostname>`),
+//! endpoints expressed the Istio way — in each workload's `services` map.
+
+use std::collections::BTreeMap;
+
+use super::CLUSTER_ID;
+use crate::{
+    meshfile::{Mesh, PodSpec},
+    pb::istio::{
+        security::Authorization,
+        workload::{
+            address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
+            WorkloadStatus, WorkloadType,
+        },
+    },
+};
+
+/// Every resource, by name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub addresses: BTreeMap<String, Address>,
+    pub authorizations: BTreeMap<String, Authorization>,
+}
+
+pub fn workload_uid(namespace: &str, name: &str) -> String {
+    format!("{CLUSTER_ID}//Pod/{namespace}/{name}")
+}
+
+fn ip_bytes(ip: &std::net::IpAddr) -> Vec<u8> {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+        std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+    }
+}
+
+fn workload(mesh: &Mesh, pod: &PodSpec, trust_domain: &str) -> Workload {
+    let services = mesh
+        .services
+        .iter()
+        .filter(|s| s.selects(pod))
+        .map(|s| {
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| Port {
+                    service_port: p.port.into(),
+                    target_port: p.target_port.into(),
+                    app_protocol: 0,
+                })
+                .collect();
+            (s.key(), PortList { ports })
+        })
+        .collect();
+    Workload {
+        uid: workload_uid(&pod.namespace, &pod.name),
+        name: pod.name.clone(),
+        namespace: pod.namespace.clone(),
+        addresses: pod.ips.iter().map(ip_bytes).collect(),
+        tunnel_protocol: if mesh.is_enrolled(pod) { TunnelProtocol::Hbone } else { TunnelProtocol::None }
+            as i32,
+        trust_domain: trust_domain.to_string(),
+        service_account: pod.service_account.clone(),
+        node: pod.node.clone().unwrap_or_default(),
+        canonical_name: pod
+            .labels
+            .get("app.kubernetes.io/name")
+            .or_else(|| pod.labels.get("app"))
+            .cloned()
+            .unwrap_or_else(|| pod.name.clone()),
+        canonical_revision: pod
+            .labels
+            .get("app.kubernetes.io/version")
+            .or_else(|| pod.labels.get("version"))
+            .cloned()
+            .unwrap_or_else(|| "latest".into()),
+        workload_type: WorkloadType::Pod as i32,
+        workload_name: pod.name.clone(),
+        services,
+        status: if pod.healthy { WorkloadStatus::Healthy } else { WorkloadStatus::Unhealthy } as i32,
+        cluster_id: CLUSTER_ID.to_string(),
+        ..Default::default()
+    }
+}
+
+/// The resources a mesh file describes.
+pub fn translate(mesh: &Mesh, trust_domain: &str) -> Resources {
+    let mut r = Resources::default();
+    for pod in &mesh.pods {
+        let w = workload(mesh, pod, trust_domain);
+        r.addresses.insert(w.uid.clone(), Address { r#type: Some(address::Type::Workload(w)) });
+    }
+    for s in &mesh.services {
+        let svc = Service {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            hostname: s.hostname.clone(),
+            addresses: s
+                .addresses
+                .iter()
+                .map(|ip| NetworkAddress { network: String::new(), address: ip_bytes(ip), length: None })
+                .collect(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| Port {
+                    service_port: p.port.into(),
+                    target_port: p.target_port.into(),
+                    app_protocol: 0,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        r.addresses.insert(s.key(), Address { r#type: Some(address::Type::Service(svc)) });
+    }
+    r
+}
