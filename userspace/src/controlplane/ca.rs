@@ -22,7 +22,7 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 pub struct CaService {
     pub authority: Arc<Authority>,
     /// Bearer token → node name.
-    pub tokens: HashMap<String, String>,
+    pub tokens: Arc<HashMap<String, String>>,
     pub mesh: watch::Receiver<Arc<Mesh>>,
     pub default_validity: Duration,
     pub max_validity: Duration,

@@ -1,6 +1,7 @@
 //! `ambit controlplane`: the embedded default control plane for machines and clusters without
-//! istiod. Today it is the mesh CA (Istio's certificate API over TLS, bearer-token callers,
-//! identities authorized from the mesh file); xDS comes next.
+//! istiod: the mesh CA (Istio's certificate API, bearer-token callers, identities authorized
+//! from the mesh file) and Delta ADS with Istio's workload API (the mesh file's workloads,
+//! services and policies, changes pushed as deltas), both over TLS on one port.
 
 mod authority;
 mod ca;
@@ -20,6 +21,9 @@ use tokio_util::sync::CancellationToken;
 pub use authority::{Authority, CsrRefusal, Source};
 pub use ca::IMPERSONATED_IDENTITY;
 
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use tokio::sync::watch;
+
 use crate::{
     admin::{self, AdminState, Routes},
     config::parse_duration,
@@ -27,6 +31,11 @@ use crate::{
     metrics::Metrics,
     pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer,
     telemetry::LogFormat,
+    xds::{
+        self,
+        server::{AdsServer, Snapshot},
+        translate::translate,
+    },
 };
 
 #[derive(Args, Debug, Clone)]
@@ -62,13 +71,17 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "AMBIT_LISTEN", default_value = "0.0.0.0:15012")]
     pub listen: SocketAddr,
 
-    /// DNS name in the CA's serving certificate; proxies check it (--ca-server-name).
+    /// DNS name in the serving certificate; node proxies check it (their --control-plane-name).
     #[arg(long, env = "AMBIT_SERVER_NAME", default_value = "ambit-controlplane")]
     pub server_name: String,
 
     /// Readiness endpoint (/healthz/ready).
     #[arg(long, env = "AMBIT_READINESS_ADDR", default_value = "0.0.0.0:15021")]
     pub readiness_addr: SocketAddr,
+
+    /// Admin endpoint: `/config_dump` (what is served, to whom); keep it on loopback.
+    #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
 
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -121,7 +134,7 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let mesh = enroll::local::watch(args.mesh_file.clone(), None, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("loading the mesh file")?;
-    let tokens = load_tokens(&args.tokens_file)?;
+    let tokens = Arc::new(load_tokens(&args.tokens_file)?);
     let source = match (&args.root_cert, &args.root_key, &args.ca_cert, &args.ca_key, &args.ca_chain) {
         (Some(cert), Some(key), None, _, _) => Source::Root { cert: cert.clone(), key: key.clone() },
         (_, _, Some(cert), Some(key), Some(chain)) => {
@@ -134,11 +147,37 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let (chain, key) =
         authority.serving_cert(&args.server_name, &ips).context("issuing the CA's serving certificate")?;
 
+    // What xDS serves: one snapshot of the whole mesh, replaced on every valid change.
+    let first = mesh.borrow().clone();
+    let (snapshots_tx, snapshots) =
+        watch::channel(Arc::new(Snapshot::build(1, &translate(&first, &args.trust_domain))));
+    {
+        let (mut mesh, td) = (mesh.clone(), args.trust_domain.clone());
+        tokio::spawn(async move {
+            let mut generation = 1;
+            while mesh.changed().await.is_ok() {
+                generation += 1;
+                let snapshot = Snapshot::build(generation, &translate(&mesh.borrow_and_update(), &td));
+                let n: usize = snapshot.types.values().map(|t| t.len()).sum();
+                tracing::info!(generation, resources = n, "serving a new version of the mesh");
+                snapshots_tx.send_replace(Arc::new(snapshot));
+            }
+        });
+    }
+    let ads = AdsServer::new(snapshots.clone(), tokens.clone());
+    let peers = ads.peers();
+
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics, shutdown.clone()));
-    let ready =
-        admin::bind(args.readiness_addr).await.with_context(|| format!("binding {}", args.readiness_addr))?;
-    tokio::spawn(admin::serve(ready, Routes::Readiness, admin.clone(), shutdown.clone()));
+    admin.set_dump(serde_json::json!({ "trust_domain": args.trust_domain }));
+    admin.set_live_dump(Arc::new(move || {
+        let peers: Vec<_> = peers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        serde_json::json!({ "serving": xds::server::dump(&snapshots.borrow()), "proxies": peers })
+    }));
+    for (addr, routes) in [(args.readiness_addr, Routes::Readiness), (args.admin_addr, Routes::Admin)] {
+        let l = admin::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(admin::serve(l, routes, admin.clone(), shutdown.clone()));
+    }
 
     let service = ca::CaService {
         authority,
@@ -152,12 +191,17 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
-        .add_service(IstioCertificateServiceServer::new(service));
+        .add_service(IstioCertificateServiceServer::new(service))
+        .add_service(
+            AggregatedDiscoveryServiceServer::new(ads)
+                .max_encoding_message_size(64 << 20)
+                .max_decoding_message_size(64 << 20),
+        );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     admin.set_ready(None);
-    tracing::info!(listen = %args.listen, "CA serving");
+    tracing::info!(listen = %args.listen, "CA and xDS serving");
     let stop = shutdown.clone();
     let signals = async move {
         use tokio::signal::unix::{signal, SignalKind};
