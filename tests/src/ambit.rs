@@ -80,6 +80,24 @@ impl<'b> Ambit<'b> {
         a
     }
 
+    /// Starts `ambit node` without waiting for readiness (to watch it become ready).
+    pub fn spawn(bed: &'b Bed, node: &Node, mesh: &Path, extra: &[&str]) -> Ambit<'b> {
+        let args = Self::args(bed, node, mesh, extra);
+        Ambit {
+            proc: spawn(bed, node, &args, 1),
+            node: node.clone(),
+            mesh: mesh.to_path_buf(),
+            args,
+            bed,
+            starts: 1,
+        }
+    }
+
+    /// The readiness endpoint's answer: status and body (the reason when not ready).
+    pub fn readiness(&self) -> anyhow::Result<(u16, String)> {
+        netns::http(&self.node.netns_path(), "GET", READY.parse().expect("addr"), "/healthz/ready")
+    }
+
     /// Kills the proxy with SIGKILL (pinned capture state stays).
     pub fn kill(&mut self) {
         self.proc.kill();

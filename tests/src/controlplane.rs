@@ -112,16 +112,31 @@ impl<'b> ControlPlane<'b> {
         }
     }
 
-    /// The `ambit node` flags that point `node` at this CA.
+    /// The `ambit node` flags that point `node` at this control plane (CA and xDS).
     pub fn node_args(&self, node: &Node) -> Vec<String> {
         vec![
             "--ca-address".into(),
             self.address.clone(),
-            "--ca-root-cert".into(),
+            "--xds-address".into(),
+            self.address.clone(),
+            "--root-cert".into(),
             self.root_cert.display().to_string(),
-            "--ca-token-file".into(),
+            "--token-file".into(),
             self.token_file(&node.name).display().to_string(),
         ]
+    }
+
+    /// The control plane's config dump (what it serves, to whom).
+    pub fn config_dump(&self) -> serde_json::Value {
+        let (status, body) = netns::http(
+            &self.node.netns_path(),
+            "GET",
+            "127.0.0.1:15000".parse().expect("addr"),
+            "/config_dump",
+        )
+        .expect("reading the control plane's config dump");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("JSON")
     }
 
     pub fn token_file(&self, node: &str) -> PathBuf {

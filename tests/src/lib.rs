@@ -13,6 +13,8 @@ pub mod controlplane;
 pub mod exec;
 pub mod mesh;
 pub mod netns;
+pub mod xdsfake;
+pub mod xdsload;
 
 pub use ambit::{eventually, Ambit};
 pub use bed::{Bed, Node, Pod};

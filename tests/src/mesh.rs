@@ -15,11 +15,23 @@ struct PodEntry {
     service_account: String,
 }
 
-/// Namespaces and pods to write.
+/// A service entry: name, namespace, VIPs, (port, target port) pairs, selector.
+#[derive(Clone, Debug)]
+struct ServiceEntry {
+    name: String,
+    namespace: String,
+    vips: Vec<String>,
+    ports: Vec<(u16, u16)>,
+    selector: Labels,
+}
+
+/// Namespaces, pods and services to write.
 #[derive(Clone, Debug, Default)]
 pub struct Mesh {
     namespaces: Vec<(String, Labels)>,
     pods: Vec<PodEntry>,
+    services: Vec<ServiceEntry>,
+    unhealthy: Vec<String>,
 }
 
 pub const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -42,6 +54,31 @@ impl Mesh {
             labels: own(labels),
             service_account: sa.into(),
         });
+        self
+    }
+
+    /// Adds a service: `ports` as (port, target port), endpoints chosen by `selector`.
+    pub fn service(
+        mut self,
+        name: &str,
+        namespace: &str,
+        vips: &[&str],
+        ports: &[(u16, u16)],
+        selector: &[(&str, &str)],
+    ) -> Self {
+        self.services.push(ServiceEntry {
+            name: name.into(),
+            namespace: namespace.into(),
+            vips: vips.iter().map(|v| v.to_string()).collect(),
+            ports: ports.to_vec(),
+            selector: own(selector),
+        });
+        self
+    }
+
+    /// Marks a listed pod unhealthy (it stops being a service endpoint).
+    pub fn unhealthy(mut self, pod: &str) -> Self {
+        self.unhealthy.push(pod.to_string());
         self
     }
 
@@ -69,7 +106,26 @@ impl Mesh {
             writeln!(s, "    node: {}", pod.node).expect("string");
             writeln!(s, "    ips: [{}, {}]", pod.ipv4, pod.ipv6).expect("string");
             writeln!(s, "    netns: {}", pod.netns_path().display()).expect("string");
+            if self.unhealthy.contains(&pod.name) {
+                writeln!(s, "    status: unhealthy").expect("string");
+            }
             write_labels(&mut s, labels);
+        }
+        if !self.services.is_empty() {
+            s.push_str("services:\n");
+        }
+        for svc in &self.services {
+            writeln!(s, "  - name: {}", svc.name).expect("string");
+            writeln!(s, "    namespace: {}", svc.namespace).expect("string");
+            writeln!(s, "    addresses: [{}]", svc.vips.join(", ")).expect("string");
+            s.push_str("    ports:\n");
+            for (p, t) in &svc.ports {
+                writeln!(s, "      - port: {p}\n        targetPort: {t}").expect("string");
+            }
+            s.push_str("    selector:\n");
+            for (k, v) in &svc.selector {
+                writeln!(s, "      {k}: {v}").expect("string");
+            }
         }
         s
     }
