@@ -1,5 +1,6 @@
-//! `cargo xtask demo`: two nodes and a control plane (the mesh CA) in network namespaces, four
-//! pods, eBPF capture, mTLS HBONE tunnels with workload identities, and what each proxy saw.
+//! `cargo xtask demo`: two nodes and a control plane (xDS and the mesh CA) in network
+//! namespaces, four pods and a service, eBPF capture, mTLS HBONE tunnels with workload
+//! identities, and what each proxy saw.
 //! Everything is torn down at the end (or at Ctrl-C with `--keep`).
 
 use std::{process::Command, time::Duration};
@@ -16,7 +17,8 @@ use ambit_testbed::{
 };
 
 const T: Duration = Duration::from_secs(20);
-const STEPS: u32 = 7;
+const STEPS: u32 = 8;
+const VIP: &str = "10.96.0.10";
 
 fn step(n: u32, text: &str) {
     println!("\n\x1b[1m[{n}/{STEPS}] {text}\x1b[0m");
@@ -42,10 +44,19 @@ fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
     let log = ambit.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(" access: ")).collect();
     for l in lines.iter().skip(skip) {
-        let keep = ["direction=", "pod=", "src=", "dst=", "src_identity=", "dst_identity=", "security="];
+        let keep = [
+            "direction=",
+            "pod=",
+            "src=",
+            "dst=",
+            "src_identity=",
+            "dst_identity=",
+            "dst_service=",
+            "security=",
+        ];
         let fields: Vec<String> = l
             .split_whitespace()
-            .filter(|f| keep.iter().any(|p| f.starts_with(p)))
+            .filter(|f| keep.iter().any(|p| f.starts_with(p)) && *f != "dst_service=-")
             .map(|f| f.replace("spiffe://cluster.local/", ""))
             .collect();
         println!("  {node} access: {}", fields.join(" "));
@@ -104,12 +115,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         .namespace("demo", &[AMBIENT])
         .namespace("plain", &[])
         .pod_with_sa(&client, "demo", &[], "client")
-        .pod_with_sa(&neighbour, "demo", &[], "neighbour")
+        .pod_with_sa(&neighbour, "demo", &[("app", "hello")], "neighbour")
         .pod(&outsider, "plain", &[])
-        .pod_with_sa(&server, "demo", &[], "server");
+        .pod_with_sa(&server, "demo", &[("app", "hello")], "server")
+        .service("hello", "demo", &[VIP], &[(80, 8080)], &[("app", "hello")]);
     write_mesh(&mesh_path, &mesh.yaml());
 
-    step(2, "the control plane creates the mesh root; each node proxy gets certificates for its pods");
+    println!("  service hello.demo at {VIP}:80 -> pods labelled app=hello (neighbour, server), port 8080");
+
+    step(2, "the control plane serves the mesh over xDS and signs each node proxy's pod identities");
     let cp = ControlPlane::start(&bed, &cpn, &mesh_path, &[&n1, &n2], &[]);
     println!("  CA at {} (root in {})", cp.address, cp.root_cert.display());
     let p1 = start(&bed, &cp, &n1, &mesh_path);
@@ -138,7 +152,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     settle();
     s1 = access_log("n1", &p1, s1);
 
-    step(5, "a pod outside the mesh, and a kubelet-style probe from the node");
+    step(5, "client -> the service VIP: spread over both endpoints, on both nodes");
+    for i in 1..=4 {
+        pod_curl(&client, &format!("http://{VIP}/"), &format!("client -> hello.demo ({VIP}), request {i}"))?;
+    }
+    settle();
+    s1 = access_log("n1", &p1, s1);
+    s2 = access_log("n2", &p2, s2);
+
+    step(6, "a pod outside the mesh, and a kubelet-style probe from the node");
     pod_curl(
         &outsider,
         &format!("http://{}:8080/", server.ipv4),
@@ -164,10 +186,11 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         }
     }
 
-    step(6, "unenrolling namespace demo by editing the mesh file (no restart)");
+    step(7, "unenrolling namespace demo by editing the mesh file (no restart)");
     write_mesh(&mesh_path, &mesh.clone().relabel_namespace("demo", &[]).yaml());
-    let gone =
-        ambit_testbed::eventually(T, || p1.config_dump()["pods"].as_array().is_some_and(Vec::is_empty));
+    let gone = ambit_testbed::eventually(T, || {
+        [&p1, &p2].iter().all(|p| p.config_dump()["pods"].as_array().is_some_and(Vec::is_empty))
+    });
     if !gone {
         bail!("the pods were not unenrolled");
     }
