@@ -11,6 +11,7 @@
 //! - [`config`], [`node`]: `ambit node` settings and wiring.
 
 pub mod admin;
+pub mod authz;
 pub mod capture;
 pub mod config;
 pub mod controlplane;
