@@ -1,11 +1,13 @@
-//! The mesh file: namespaces (with labels) and pods, in YAML.
+//! The mesh file: namespaces (with labels), pods, services and policies, in YAML.
 //!
-//! `ambit node --mesh-file` reads it as its offline source of pods (no control plane); the
-//! format is documented in `docs/mesh-file.md`. Every error names the file, line, column and
-//! field, and a file with any error is refused as a whole.
+//! `ambit controlplane` serves it over xDS; `ambit node` reads its own pods from it, and
+//! everything else too when no control plane is used. The format is documented in
+//! `docs/mesh-file.md`. Every error names the file, line, column and field, and a file with any
+//! error is refused as a whole.
 
 pub mod locate;
 mod model;
+pub mod policy;
 mod validate;
 
 use std::{
@@ -24,11 +26,28 @@ pub const DATAPLANE_MODE_AMBIENT: &str = "ambient";
 pub const DATAPLANE_MODE_NONE: &str = "none";
 
 /// A mesh file that parsed and validated: the pods with their addresses parsed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mesh {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
+    pub authorization_policies: Vec<policy::AuthorizationPolicySpec>,
+    pub peer_authentications: Vec<policy::PeerAuthenticationSpec>,
+    /// Policies here without a selector apply to the whole mesh.
+    pub root_namespace: String,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Mesh {
+            namespaces: BTreeMap::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+            authorization_policies: Vec::new(),
+            peer_authentications: Vec::new(),
+            root_namespace: model::default_root_namespace(),
+        }
+    }
 }
 
 /// A pod as the rest of ambit uses it.
@@ -187,5 +206,7 @@ fn serde_error(path: &Path, e: &serde_norway::Error) -> MeshFileError {
     }
 }
 
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 
 use serde::Deserialize;
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct MeshFile {
     #[serde(default)]
@@ -14,6 +14,12 @@ pub struct MeshFile {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Istio `AuthorizationPolicy` and `PeerAuthentication` resources.
+    #[serde(default)]
+    pub policies: Vec<super::policy::PolicyEntry>,
+    /// Where mesh-wide policies live (Istio's root namespace).
+    #[serde(default = "default_root_namespace")]
+    pub root_namespace: String,
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -80,6 +86,22 @@ pub struct ServicePort {
     /// Default: `port`.
     #[serde(default)]
     pub target_port: Option<u16>,
+}
+
+impl Default for MeshFile {
+    fn default() -> Self {
+        MeshFile {
+            namespaces: Vec::new(),
+            pods: Vec::new(),
+            services: Vec::new(),
+            policies: Vec::new(),
+            root_namespace: default_root_namespace(),
+        }
+    }
+}
+
+pub fn default_root_namespace() -> String {
+    "istio-system".into()
 }
 
 fn default_service_account() -> String {

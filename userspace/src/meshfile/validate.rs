@@ -19,7 +19,7 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err(&self, field: FieldPath, message: impl Into<String>) -> MeshFileError {
+    pub(super) fn err(&self, field: FieldPath, message: impl Into<String>) -> MeshFileError {
         MeshFileError {
             file: self.path.to_path_buf(),
             location: locate::locate_nearest(self.text, &field),
@@ -30,6 +30,9 @@ impl Validator<'_> {
 
     pub fn validate(&self, file: MeshFile) -> Result<Mesh, MeshFileError> {
         let mut mesh = Mesh::default();
+        check_dns_label(&file.root_namespace)
+            .map_err(|m| self.err(FieldPath::default().key("rootNamespace"), m))?;
+        mesh.root_namespace = file.root_namespace.clone();
         for (i, ns) in file.namespaces.into_iter().enumerate() {
             let at = FieldPath::default().key("namespaces").index(i);
             check_dns_label(&ns.name).map_err(|m| self.err(at.clone().key("name"), m))?;
@@ -98,6 +101,7 @@ impl Validator<'_> {
             });
         }
         self.services(&mut mesh, file.services, &by_ip)?;
+        self.policies(&mut mesh, file.policies)?;
         Ok(mesh)
     }
 
@@ -177,7 +181,11 @@ impl Validator<'_> {
         Ok(())
     }
 
-    fn check_labels(&self, labels: &BTreeMap<String, String>, at: FieldPath) -> Result<(), MeshFileError> {
+    pub(super) fn check_labels(
+        &self,
+        labels: &BTreeMap<String, String>,
+        at: FieldPath,
+    ) -> Result<(), MeshFileError> {
         for (k, v) in labels {
             let ok_key = !k.is_empty() && k.len() <= 317 && !k.chars().any(char::is_whitespace);
             if !ok_key || v.len() > 63 || v.chars().any(char::is_whitespace) {
@@ -203,7 +211,7 @@ pub(super) fn check_dns_label(name: &str) -> Result<(), String> {
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires of pod and service account names.
-fn check_dns_subdomain(name: &str) -> Result<(), String> {
+pub(super) fn check_dns_subdomain(name: &str) -> Result<(), String> {
     let ok = !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| check_dns_label(l).is_ok());
     if ok {
         Ok(())
