@@ -17,7 +17,12 @@ use serde::Serialize;
 
 pub use model::{Decoded, PortMap, Service, Tunnel, Workload};
 
-use crate::{capture::addr, pb::istio::security::Authorization, pb::istio::workload::Address};
+use crate::{
+    authz::{self, Policy},
+    capture::addr,
+    pb::istio::security::Authorization,
+    pb::istio::workload::Address,
+};
 
 struct ServiceEntry {
     service: Service,
@@ -46,7 +51,13 @@ pub struct MeshState {
     by_vip: HashMap<IpAddr, String>,
     /// Service key → uids of the workloads listing it.
     endpoints: HashMap<String, BTreeSet<String>>,
-    policies: HashMap<String, Arc<Authorization>>,
+    /// Resource name → compiled policy.
+    policies: HashMap<String, Arc<Policy>>,
+    /// The same, indexed for evaluation: global ones, by namespace, and by `<ns>/<name>` (how
+    /// workloads select them). Rebuilt on every policy change.
+    global_policies: Vec<Arc<Policy>>,
+    namespace_policies: HashMap<String, Vec<Arc<Policy>>>,
+    selectable_policies: HashMap<String, Arc<Policy>>,
     /// Type URL → resource name → version: what `initial_resource_versions` reports.
     versions: HashMap<&'static str, HashMap<String, String>>,
     /// The source has delivered a complete first view (xDS: both types once; the mesh file:
@@ -117,18 +128,17 @@ impl MeshState {
         Ok(())
     }
 
-    /// Applies one `istio.security.Authorization` (checked by the policy engine when it is
-    /// enforced; stored as received here).
+    /// Applies one `istio.security.Authorization`, compiled for evaluation. On error nothing
+    /// changes: the previous version of the policy (if any) stays in force.
     pub fn apply_authorization(
         &mut self,
         name: &str,
         version: &str,
         a: &Authorization,
     ) -> Result<(), String> {
-        if a.name.is_empty() {
-            return Err("policy without a name".into());
-        }
-        self.policies.insert(name.to_string(), Arc::new(a.clone()));
+        let policy = authz::compile(a)?;
+        self.policies.insert(name.to_string(), Arc::new(policy));
+        self.reindex_policies();
         self.versions
             .entry(crate::xds::AUTHORIZATION_TYPE)
             .or_default()
@@ -136,12 +146,40 @@ impl MeshState {
         Ok(())
     }
 
+    fn reindex_policies(&mut self) {
+        self.global_policies.clear();
+        self.namespace_policies.clear();
+        self.selectable_policies.clear();
+        let mut all: Vec<&Arc<Policy>> = self.policies.values().collect();
+        // Evaluation order does not change decisions, but a stable one keeps logs stable.
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        for p in all {
+            match p.scope {
+                authz::Scope::Global => self.global_policies.push(p.clone()),
+                authz::Scope::Namespace => {
+                    self.namespace_policies.entry(p.namespace.clone()).or_default().push(p.clone());
+                }
+                authz::Scope::WorkloadSelector => {
+                    self.selectable_policies.insert(p.key.clone(), p.clone());
+                }
+            }
+        }
+    }
+
+    /// The policies that apply to a workload of `namespace` selecting `selected`.
+    pub fn policies_for(&self, namespace: &str, selected: &[String]) -> Vec<Arc<Policy>> {
+        let mut out = self.global_policies.clone();
+        out.extend(self.namespace_policies.get(namespace).into_iter().flatten().cloned());
+        out.extend(selected.iter().filter_map(|k| self.selectable_policies.get(k)).cloned());
+        out
+    }
+
     pub fn remove(&mut self, type_url: &str, name: &str) {
         if type_url == crate::xds::ADDRESS_TYPE {
             self.unindex_workload(name);
             self.unindex_service(name);
-        } else {
-            self.policies.remove(name);
+        } else if self.policies.remove(name).is_some() {
+            self.reindex_policies();
         }
         if let Some(v) = self.versions.get_mut(type_url) {
             v.remove(name);
@@ -240,8 +278,8 @@ impl MeshState {
             })
             .collect();
         services.sort_by(|a, b| a.service.key.cmp(&b.service.key));
-        let mut policies: Vec<String> = self.policies.keys().cloned().collect();
-        policies.sort();
+        let mut policies: Vec<Policy> = self.policies.values().map(|p| (**p).clone()).collect();
+        policies.sort_by(|a, b| a.key.cmp(&b.key));
         StateDump { workloads, services, policies }
     }
 }
@@ -257,20 +295,39 @@ pub struct ServiceDump {
 pub struct StateDump {
     pub workloads: Vec<Workload>,
     pub services: Vec<ServiceDump>,
-    pub policies: Vec<String>,
+    pub policies: Vec<Policy>,
 }
 
 /// The shared state: read on every connection, written by the xDS client (or the mesh file).
-#[derive(Default)]
-pub struct StateStore(RwLock<MeshState>);
+pub struct StateStore {
+    state: RwLock<MeshState>,
+    /// Bumped after each batch of changes, so open connections can be re-checked.
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for StateStore {
+    fn default() -> Self {
+        StateStore { state: RwLock::default(), changes: tokio::sync::watch::Sender::new(0) }
+    }
+}
 
 impl StateStore {
     pub fn read(&self) -> std::sync::RwLockReadGuard<'_, MeshState> {
-        self.0.read().unwrap_or_else(|p| p.into_inner())
+        self.state.read().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, MeshState> {
-        self.0.write().unwrap_or_else(|p| p.into_inner())
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the subscribers that a batch of changes was applied.
+    pub fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Wakes on every [`StateStore::changed`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Makes the state exactly `resources` (the local mesh file's translation): changed
@@ -308,6 +365,8 @@ impl StateStore {
             }
         }
         st.mark_synced();
+        drop(st);
+        self.changed();
         errors
     }
 }

@@ -193,6 +193,7 @@ impl XdsClient {
         let mut seen: HashSet<String> = HashSet::new();
         while let Some(resp) = responses.message().await? {
             let errors = self.apply(&resp);
+            self.state.changed();
             let error_detail = (!errors.is_empty()).then(|| RpcStatus {
                 // google.rpc.Code INVALID_ARGUMENT
                 code: 3,

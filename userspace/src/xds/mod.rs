@@ -2,6 +2,7 @@
 //! client, the control plane's server, and the translation of a mesh file into the two
 //! resource types (`istio.workload.Address`, `istio.security.Authorization`).
 
+pub mod authorization;
 pub mod client;
 pub mod server;
 pub mod translate;
@@ -35,3 +36,6 @@ pub fn version_of(bytes: &[u8]) -> String {
         .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3));
     format!("{h:016x}")
 }
+
+#[cfg(test)]
+mod authorization_tests;

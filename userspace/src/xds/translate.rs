@@ -1,6 +1,7 @@
 //! A mesh file as the Istio workload API: one `Workload` per pod (uid
 //! `Kubernetes//Pod/<namespace>/<name>`), one `Service` per service (`<namespace>/<hostname>`),
-//! endpoints expressed the Istio way — in each workload's `services` map.
+//! endpoints expressed the Istio way — in each workload's `services` map — and the policies
+//! (`super::authorization`), which selected workloads list in `authorization_policies`.
 
 use std::collections::BTreeMap;
 
@@ -34,7 +35,7 @@ fn ip_bytes(ip: &std::net::IpAddr) -> Vec<u8> {
     }
 }
 
-fn workload(mesh: &Mesh, pod: &PodSpec, trust_domain: &str) -> Workload {
+fn workload(mesh: &Mesh, pod: &PodSpec, trust_domain: &str, policies: &[String]) -> Workload {
     let services = mesh
         .services
         .iter()
@@ -77,6 +78,7 @@ fn workload(mesh: &Mesh, pod: &PodSpec, trust_domain: &str) -> Workload {
         workload_type: WorkloadType::Pod as i32,
         workload_name: pod.name.clone(),
         services,
+        authorization_policies: policies.to_vec(),
         status: if pod.healthy { WorkloadStatus::Healthy } else { WorkloadStatus::Unhealthy } as i32,
         cluster_id: CLUSTER_ID.to_string(),
         ..Default::default()
@@ -86,8 +88,10 @@ fn workload(mesh: &Mesh, pod: &PodSpec, trust_domain: &str) -> Workload {
 /// The resources a mesh file describes.
 pub fn translate(mesh: &Mesh, trust_domain: &str) -> Resources {
     let mut r = Resources::default();
+    let policies = super::authorization::convert(mesh);
     for pod in &mesh.pods {
-        let w = workload(mesh, pod, trust_domain);
+        let selected = policies.selected.get(&pod.key()).map(Vec::as_slice).unwrap_or_default();
+        let w = workload(mesh, pod, trust_domain, selected);
         r.addresses.insert(w.uid.clone(), Address { r#type: Some(address::Type::Workload(w)) });
     }
     for s in &mesh.services {
@@ -113,5 +117,6 @@ pub fn translate(mesh: &Mesh, trust_domain: &str) -> Resources {
         };
         r.addresses.insert(s.key(), Address { r#type: Some(address::Type::Service(svc)) });
     }
+    r.authorizations = policies.resources;
     r
 }
