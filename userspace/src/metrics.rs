@@ -24,6 +24,7 @@ pub struct Metrics {
     failed: IntCounterVec,
     sent: IntCounterVec,
     received: IntCounterVec,
+    denied: IntCounterVec,
     pub enrolled_pods: IntGauge,
 }
 
@@ -75,10 +76,17 @@ impl Metrics {
             "Bytes from the destination back to the connecting side.",
             &POD_LABELS,
         );
+        let denied = counter(
+            &registry,
+            "ambit_authorization_denials_total",
+            "Inbound connections denied by authorization policy: at accept, closed after a policy \
+             change (when=open), or only reported by a dry-run policy (mode=dry_run).",
+            &["namespace", "pod", "policy", "when", "mode"],
+        );
         let enrolled_pods =
             IntGauge::new("ambit_enrolled_pods", "Pods whose traffic is captured.").expect("valid metric");
         registry.register(Box::new(enrolled_pods.clone())).expect("unique");
-        Metrics { registry, opened, closed, failed, sent, received, enrolled_pods }
+        Metrics { registry, opened, closed, failed, sent, received, denied, enrolled_pods }
     }
 
     /// Adds the kernel-side counters, read from the eBPF stats map on every scrape.
@@ -103,6 +111,14 @@ impl Metrics {
         self.failed
             .with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str(), reason])
             .inc();
+    }
+
+    /// A denial by `policy` (`<namespace>/<name>`), of a new connection (`open` false) or an
+    /// open one after a policy change; `dry_run`: reported only.
+    pub fn authorization_denied(&self, pod: &PodCtx, policy: &str, open: bool, dry_run: bool) {
+        let when = if open { "open" } else { "connect" };
+        let mode = if dry_run { "dry_run" } else { "enforced" };
+        self.denied.with_label_values(&[pod.namespace.as_str(), pod.name.as_str(), policy, when, mode]).inc();
     }
 
     /// The Prometheus text exposition of everything.

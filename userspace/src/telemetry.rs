@@ -86,3 +86,28 @@ pub fn access_log_refused(r: &ConnRecord<'_>, reason: &str, detail: &str) {
         "connection refused"
     );
 }
+
+/// An inbound connection denied by authorization (at connect, or closed while open after a
+/// policy change), or one a dry-run policy would deny.
+pub fn access_log_denied(r: &ConnRecord<'_>, denial: &crate::authz::Denial, open: bool, dry_run: bool) {
+    let dst = r.dst.map(|a| a.to_string());
+    let message = match (dry_run, open) {
+        (true, _) => "dry run: connection would be denied",
+        (false, false) => "connection denied",
+        (false, true) => "open connection closed: denied after a policy change",
+    };
+    tracing::warn!(
+        target: "access",
+        direction = %direction(r.direction),
+        namespace = %r.pod.namespace,
+        pod = %r.pod.name,
+        src = %r.src,
+        dst = %dst.as_deref().unwrap_or("unknown"),
+        src_identity = %r.src_identity.as_deref().unwrap_or("-"),
+        dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
+        security = %if r.mtls { "mutual_tls" } else { "none" },
+        policy = %denial.policy(),
+        reason = %denial.reason(),
+        "{message}"
+    );
+}

@@ -1,16 +1,20 @@
 //! Inbound plaintext: a connection to an enrolled pod from outside the mesh (mesh clients
 //! arrive over HBONE on 15008), assigned to the pod-local 15006 listener by the TC program.
 //! The accepted socket's local address is the original destination (the pod's IP and the
-//! application's port); the proxy connects to it from inside the pod's netns.
+//! application's port); the proxy connects to it from inside the pod's netns, once the
+//! workload's authorization policies allow a client without identity.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
 use tokio::net::TcpStream;
 
-use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx};
+use super::{
+    authorize::{self, Subject},
+    finish, refuse, relay, upstream, ConnRecord, Inner, PodCtx,
+};
 use crate::capture::addr;
 
-pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
+pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let started = std::time::Instant::now();
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(addr::canonical(a.ip()), a.port()),
@@ -32,9 +36,17 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
     if inner.settings.own_ports.contains(&dst.port()) {
         return refuse(inner, &record, client, "loop", "destination is the proxy itself");
     }
+    let subject = Subject { peer: None, src: peer, dst, mtls: false };
+    if authorize::check(inner, pod, &subject).is_err() {
+        // Logged and counted by the check; the client sees a reset.
+        inner.metrics.connection_failed(record.direction, pod, "authorization_denied");
+        relay::linger_zero(&client);
+        return;
+    }
+    let registration = inner.open.register(pod.clone(), subject);
     let s = &inner.settings;
     match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
-        Ok(upstream) => finish(inner, record, client, upstream, started).await,
+        Ok(upstream) => finish(inner, record, client, upstream, started, &registration.closed).await,
         Err(e) => refuse(inner, &record, client, "connect_failed", &e.to_string()),
     }
 }

@@ -1,6 +1,7 @@
 //! The node proxy's data path: accept loops on the in-pod listeners, the outbound and inbound
 //! handlers, and the byte relay.
 
+mod authorize;
 pub mod hbone;
 mod inbound;
 mod outbound;
@@ -129,6 +130,8 @@ pub struct Inner {
     state: Arc<StateStore>,
     /// Every connection task, so that shutdown can wait for them (drain).
     connections: TaskTracker,
+    /// Inbound connections open under authorization, re-checked on state changes.
+    open: authorize::OpenConnections,
 }
 
 #[derive(Clone)]
@@ -147,17 +150,23 @@ impl Proxy {
     ) -> Proxy {
         let hbone =
             hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
-        Proxy {
-            inner: Arc::new(Inner {
-                settings,
-                orig,
-                metrics,
-                identities,
-                hbone,
-                state,
-                connections: TaskTracker::new(),
-            }),
-        }
+        let inner = Arc::new(Inner {
+            settings,
+            orig,
+            metrics,
+            identities,
+            hbone,
+            state,
+            connections: TaskTracker::new(),
+            open: authorize::OpenConnections::default(),
+        });
+        authorize::spawn_rechecks(&inner);
+        Proxy { inner }
+    }
+
+    /// Inbound connections open under authorization (config dump).
+    pub fn authorized_connections(&self) -> usize {
+        self.inner.open.len()
     }
 
     /// The HBONE connection pool (config dump).
@@ -246,16 +255,18 @@ fn refuse(
     relay::linger_zero(&client);
 }
 
-/// Relays an established plaintext pair to its end, with metrics and the access log.
+/// Relays an established plaintext pair to its end (or until `close` fires: a reset both
+/// ways), with metrics and the access log.
 async fn finish(
     inner: &Inner,
     record: ConnRecord<'_>,
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     started: std::time::Instant,
+    close: &CancellationToken,
 ) {
     let counters = inner.metrics.connection_opened(record.direction, record.pod);
-    let transfer = relay::relay(client, upstream, &counters).await;
+    let transfer = relay::relay(client, upstream, &counters, close).await;
     inner.metrics.connection_closed(record.direction, record.pod);
     crate::telemetry::access_log(&record, &transfer, started.elapsed());
 }

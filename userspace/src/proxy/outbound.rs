@@ -9,6 +9,7 @@
 use std::{net::SocketAddr, time::Instant};
 
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
 use crate::{
@@ -118,7 +119,7 @@ async fn passthrough(
         Ok(upstream) => {
             let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
             record.dst_service = service;
-            finish(inner, record, client, upstream, started).await
+            finish(inner, record, client, upstream, started, &CancellationToken::new()).await
         }
         Err(e) => {
             let mut record = ConnRecord::outbound(pod, peer, Some(dst));
@@ -150,7 +151,8 @@ async fn hbone(
         record.src = SocketAddr::new(*ip, peer.port());
     }
     let counters = inner.metrics.connection_opened(Direction::Outbound, pod);
-    let transfer = super::hbone::relay(client, tunnel.send, tunnel.recv, &counters).await;
+    let transfer =
+        super::hbone::relay(client, tunnel.send, tunnel.recv, &counters, &CancellationToken::new()).await;
     inner.metrics.connection_closed(Direction::Outbound, pod);
     crate::telemetry::access_log(&record, &transfer, started.elapsed());
 }

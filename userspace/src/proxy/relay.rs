@@ -61,7 +61,17 @@ pub fn linger_zero(stream: &TcpStream) {
     }
 }
 
-pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, counters: &Counters) -> Transfer {
+/// The error a relay ends with when it is closed from outside (authorization).
+pub fn revoked() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionAborted, "closed by the proxy: denied by an authorization policy")
+}
+
+pub async fn relay(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    counters: &Counters,
+    close: &tokio_util::sync::CancellationToken,
+) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
     {
@@ -75,6 +85,7 @@ pub async fn relay(mut client: TcpStream, mut upstream: TcpStream, counters: &Co
             let result = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
+                () = close.cancelled() => Err(revoked()),
             };
             if let Err(e) = result {
                 error = Some(e);

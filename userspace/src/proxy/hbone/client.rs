@@ -53,6 +53,9 @@ impl TunnelError {
             TunnelError::Connect { .. } => "hbone_connect_failed",
             TunnelError::Tls { .. } => "hbone_tls_failed",
             TunnelError::H2 { .. } => "hbone_http2_failed",
+            TunnelError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
+                "denied_by_destination"
+            }
             TunnelError::Status { .. } => "hbone_refused",
             TunnelError::Timeout { .. } => "hbone_timeout",
             TunnelError::Config(_) => "tls_config",

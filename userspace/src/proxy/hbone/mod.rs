@@ -128,6 +128,7 @@ pub async fn relay(
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
     counters: &RelayCounters,
+    close: &tokio_util::sync::CancellationToken,
 ) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
@@ -141,6 +142,7 @@ pub async fn relay(
             let result = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
+                () = close.cancelled() => Err(super::relay::revoked()),
             };
             if let Err(e) = result {
                 error = Some(e);

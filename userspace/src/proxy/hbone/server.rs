@@ -3,7 +3,8 @@
 //! mTLS (any client certificate of our trust domain, chained to the mesh root), then HTTP/2;
 //! each CONNECT stream is answered as ztunnel does: 400 when `:authority` is malformed or not
 //! this pod's address the tunnel arrived on, 503 when it names one of the proxy's own ports
-//! or the application cannot be reached, 200 and raw bytes otherwise.
+//! or the application cannot be reached, 401 when the workload's authorization policies deny
+//! the client, 200 and raw bytes otherwise.
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
@@ -14,10 +15,14 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    authz::Peer,
     capture::addr,
     identity::Identity,
     inpod::Direction,
-    proxy::{upstream, ConnRecord, Inner, PodCtx},
+    proxy::{
+        authorize::{self, Subject},
+        upstream, ConnRecord, Inner, PodCtx,
+    },
 };
 
 /// Accepts HBONE connections for `pod` until `stop`; connections accepted live on.
@@ -122,7 +127,7 @@ fn forwarded_for(req: &Request<RecvStream>) -> Option<std::net::IpAddr> {
 
 async fn tunnel(
     inner: &Arc<Inner>,
-    pod: &PodCtx,
+    pod: &Arc<PodCtx>,
     peer: SocketAddr,
     local: SocketAddr,
     peer_identity: Option<Identity>,
@@ -156,6 +161,14 @@ async fn tunnel(
             "the target is one of the proxy's own ports",
         );
     }
+    let subject = Subject { peer: peer_identity.clone().map(Peer::new), src, dst, mtls: true };
+    if authorize::check(inner, pod, &subject).is_err() {
+        // Logged and counted by the check.
+        answer(&mut respond, StatusCode::UNAUTHORIZED);
+        inner.metrics.connection_failed(Direction::Inbound, pod, "authorization_denied");
+        return;
+    }
+    let registration = inner.open.register(pod.clone(), subject);
     let s = &inner.settings;
     let upstream = match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
         Ok(u) => u,
@@ -171,7 +184,7 @@ async fn tunnel(
     };
     let record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
     let counters = inner.metrics.connection_opened(Direction::Inbound, pod);
-    let transfer = super::relay(upstream, send, req.into_body(), &counters).await;
+    let transfer = super::relay(upstream, send, req.into_body(), &counters, &registration.closed).await;
     inner.metrics.connection_closed(Direction::Inbound, pod);
     // From the application's side: it received what the tunnel delivered.
     let transfer =

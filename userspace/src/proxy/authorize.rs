@@ -1,0 +1,173 @@
+//! Authorization at the destination: each inbound connection to a local workload is checked
+//! against the policies that apply to that workload — with the client's verified identity
+//! over HBONE, with none in plaintext — and stays registered while it is open, so that when
+//! the mesh state changes it is checked again and closed if it is now denied.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, Weak,
+    },
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ConnRecord, Inner, PodCtx};
+use crate::{
+    authz::{self, Conn, Decision, Denial, Peer},
+    capture::addr,
+    state::MeshState,
+};
+
+/// What a connection is judged by.
+#[derive(Clone, Debug)]
+pub struct Subject {
+    /// The verified peer (HBONE), `None` in plaintext.
+    pub peer: Option<Peer>,
+    /// The original client (the tunnel's `forwarded` source for HBONE).
+    pub src: SocketAddr,
+    /// The local workload's address and port.
+    pub dst: SocketAddr,
+    pub mtls: bool,
+}
+
+impl Subject {
+    fn record<'a>(&'a self, pod: &'a PodCtx) -> ConnRecord<'a> {
+        ConnRecord::inbound(pod, self.src, Some(self.dst), self.peer.as_ref().map(|p| &p.identity), self.mtls)
+    }
+}
+
+fn decide(state: &MeshState, pod: &PodCtx, s: &Subject) -> Decision {
+    let conn = Conn {
+        src: s.peer.as_ref(),
+        src_ip: addr::canonical(s.src.ip()),
+        dst_ip: addr::canonical(s.dst.ip()),
+        dst_port: s.dst.port(),
+    };
+    // The destination workload says which selector policies apply; a pod the control plane
+    // has not described (yet) still gets the global and namespace ones.
+    let policies = match state.workload_by_ip(conn.dst_ip) {
+        Some(w) => state.policies_for(&w.namespace, &w.authorization_policies),
+        None => state.policies_for(&pod.namespace, &[]),
+    };
+    authz::evaluate(&policies, &conn)
+}
+
+fn report(inner: &Inner, pod: &PodCtx, s: &Subject, d: &Decision, open: bool) {
+    let record = s.record(pod);
+    if let Some(dry) = &d.dry_run_denied {
+        inner.metrics.authorization_denied(pod, dry.policy(), open, true);
+        crate::telemetry::access_log_denied(&record, dry, open, true);
+    }
+    if let Some(denied) = &d.denied {
+        inner.metrics.authorization_denied(pod, denied.policy(), open, false);
+        crate::telemetry::access_log_denied(&record, denied, open, false);
+    }
+}
+
+/// Checks a new connection; a denial (and a dry-run one) is logged and counted here.
+pub(super) fn check(inner: &Inner, pod: &PodCtx, s: &Subject) -> Result<(), Denial> {
+    let d = decide(&inner.state.read(), pod, s);
+    report(inner, pod, s, &d, false);
+    match d.denied {
+        None => Ok(()),
+        Some(denial) => Err(denial),
+    }
+}
+
+struct Entry {
+    pod: Arc<PodCtx>,
+    subject: Subject,
+    close: CancellationToken,
+}
+
+/// The inbound connections open right now, by id.
+#[derive(Default)]
+pub struct OpenConnections {
+    next: AtomicU64,
+    entries: Mutex<HashMap<u64, Entry>>,
+}
+
+/// An open connection's place in the table; leaving it (drop) unregisters it. `closed` fires
+/// when a re-check denies the connection.
+pub struct Registration<'a> {
+    table: &'a OpenConnections,
+    id: u64,
+    pub closed: CancellationToken,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        self.table.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl OpenConnections {
+    pub fn register(&self, pod: Arc<PodCtx>, subject: Subject) -> Registration<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = CancellationToken::new();
+        self.entries
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Entry { pod, subject, close: close.clone() });
+        Registration { table: self, id, closed: close }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks every open connection against the current state; closes the denied ones.
+    /// Returns how many were closed.
+    fn recheck(&self, inner: &Inner) -> usize {
+        // Decide under the state's read lock, act after releasing both locks.
+        let denied: Vec<(Arc<PodCtx>, Subject, Decision, CancellationToken)> = {
+            let state = inner.state.read();
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            entries
+                .values()
+                .filter(|e| !e.close.is_cancelled())
+                .filter_map(|e| {
+                    let d = decide(&state, &e.pod, &e.subject);
+                    (!d.allowed()).then(|| (e.pod.clone(), e.subject.clone(), d, e.close.clone()))
+                })
+                .collect()
+        };
+        for (pod, subject, decision, close) in &denied {
+            report(
+                inner,
+                pod,
+                subject,
+                &Decision { denied: decision.denied.clone(), dry_run_denied: None },
+                true,
+            );
+            close.cancel();
+        }
+        denied.len()
+    }
+}
+
+/// Re-checks the open inbound connections after every change of the mesh state, for as long
+/// as the proxy exists.
+pub(super) fn spawn_rechecks(inner: &Arc<Inner>) {
+    let weak: Weak<Inner> = Arc::downgrade(inner);
+    let mut changes = inner.state.subscribe();
+    tokio::spawn(async move {
+        while changes.changed().await.is_ok() {
+            let Some(inner) = weak.upgrade() else { return };
+            if inner.open.is_empty() {
+                continue;
+            }
+            let closed = inner.open.recheck(&inner);
+            if closed > 0 {
+                tracing::info!(closed, "open connections closed after a policy change");
+            }
+        }
+    });
+}
