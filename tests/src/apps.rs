@@ -11,12 +11,18 @@ use crate::{
 /// returns once it is listening. Its log (one line per request, with the client's address)
 /// is the process output.
 pub fn http_server<'b>(bed: &'b Bed, pod: &Pod, body: &str) -> Proc<'b> {
-    let root = bed.dir().join(format!("www-{}", pod.name));
+    http_server_on(bed, pod, 8080, body)
+}
+
+/// [`http_server`] on another port.
+pub fn http_server_on<'b>(bed: &'b Bed, pod: &Pod, port: u16, body: &str) -> Proc<'b> {
+    let root = bed.dir().join(format!("www-{}-{port}", pod.name));
     std::fs::create_dir_all(&root).expect("www dir");
     std::fs::write(root.join("index.html"), body).expect("body");
     let root = root.display().to_string();
-    let argv = ["python3", "-u", "-m", "http.server", "8080", "--bind", "::", "--directory", &root];
-    let mut p = Proc::spawn(bed, &format!("http-{}", pod.name), pod_command(pod, &argv));
+    let port = port.to_string();
+    let argv = ["python3", "-u", "-m", "http.server", &port, "--bind", "::", "--directory", &root];
+    let mut p = Proc::spawn(bed, &format!("http-{}-{port}", pod.name), pod_command(pod, &argv));
     p.wait_for_output("Serving HTTP", Duration::from_secs(20)).expect("http server starts");
     p
 }

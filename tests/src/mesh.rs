@@ -32,6 +32,8 @@ pub struct Mesh {
     pods: Vec<PodEntry>,
     services: Vec<ServiceEntry>,
     unhealthy: Vec<String>,
+    /// Items of `policies:`, as YAML (Istio resources).
+    policies: String,
 }
 
 pub const AMBIENT: (&str, &str) = ("istio.io/dataplane-mode", "ambient");
@@ -82,6 +84,13 @@ impl Mesh {
         self
     }
 
+    /// Sets the `policies:` section: YAML list items (Istio AuthorizationPolicy and
+    /// PeerAuthentication resources), indented by two spaces.
+    pub fn policies(mut self, yaml: &str) -> Self {
+        self.policies = yaml.to_string();
+        self
+    }
+
     /// Sets the labels of an already listed namespace.
     pub fn relabel_namespace(mut self, name: &str, labels: &[(&str, &str)]) -> Self {
         for ns in &mut self.namespaces {
@@ -126,6 +135,10 @@ impl Mesh {
             for (k, v) in &svc.selector {
                 writeln!(s, "      {k}: {v}").expect("string");
             }
+        }
+        if !self.policies.is_empty() {
+            s.push_str("policies:\n");
+            s.push_str(&self.policies);
         }
         s
     }
