@@ -13,17 +13,63 @@ use serde::Serialize;
 
 use ambit_common::{DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
-use crate::{capture::klog::KernelLogLevel, proxy::UnknownDestination, telemetry::LogFormat};
+use crate::{
+    capture::klog::KernelLogLevel,
+    enroll::kube::KubeSettings,
+    meshfile::{Enrolment, Label},
+    proxy::UnknownDestination,
+    telemetry::LogFormat,
+};
+
+/// `--pod-source`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodSourceKind {
+    File,
+    Kubernetes,
+}
+
+/// Where `ambit node` learns its pods.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodSource {
+    File { mesh_file: PathBuf },
+    Kubernetes(KubeSettings),
+}
 
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
 
 #[derive(Args, Debug, Clone)]
 pub struct NodeArgs {
+    /// Where pods come from: the mesh file (`--mesh-file`), or the Kubernetes API (Namespaces
+    /// and this node's Pods, watched; network namespaces found under `--proc-dir`).
+    #[arg(long, env = "AMBIT_POD_SOURCE", value_enum, default_value_t = PodSourceKind::File)]
+    pub pod_source: PodSourceKind,
+
     /// Mesh file listing namespaces and pods (see docs/mesh-file.md). Watched: edits take
     /// effect within a second; an invalid edit is refused and the previous version kept.
+    /// Required with `--pod-source file`.
     #[arg(long, env = "AMBIT_MESH_FILE")]
-    pub mesh_file: PathBuf,
+    pub mesh_file: Option<PathBuf>,
+
+    /// Kubernetes: a kubeconfig file. Default: `KUBECONFIG`, `~/.kube/config`, then the
+    /// in-cluster service account (how the DaemonSet runs).
+    #[arg(long, env = "AMBIT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes: the host's /proc, where a pod's network namespace is found from a process
+    /// whose cgroup carries the pod's UID (mount the host's /proc into the container).
+    #[arg(long, env = "AMBIT_PROC_DIR", default_value = "/proc")]
+    pub proc_dir: PathBuf,
+
+    /// The label (on a namespace, or a pod) that enrols pods.
+    #[arg(long, env = "AMBIT_ENROL_LABEL", default_value = "istio.io/dataplane-mode=ambient")]
+    pub enrol_label: Label,
+
+    /// The pod label that opts a pod out of enrolment.
+    #[arg(long, env = "AMBIT_OPT_OUT_LABEL", default_value = "istio.io/dataplane-mode=none")]
+    pub opt_out_label: Label,
 
     /// This node's name: pods of the mesh file whose `node` names another node are not
     /// captured here. Default: the host name.
@@ -76,7 +122,9 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_ROOT_CERT")]
     pub root_cert: Option<PathBuf>,
 
-    /// File with this node's bearer token for the control plane (re-read on every request).
+    /// File with this node's bearer token for the control plane (re-read on every request):
+    /// with istiod, the projected service-account token. A directory: the file in it named
+    /// after this node (a Secret of per-node tokens, for ambit controlplane).
     #[arg(long, env = "AMBIT_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
 
@@ -183,7 +231,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Everything `ambit node` runs with, after defaults and discovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeSettings {
-    pub mesh_file: PathBuf,
+    pub pod_source: PodSource,
+    pub enrolment: Enrolment,
     pub node_name: String,
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
@@ -237,8 +286,36 @@ impl NodeSettings {
             None => cgroup2_mount().context("finding the cgroup v2 mount for --cgroup")?,
         };
         check_cgroup2(&cgroup)?;
+        let token_file = match &args.token_file {
+            Some(dir) if dir.is_dir() => {
+                let f = dir.join(&node_name);
+                if !f.is_file() {
+                    bail!(
+                        "--token-file {}: a directory without a token for this node ({node_name})",
+                        dir.display()
+                    );
+                }
+                Some(f)
+            }
+            other => other.clone(),
+        };
+        let pod_source = match (args.pod_source, args.mesh_file) {
+            (PodSourceKind::File, Some(mesh_file)) => PodSource::File { mesh_file },
+            (PodSourceKind::File, None) => {
+                bail!("--mesh-file is required with --pod-source file (or use --pod-source kubernetes)")
+            }
+            (PodSourceKind::Kubernetes, Some(_)) => {
+                bail!("--mesh-file and --pod-source kubernetes exclude each other: pods come from the API")
+            }
+            (PodSourceKind::Kubernetes, None) => PodSource::Kubernetes(KubeSettings {
+                kubeconfig: args.kubeconfig,
+                proc_dir: args.proc_dir,
+                node_name: node_name.clone(),
+            }),
+        };
         Ok(NodeSettings {
-            mesh_file: args.mesh_file,
+            pod_source,
+            enrolment: Enrolment { enrol: args.enrol_label, opt_out: args.opt_out_label },
             node_name: node_name.clone(),
             cgroup,
             bpffs: args.bpffs,
@@ -257,7 +334,7 @@ impl NodeSettings {
             log_level: args.log_level,
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
-            ca: match (&args.ca_address, &args.root_cert, &args.token_file) {
+            ca: match (&args.ca_address, &args.root_cert, &token_file) {
                 (Some(address), Some(root_cert), Some(token_file)) => {
                     Some(crate::identity::caclient::CaSettings {
                         address: address.clone(),
@@ -269,7 +346,7 @@ impl NodeSettings {
                 }
                 _ => None,
             },
-            xds: match (&args.xds_address, &args.root_cert, &args.token_file) {
+            xds: match (&args.xds_address, &args.root_cert, &token_file) {
                 (Some(address), Some(root_cert), Some(token_file)) => Some(crate::xds::client::XdsSettings {
                     address: address.clone(),
                     server_name: args.control_plane_name.clone(),

@@ -35,11 +35,15 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         "starting ambit node"
     );
     let shutdown = CancellationToken::new();
-    // The mesh file first: an invalid one stops the start before the kernel is touched.
-    let mut meshes =
-        enroll::local::watch(settings.mesh_file.clone(), Some(settings.node_name.clone()), shutdown.clone())
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .context("loading the mesh file")?;
+    // The pod source first: an invalid mesh file (or Kubernetes configuration) stops the
+    // start before the kernel is touched.
+    let mut source = enroll::Source::start(
+        &settings.pod_source,
+        &settings.node_name,
+        &settings.enrolment,
+        shutdown.clone(),
+    )
+    .await?;
     // The kernel next: refuse, with everything that is missing, before attaching anything.
     let kernel = probe::run(&settings.bpffs, &settings.cgroup);
     if let Some(refusal) = kernel.refusal() {
@@ -50,6 +54,8 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         inbound_attach = if kernel.has_tcx() { "tcx" } else { "clsact" },
         "kernel supports ambit"
     );
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [
@@ -117,16 +123,32 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         tokio::spawn(client.run(synced_tx, shutdown.clone()));
         status
     });
+    // Pinned state of pods that left while no proxy ran is removed after the first reconcile:
+    // that needs the complete pod list.
+    if matches!(source, enroll::Source::Kubernetes(_)) {
+        admin.set_ready(Some("waiting for the first pod list from the Kubernetes API".into()));
+        tracing::info!("waiting for the first pod list from the Kubernetes API");
+        tokio::select! {
+            () = source.first_sync() => {}
+            () = shutdown.cancelled() => return Ok(()),
+            _ = sigterm.recv() => { tracing::info!("SIGTERM before the first pod list: exiting"); return Ok(()) }
+            _ = sigint.recv() => { tracing::info!("SIGINT before the first pod list: exiting"); return Ok(()) }
+        }
+    }
+    let pod_source_status = source.kube_status();
+    let meshes = source.meshes();
     let mesh = meshes.borrow_and_update().clone();
     if settings.xds.is_none() {
         apply_mesh(&state, &mesh, &settings.identity.trust_domain);
     }
-    pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
+    let rules = &settings.enrolment;
+    pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
     {
         let (proxy, identities, state) = (proxy.clone(), identities.clone(), state.clone());
         let xds_status = xds_status.clone();
+        let pod_source_status = pod_source_status.clone();
         admin.set_live_dump(Arc::new(move || {
             let xds = xds_status.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
             serde_json::json!({
@@ -135,6 +157,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                 "active_connections": proxy.active_connections(),
                 "mesh": state.read().dump(),
                 "xds": xds,
+                "pod_source": pod_source_status.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             })
         }));
     }
@@ -149,8 +172,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     };
     view.publish(&pods);
 
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut retry = tokio::time::interval(RETRY);
     // Certificates arrive and rotate on their own: refresh the dump and readiness.
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
@@ -165,11 +186,11 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                 if settings.xds.is_none() {
                     apply_mesh(&state, &mesh, &settings.identity.trust_domain);
                 }
-                pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name)).await;
+                pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
             }
             _ = refresh.tick() => {}
             _ = retry.tick(), if pods.has_failures() => {
-                let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name);
+                let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name, rules);
                 pods.reconcile(&desired).await;
             }
             _ = addr_refresh.tick(), if settings.node_addresses.is_empty() => {

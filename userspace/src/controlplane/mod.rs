@@ -45,7 +45,8 @@ pub struct ControlPlaneArgs {
     #[arg(long, env = "AMBIT_MESH_FILE")]
     pub mesh_file: PathBuf,
 
-    /// Bearer tokens of the node proxies: a YAML map `node name: token`.
+    /// Bearer tokens of the node proxies: a YAML map `node name: token`, or a directory with
+    /// one file per node name holding its token (a mounted Secret).
     #[arg(long, env = "AMBIT_TOKENS_FILE")]
     pub tokens_file: PathBuf,
 
@@ -101,11 +102,29 @@ pub struct ControlPlaneArgs {
     pub log_format: LogFormat,
 }
 
-/// `node name: token` → `token → node name`, refusing empty and duplicate tokens.
+/// The node proxies' tokens as `token → node name`, refusing short and duplicate tokens.
+/// `path` is a YAML map `node name: token`, or a directory with one file per node (named after
+/// the node, holding its token): a mounted Kubernetes Secret, which the DaemonSet mounts too.
 fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let by_node: std::collections::BTreeMap<String, String> = serde_norway::from_str(&text)
-        .with_context(|| format!("{}: expected a map of node name to token", path.display()))?;
+    let by_node: std::collections::BTreeMap<String, String> = if path.is_dir() {
+        let mut m = std::collections::BTreeMap::new();
+        for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let e = e.with_context(|| format!("reading {}", path.display()))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            // A Secret volume's own bookkeeping (`..data`, timestamped directories).
+            if name.starts_with('.') || !e.path().is_file() {
+                continue;
+            }
+            let token = std::fs::read_to_string(e.path())
+                .with_context(|| format!("reading {}", e.path().display()))?;
+            m.insert(name, token.trim().to_string());
+        }
+        m
+    } else {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_norway::from_str(&text)
+            .with_context(|| format!("{}: expected a map of node name to token", path.display()))?
+    };
     let mut out = HashMap::new();
     for (node, token) in by_node {
         if token.len() < 16 {
@@ -223,4 +242,34 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .context("serving")?;
     shutdown.cancel();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::load_tokens;
+
+    #[test]
+    fn tokens_come_from_a_map_or_a_mounted_secret_directory() {
+        let dir = std::env::temp_dir().join(format!("ambit-tokens-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // What a Secret volume looks like: keys are symlinks into a timestamped directory.
+        let data = dir.join("..2026_11_23_00_00_00.000");
+        std::fs::create_dir_all(&data).expect("dir");
+        std::fs::write(data.join("node-a"), "aaaaaaaaaaaaaaaaaaaaaaaa\n").expect("write");
+        std::fs::write(data.join("node-b"), "bbbbbbbbbbbbbbbbbbbbbbbb").expect("write");
+        std::os::unix::fs::symlink("..2026_11_23_00_00_00.000", dir.join("..data")).expect("symlink");
+        for n in ["node-a", "node-b"] {
+            std::os::unix::fs::symlink(format!("..data/{n}"), dir.join(n)).expect("symlink");
+        }
+        let t = load_tokens(&dir).expect("valid");
+        assert_eq!(t.len(), 2);
+        assert_eq!(t["aaaaaaaaaaaaaaaaaaaaaaaa"], "node-a", "trailing newline trimmed");
+        // The same refusals as the map form.
+        std::fs::write(data.join("node-b"), "short").expect("write");
+        assert!(load_tokens(&dir).unwrap_err().to_string().contains("node-b is shorter than 16"));
+        let map = dir.join("..tokens.yaml");
+        std::fs::write(&map, "node-a: cccccccccccccccccccc\nnode-b: cccccccccccccccccccc\n").expect("write");
+        assert!(load_tokens(&map).unwrap_err().to_string().contains("have the same token"));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
 }

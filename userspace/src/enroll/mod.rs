@@ -1,12 +1,72 @@
 //! Pod sources: where the node proxy learns which pods exist on its node and which of them
-//! are enrolled. Today: the local mesh file. (Kubernetes comes next, behind the same shape:
-//! a stream of "the pods to enrol now".)
+//! are enrolled — the local mesh file (`local`) or the Kubernetes API (`kube`). Both publish
+//! the same shape: a [`Mesh`] of namespaces (with labels) and pods, whose enrolled pods on
+//! this node the proxy captures.
 
+pub mod kube;
 pub mod local;
 
-use crate::meshfile::{Mesh, PodSpec};
+use crate::meshfile::{Enrolment, Mesh, PodSpec};
 
-/// The pods of `node` that are enrolled in `mesh`.
-pub fn enrolled_pods(mesh: &Mesh, node: &str) -> Vec<PodSpec> {
-    mesh.pods_on(node).filter(|p| mesh.is_enrolled(p)).cloned().collect()
+/// The pods of `node` that are enrolled in `mesh` under `rules`.
+pub fn enrolled_pods(mesh: &Mesh, node: &str, rules: &Enrolment) -> Vec<PodSpec> {
+    mesh.pods_on(node).filter(|p| rules.is_enrolled(mesh, p)).cloned().collect()
+}
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PodSource;
+
+/// The node's running pod source.
+pub enum Source {
+    File(watch::Receiver<Arc<Mesh>>),
+    Kubernetes(kube::KubeSource),
+}
+
+impl Source {
+    /// Starts the source. A mesh file is loaded now (an invalid one is an error); the
+    /// Kubernetes API is only configured here and synced in [`Source::first_sync`].
+    pub async fn start(
+        settings: &PodSource,
+        node: &str,
+        rules: &Enrolment,
+        stop: CancellationToken,
+    ) -> anyhow::Result<Source> {
+        match settings {
+            PodSource::File { mesh_file } => local::watch(mesh_file.clone(), Some(node.to_string()), stop)
+                .map(Source::File)
+                .map_err(|e| anyhow::anyhow!("loading the mesh file: {e}")),
+            PodSource::Kubernetes(k) => {
+                kube::start(k.clone(), rules.clone(), stop).await.map(Source::Kubernetes)
+            }
+        }
+    }
+
+    /// Every version of the pods (and namespaces) the source publishes.
+    pub fn meshes(&mut self) -> &mut watch::Receiver<Arc<Mesh>> {
+        match self {
+            Source::File(rx) => rx,
+            Source::Kubernetes(k) => &mut k.meshes,
+        }
+    }
+
+    /// Returns once the source holds a complete view (a mesh file: at once), so that the
+    /// first reconcile does not mistake "not listed yet" for "gone".
+    pub async fn first_sync(&mut self) {
+        if let Source::Kubernetes(k) = self {
+            // An error means the source task ended (shutdown): nothing to wait for.
+            let _stopped = k.synced.wait_for(|s| *s).await;
+        }
+    }
+
+    /// What the Kubernetes source has seen (config dump); `None` for a mesh file.
+    pub fn kube_status(&self) -> Option<Arc<std::sync::Mutex<kube::KubeStatus>>> {
+        match self {
+            Source::File(_) => None,
+            Source::Kubernetes(k) => Some(k.status.clone()),
+        }
+    }
 }

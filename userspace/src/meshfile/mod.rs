@@ -114,24 +114,78 @@ impl PodSpec {
 }
 
 impl Mesh {
-    /// Whether the pod is enrolled in the mesh, with Istio's rules: its namespace carries
-    /// `istio.io/dataplane-mode=ambient` (or the pod itself does), and the pod does not opt
-    /// out with `istio.io/dataplane-mode=none`.
+    /// Whether the pod is enrolled in the mesh, with Istio's rules (see [`Enrolment`]).
     pub fn is_enrolled(&self, pod: &PodSpec) -> bool {
-        match pod.labels.get(DATAPLANE_MODE_LABEL).map(String::as_str) {
-            Some(DATAPLANE_MODE_NONE) => false,
-            Some(DATAPLANE_MODE_AMBIENT) => true,
-            _ => self
-                .namespaces
-                .get(&pod.namespace)
-                .and_then(|ns| ns.labels.get(DATAPLANE_MODE_LABEL))
-                .is_some_and(|v| v == DATAPLANE_MODE_AMBIENT),
-        }
+        Enrolment::default().is_enrolled(self, pod)
     }
 
     /// Pods on `node` (pods without a node are on every reader's node).
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a PodSpec> + 'a {
         self.pods.iter().filter(move |p| p.node.as_deref().is_none_or(|n| n == node))
+    }
+}
+
+/// A label as `key=value` (and so in the config dump).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Label {
+    pub key: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for Label {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Label, String> {
+        match s.split_once('=') {
+            Some((k, v))
+                if !k.is_empty() && !k.contains(char::is_whitespace) && !v.contains(char::is_whitespace) =>
+            {
+                Ok(Label { key: k.to_string(), value: v.to_string() })
+            }
+            _ => Err(format!("{s:?}: expected key=value")),
+        }
+    }
+}
+
+impl serde::Serialize for Label {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl fmt::Display for Label {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.key, self.value)
+    }
+}
+
+/// Which labels enrol pods and opt them out. Istio's by default: a namespace (or pod)
+/// labelled `istio.io/dataplane-mode=ambient` is enrolled, a pod labelled
+/// `istio.io/dataplane-mode=none` never is.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Enrolment {
+    pub enrol: Label,
+    pub opt_out: Label,
+}
+
+impl Default for Enrolment {
+    fn default() -> Self {
+        Enrolment {
+            enrol: Label { key: DATAPLANE_MODE_LABEL.into(), value: DATAPLANE_MODE_AMBIENT.into() },
+            opt_out: Label { key: DATAPLANE_MODE_LABEL.into(), value: DATAPLANE_MODE_NONE.into() },
+        }
+    }
+}
+
+impl Enrolment {
+    /// The pod's own labels first (opt-out, then enrol), then its namespace's.
+    pub fn is_enrolled(&self, mesh: &Mesh, pod: &PodSpec) -> bool {
+        let has = |labels: &BTreeMap<String, String>, l: &Label| labels.get(&l.key) == Some(&l.value);
+        if has(&pod.labels, &self.opt_out) {
+            return false;
+        }
+        has(&pod.labels, &self.enrol)
+            || mesh.namespaces.get(&pod.namespace).is_some_and(|ns| has(&ns.labels, &self.enrol))
     }
 }
 

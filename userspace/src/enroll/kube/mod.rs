@@ -1,0 +1,446 @@
+//! The Kubernetes API as the pod source, as istio-cni is for ztunnel: Namespaces (all) and the
+//! Pods of this node (`spec.nodeName`), listed then watched. Every change publishes a new
+//! [`Mesh`] of namespaces with their labels and this node's pods; the node proxy enrols those
+//! the [`Enrolment`] rules select.
+//!
+//! - A pod is considered once it has an IP and while it runs: host-network pods, finished
+//!   pods and pods with an Istio sidecar are never captured.
+//! - An enrolled pod's network namespace is found under `/proc` ([`procfs`]); until one of its
+//!   processes exists it is left out (with the reason in the status) and looked for again
+//!   every second.
+//! - The API going away, a watch ending, or `410 Gone` are handled by kube's watcher: re-watch
+//!   from the last version, or list again from scratch, with jittered exponential backoff
+//!   (0.8 s doubling to 30 s). The last complete view stays in force meanwhile.
+
+pub mod procfs;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod};
+use kube::{
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{watcher, WatchStreamExt},
+    Api, Client, Config, ResourceExt,
+};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::meshfile::{Enrolment, Mesh, Namespace, PodSpec};
+use procfs::ProcNetns;
+
+/// How often pods' network namespaces are checked again: pending ones looked for, found
+/// ones confirmed (the process found may have ended).
+const NETNS_RETRY: Duration = Duration::from_secs(1);
+
+/// Pods with this annotation run an Istio sidecar: istio-cni leaves them alone, so does ambit.
+const SIDECAR_STATUS: &str = "sidecar.istio.io/status";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None`: `KUBECONFIG`, `~/.kube/config`, then the in-cluster
+    /// service account (the DaemonSet's case).
+    pub kubeconfig: Option<PathBuf>,
+    /// The host's `/proc` (where pods' processes are visible).
+    pub proc_dir: PathBuf,
+    pub node_name: String,
+}
+
+/// What the pod source has seen (config dump, tests).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct KubeStatus {
+    /// Both lists complete at least once.
+    pub synced: bool,
+    pub namespaces: usize,
+    pub pods: usize,
+    /// Complete lists received, per resource (the first and every relist).
+    pub lists: BTreeMap<&'static str, u64>,
+    /// Errors from the API (each followed by a retry with backoff).
+    pub errors: u64,
+    pub last_error: Option<String>,
+    /// Enrolled pods left out for now, and why (no network namespace found yet).
+    pub pending: BTreeMap<String, String>,
+    /// Pods of this node never captured, and why (host network, sidecar, finished, no IP).
+    pub skipped: BTreeMap<String, String>,
+}
+
+/// A running pod source.
+pub struct KubeSource {
+    pub meshes: watch::Receiver<Arc<Mesh>>,
+    pub synced: watch::Receiver<bool>,
+    pub status: Arc<Mutex<KubeStatus>>,
+}
+
+/// Objects of one kind as the watcher reports them: the current complete view, and the one
+/// being listed.
+struct Objects<K> {
+    current: Option<BTreeMap<String, K>>,
+    listing: Option<BTreeMap<String, K>>,
+}
+
+impl<K: ResourceExt> Objects<K> {
+    fn new() -> Self {
+        Objects { current: None, listing: None }
+    }
+
+    fn key(o: &K) -> String {
+        o.uid().unwrap_or_else(|| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+    }
+
+    /// Applies one event; true when the complete view changed (or became complete).
+    fn apply(&mut self, event: watcher::Event<K>) -> bool {
+        match event {
+            watcher::Event::Init => {
+                self.listing = Some(BTreeMap::new());
+                false
+            }
+            watcher::Event::InitApply(o) => {
+                self.listing.get_or_insert_default().insert(Self::key(&o), o);
+                false
+            }
+            watcher::Event::InitDone => {
+                self.current = Some(self.listing.take().unwrap_or_default());
+                true
+            }
+            watcher::Event::Apply(o) => {
+                self.current.get_or_insert_default().insert(Self::key(&o), o);
+                true
+            }
+            watcher::Event::Delete(o) => {
+                self.current.get_or_insert_default().remove(&Self::key(&o)).is_some()
+            }
+        }
+    }
+}
+
+async fn client(settings: &KubeSettings) -> anyhow::Result<Client> {
+    let config = match &settings.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        None => Config::infer()
+            .await
+            .context("no Kubernetes API configuration (no kubeconfig, not running in a pod)")?,
+    };
+    tracing::info!(api = %config.cluster_url, "Kubernetes API");
+    Client::try_from(config).context("creating the Kubernetes client")
+}
+
+/// Starts watching; returns at once. `synced` turns true after the first complete lists.
+pub async fn start(
+    settings: KubeSettings,
+    rules: Enrolment,
+    stop: CancellationToken,
+) -> anyhow::Result<KubeSource> {
+    let has_processes = std::fs::read_dir(&settings.proc_dir)
+        .map(|d| d.flatten().any(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok())))
+        .unwrap_or(false);
+    if !has_processes {
+        anyhow::bail!(
+            "{}: not a /proc with processes (mount the host's /proc and point --proc-dir at it)",
+            settings.proc_dir.display()
+        );
+    }
+    let client = client(&settings).await?;
+    let (tx, meshes) = watch::channel(Arc::new(Mesh::default()));
+    let (synced_tx, synced) = watch::channel(false);
+    let status = Arc::new(Mutex::new(KubeStatus::default()));
+    let builder =
+        Builder { rules, node: settings.node_name.clone(), netns: ProcNetns::new(&settings.proc_dir) };
+    tokio::spawn(run(client, settings.node_name, builder, tx, synced_tx, status.clone(), stop));
+    Ok(KubeSource { meshes, synced, status })
+}
+
+fn note_error(status: &Mutex<KubeStatus>, what: &str, e: &watcher::Error) {
+    let msg = format!("{what}: {e}");
+    tracing::warn!(error = %msg, "Kubernetes API error; retrying with backoff, the last view stays in force");
+    let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+    s.errors += 1;
+    s.last_error = Some(msg);
+}
+
+async fn run(
+    client: Client,
+    node: String,
+    mut builder: Builder,
+    tx: watch::Sender<Arc<Mesh>>,
+    synced: watch::Sender<bool>,
+    status: Arc<Mutex<KubeStatus>>,
+    stop: CancellationToken,
+) {
+    let ns_api: Api<KubeNamespace> = Api::all(client.clone());
+    let pod_api: Api<Pod> = Api::all(client);
+    let mut ns_events = watcher(ns_api, watcher::Config::default()).default_backoff().boxed();
+    let pod_config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
+    let mut pod_events = watcher(pod_api, pod_config).default_backoff().boxed();
+    let (mut namespaces, mut pods) = (Objects::<KubeNamespace>::new(), Objects::<Pod>::new());
+    let mut retry = tokio::time::interval(NETNS_RETRY);
+    loop {
+        let changed = tokio::select! {
+            () = stop.cancelled() => return,
+            e = ns_events.next() => match e {
+                Some(Ok(ev)) => {
+                    let done = matches!(ev, watcher::Event::InitDone);
+                    if done {
+                        *status.lock().unwrap_or_else(|p| p.into_inner()).lists.entry("namespaces").or_default() += 1;
+                    }
+                    namespaces.apply(ev)
+                }
+                Some(Err(e)) => { note_error(&status, "namespaces", &e); false }
+                None => { tracing::error!("the namespace watch ended for good"); return; }
+            },
+            e = pod_events.next() => match e {
+                Some(Ok(ev)) => {
+                    if matches!(ev, watcher::Event::InitDone) {
+                        *status.lock().unwrap_or_else(|p| p.into_inner()).lists.entry("pods").or_default() += 1;
+                    }
+                    pods.apply(ev)
+                }
+                Some(Err(e)) => { note_error(&status, "pods", &e); false }
+                None => { tracing::error!("the pod watch ended for good"); return; }
+            },
+            // Pending pods may have started; a pod's process found earlier may have ended
+            // (its namespace is then found through another one).
+            _ = retry.tick() => true,
+        };
+        let (Some(ns), Some(ps)) = (&namespaces.current, &pods.current) else { continue };
+        if !changed && *synced.borrow() {
+            continue;
+        }
+        let (mesh, pending, skipped) = builder.build(ns, ps);
+        {
+            let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
+            for (pod, why) in &pending {
+                if s.pending.get(pod) != Some(why) {
+                    tracing::warn!(pod = %pod, reason = %why, "enrolled pod not captured yet: its network namespace is not found; retrying every second");
+                }
+            }
+            for pod in s.pending.keys().filter(|p| !pending.contains_key(*p)) {
+                tracing::info!(pod = %pod, "network namespace found");
+            }
+            s.synced = true;
+            s.namespaces = ns.len();
+            s.pods = ps.len();
+            s.pending = pending;
+            s.skipped = skipped;
+        }
+        tx.send_if_modified(|m| {
+            let differs = **m != mesh;
+            if differs {
+                tracing::debug!(
+                    pods = mesh.pods.len(),
+                    namespaces = mesh.namespaces.len(),
+                    "pods from the Kubernetes API"
+                );
+                *m = Arc::new(mesh);
+            }
+            differs
+        });
+        synced.send_if_modified(|s| !std::mem::replace(s, true));
+    }
+}
+
+/// Turns the watched objects into a [`Mesh`].
+struct Builder {
+    rules: Enrolment,
+    node: String,
+    netns: ProcNetns,
+}
+
+/// Why a pod of this node is never captured, if it is not.
+fn never_captured(pod: &Pod) -> Option<&'static str> {
+    let spec = pod.spec.as_ref()?;
+    if spec.host_network == Some(true) {
+        return Some("host network");
+    }
+    if pod.annotations().contains_key(SIDECAR_STATUS) {
+        return Some("runs an Istio sidecar");
+    }
+    match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
+        Some("Succeeded" | "Failed") => Some("finished"),
+        _ => None,
+    }
+}
+
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = &pod.status else { return Vec::new() };
+    let mut ips: Vec<IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    if ips.is_empty() {
+        ips.extend(status.pod_ip.as_deref().and_then(|ip| ip.parse::<IpAddr>().ok()));
+    }
+    ips
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+type Reasons = BTreeMap<String, String>;
+
+impl Builder {
+    fn build(
+        &mut self,
+        namespaces: &BTreeMap<String, KubeNamespace>,
+        pods: &BTreeMap<String, Pod>,
+    ) -> (Mesh, Reasons, Reasons) {
+        let mut mesh = Mesh::default();
+        for ns in namespaces.values() {
+            let name = ns.name_any();
+            let labels = ns.labels().clone();
+            mesh.namespaces.insert(name.clone(), Namespace { name, labels });
+        }
+        let (mut pending, mut skipped) = (Reasons::new(), Reasons::new());
+        let mut candidates: Vec<(String, PodSpec)> = Vec::new();
+        for (uid, pod) in pods {
+            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+            if let Some(why) = never_captured(pod) {
+                skipped.insert(key, why.to_string());
+                continue;
+            }
+            let ips = pod_ips(pod);
+            if ips.is_empty() {
+                skipped.insert(key, "no IP yet".into());
+                continue;
+            }
+            let spec = PodSpec {
+                name: pod.name_any(),
+                namespace: pod.namespace().unwrap_or_default(),
+                labels: pod.labels().clone(),
+                service_account: pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "default".into()),
+                ips,
+                netns: PathBuf::new(),
+                node: Some(self.node.clone()),
+                interface: "eth0".into(),
+                healthy: ready(pod),
+            };
+            candidates.push((uid.clone(), spec));
+        }
+        let enrolled: Vec<&str> = candidates
+            .iter()
+            .filter(|(_, p)| self.rules.is_enrolled(&mesh, p))
+            .map(|(u, _)| u.as_str())
+            .collect();
+        let mut found = self.netns.resolve(&enrolled);
+        self.netns.retain(|uid| pods.contains_key(uid));
+        for (uid, mut spec) in candidates {
+            match found.remove(&uid) {
+                None => mesh.pods.push(spec),
+                Some(Ok(path)) => {
+                    spec.netns = path;
+                    mesh.pods.push(spec);
+                }
+                Some(Err(e @ procfs::NetnsError::HostNetwork { .. })) => {
+                    skipped.insert(spec.key(), e.to_string());
+                }
+                Some(Err(e)) => {
+                    pending.insert(spec.key(), e.to_string());
+                }
+            }
+        }
+        mesh.pods.sort_by_key(PodSpec::key);
+        // Two objects with one name (a pod replaced under the same name): the first wins.
+        mesh.pods.dedup_by(|a, b| a.key() == b.key());
+        (mesh, pending, skipped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, extra: serde_json::Value) -> (String, Pod) {
+        let mut v = serde_json::json!({
+            "metadata": {"name": name, "namespace": "demo", "uid": format!("uid-{name}"), "labels": {}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "app"}]},
+            "status": {"phase": "Running", "podIPs": [{"ip": "10.1.0.2"}, {"ip": "fd00:1::2"}],
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        });
+        merge(&mut v, extra);
+        (format!("uid-{name}"), serde_json::from_value(v).expect("a pod"))
+    }
+
+    fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
+        match (a, b) {
+            (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+                for (k, v) in b {
+                    merge(a.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (a, b) => *a = b,
+        }
+    }
+
+    #[test]
+    fn pods_become_the_mesh_the_node_enrols_from() {
+        let ns: KubeNamespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "demo", "labels": {"istio.io/dataplane-mode": "ambient"}}})).expect("ns");
+        let namespaces = BTreeMap::from([("demo".to_string(), ns)]);
+        let pods = BTreeMap::from([
+            pod("plain", serde_json::json!({"spec": {"serviceAccountName": "web"}})),
+            pod(
+                "opted-out",
+                serde_json::json!({"metadata": {"labels": {"istio.io/dataplane-mode": "none"}}}),
+            ),
+            pod("hostnet", serde_json::json!({"spec": {"hostNetwork": true}})),
+            pod(
+                "sidecar",
+                serde_json::json!({"metadata": {"annotations": {"sidecar.istio.io/status": "{}"}}}),
+            ),
+            pod("done", serde_json::json!({"status": {"phase": "Succeeded"}})),
+            pod("noip", serde_json::json!({"status": {"podIPs": []}})),
+            pod(
+                "unready",
+                serde_json::json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}}),
+            ),
+        ]);
+        let proc = std::env::temp_dir().join(format!("ambit-kube-proc-{}", std::process::id()));
+        std::fs::create_dir_all(&proc).expect("empty proc");
+        let mut b = Builder { rules: Enrolment::default(), node: "n1".into(), netns: ProcNetns::new(&proc) };
+        let (mesh, pending, skipped) = b.build(&namespaces, &pods);
+        let names: Vec<&str> = mesh.pods.iter().map(|p| p.name.as_str()).collect();
+        // The opted-out pod is listed (not enrolled, so no namespace needed); the enrolled
+        // ones wait for a process.
+        assert_eq!(names, ["opted-out"]);
+        assert_eq!(pending.keys().collect::<Vec<_>>(), ["demo/plain", "demo/unready"]);
+        assert!(pending["demo/plain"].contains("no process under"), "{pending:?}");
+        let why = |p: &str| skipped.get(p).map(String::as_str);
+        assert_eq!(why("demo/hostnet"), Some("host network"));
+        assert_eq!(why("demo/sidecar"), Some("runs an Istio sidecar"));
+        assert_eq!(why("demo/done"), Some("finished"));
+        assert_eq!(why("demo/noip"), Some("no IP yet"));
+        let opted = &mesh.pods[0];
+        assert_eq!((opted.service_account.as_str(), opted.ips.len(), opted.healthy), ("default", 2, true));
+        // With a process for them, the enrolled pods join with their namespace path.
+        for (pid, uid) in [(7, "uid-plain"), (8, "uid-unready")] {
+            let d = proc.join(pid.to_string());
+            std::fs::create_dir_all(d.join("ns")).expect("dir");
+            std::fs::write(d.join("cgroup"), format!("0::/kubepods/pod{uid}/c\n")).expect("cgroup");
+            std::fs::write(d.join("ns/net"), "").expect("netns stand-in");
+        }
+        let (mesh, pending, _) = b.build(&namespaces, &pods);
+        assert!(pending.is_empty(), "{pending:?}");
+        let plain = mesh.pods.iter().find(|p| p.name == "plain").expect("plain");
+        assert_eq!((plain.service_account.as_str(), plain.netns.clone()), ("web", proc.join("7/ns/net")));
+        assert!(!mesh.pods.iter().find(|p| p.name == "unready").expect("unready").healthy);
+        std::fs::remove_dir_all(&proc).expect("cleanup");
+    }
+}
