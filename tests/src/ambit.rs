@@ -39,10 +39,23 @@ impl<'b> Ambit<'b> {
     /// The arguments of `ambit node` for `node` in this bed: the mesh file at `mesh`, the
     /// bed's cgroup and private bpffs, the node's name as instance.
     pub fn args(bed: &Bed, node: &Node, mesh: &Path, extra: &[&str]) -> Vec<String> {
+        let mut with_mesh = vec!["--mesh-file", mesh.to_str().expect("utf-8 path")];
+        with_mesh.extend_from_slice(extra);
+        Self::base_args(bed, node, &with_mesh)
+    }
+
+    /// The arguments of `ambit node` for `node` with pods from the Kubernetes API described by
+    /// `kubeconfig` (the bed's mock API).
+    pub fn kube_args(bed: &Bed, node: &Node, kubeconfig: &Path, extra: &[&str]) -> Vec<String> {
+        let mut kube =
+            vec!["--pod-source", "kubernetes", "--kubeconfig", kubeconfig.to_str().expect("utf-8 path")];
+        kube.extend_from_slice(extra);
+        Self::base_args(bed, node, &kube)
+    }
+
+    fn base_args(bed: &Bed, node: &Node, extra: &[&str]) -> Vec<String> {
         [
             "node",
-            "--mesh-file",
-            &mesh.display().to_string(),
             "--node-name",
             &node.name,
             "--cgroup",
@@ -68,6 +81,12 @@ impl<'b> Ambit<'b> {
     /// Starts `ambit node` for `node` (see [`Ambit::args`]) and waits until it is ready.
     pub fn start(bed: &'b Bed, node: &Node, mesh: &Path, extra: &[&str]) -> Ambit<'b> {
         let args = Self::args(bed, node, mesh, extra);
+        Self::start_with(bed, node, mesh, args)
+    }
+
+    /// Starts `ambit node` for `node` with exactly `args` (see [`Ambit::kube_args`]) and waits
+    /// until it is ready. `mesh`: the mesh file it reads, if any (empty otherwise).
+    pub fn start_with(bed: &'b Bed, node: &Node, mesh: &Path, args: Vec<String>) -> Ambit<'b> {
         let mut a = Ambit {
             proc: spawn(bed, node, &args, 1),
             node: node.clone(),

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cleanup;
 pub mod controlplane;
 pub mod exec;
+pub mod kubeapi;
 pub mod mesh;
 pub mod netns;
 pub mod xdsfake;
