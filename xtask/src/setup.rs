@@ -18,6 +18,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter and setpriv in the test bed"),
     ("curl", "a real HTTP client in the tests and the demo"),
     ("python3", "a real HTTP server in the tests and the demo"),
+    ("python3-venv", "a private virtual environment for kubernetes-validate"),
     ("iperf3", "bulk transfers"),
     ("iptables", "checking that ambit creates no iptables rules"),
     ("nftables", "checking that ambit creates no nftables rules"),
@@ -30,6 +31,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Validates the Kubernetes manifests offline (schemas of many Kubernetes versions inside).
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const LLVM: &str = "/usr/lib/llvm-22";
 /// rustc-web older than this cannot build aya-ebpf 0.2.
 const MIN_EBPF_RUSTC: (u32, u32) = (1, 96);
@@ -81,9 +84,21 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Python tools the tests use, in a virtual environment of their own under `target/`.
+pub fn tools_venv() -> std::path::PathBuf {
+    crate::root().join("target/tools/venv")
+}
+
+fn kubernetes_validate_ok() -> bool {
+    Command::new(tools_venv().join("bin/kubernetes-validate"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Whether everything is in place (no output, no changes).
 pub fn is_complete() -> bool {
-    missing_packages().is_ok_and(|m| m.is_empty()) && bpf_linker_ok()
+    missing_packages().is_ok_and(|m| m.is_empty()) && bpf_linker_ok() && kubernetes_validate_ok()
 }
 
 pub fn setup() -> anyhow::Result<()> {
@@ -116,6 +131,17 @@ pub fn setup() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path)
             .env("LLVM_PREFIX", LLVM))?;
+    }
+    if !kubernetes_validate_ok() {
+        let venv = tools_venv();
+        eprintln!("xtask setup: installing {KUBERNETES_VALIDATE} into {}", venv.display());
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            KUBERNETES_VALIDATE,
+        ]))?;
     }
     Ok(())
 }
