@@ -12,6 +12,7 @@
 
 pub mod maps;
 pub mod stats;
+pub mod trace;
 
 /// `AF_INET` as the kernel spells it.
 pub const AF_INET: u16 = 2;
@@ -74,4 +75,8 @@ mod pod_impls {
     unsafe impl aya::Pod for super::maps::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::maps::PendingConnect {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::trace::TracedSock {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::trace::TraceEvent {}
 }

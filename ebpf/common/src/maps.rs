@@ -28,7 +28,7 @@ pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
 pub const MAP_STATS: &str = "AMBIT_STATS";
 
 /// Every map the object defines, in the order the proxy reports them.
-pub const ALL_MAPS: [&str; 8] = [
+pub const ALL_MAPS: [&str; 10] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_POD_IPS,
@@ -37,6 +37,8 @@ pub const ALL_MAPS: [&str; 8] = [
     MAP_PENDING,
     MAP_ORIG_DST,
     MAP_STATS,
+    crate::trace::MAP_EVENTS,
+    crate::trace::MAP_TRACED,
 ];
 
 /// Capacity of the per-pod maps: pods per node, with room to spare (Kubernetes' default
@@ -54,6 +56,8 @@ pub const MAX_NODE_ADDRS: u32 = 64;
 /// `Config::flags`: when no proxy listener is there, let connections of enrolled pods through
 /// uncaptured instead of refusing them.
 pub const CONFIG_FAIL_OPEN: u32 = 1 << 0;
+/// `Config::flags`: trace enrolled pods' TCP sockets into the events ring buffer.
+pub const CONFIG_TRACE: u32 = 1 << 1;
 
 /// The proxy's settings as the programs need them. All zero means "not configured yet", and
 /// the programs then capture nothing.

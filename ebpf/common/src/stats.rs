@@ -32,8 +32,15 @@ pub const INBOUND_FAIL_CLOSED: u32 = 12;
 /// `bpf_sk_assign` failed: SYN dropped.
 pub const INBOUND_ASSIGN_ERROR: u32 = 13;
 
+/// A trace event written to the ring buffer.
+pub const TRACE_EVENT: u32 = 14;
+/// A trace event lost: the ring buffer was full (the reader fell behind).
+pub const TRACE_EVENT_LOST: u32 = 15;
+/// A socket not traced: the traced-sockets map refused it.
+pub const TRACE_SOCKET_FAILED: u32 = 16;
+
 /// Number of counters; the array's size.
-pub const COUNT: u32 = 14;
+pub const COUNT: u32 = 17;
 
 /// Names of the counters, indexed like the constants; what metrics and dumps call them.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -51,4 +58,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "inbound_fail_open",
     "inbound_fail_closed",
     "inbound_assign_error",
+    "trace_event",
+    "trace_event_lost",
+    "trace_socket_failed",
 ];

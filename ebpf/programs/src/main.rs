@@ -5,6 +5,8 @@
 //!   destination is remembered under the socket's cookie.
 //! - `ambit_sock_ops`: just before the SYN leaves, the record moves to a map keyed by the
 //!   connection as the proxy will see it on accept; it is removed when the connection closes.
+//!   It also traces enrolled pods' TCP sockets (connect, established, state changes, RTT,
+//!   retransmits, close or reset) into the `AMBIT_EVENTS` ring buffer.
 //! - `ambit_tc_ingress` (TC ingress on the pod's `eth0`, inside the pod's netns): SYNs for the
 //!   pod's ports are assigned to the proxy's in-pod inbound listener.
 //!
@@ -17,6 +19,7 @@ mod ctx;
 mod maps;
 mod sockops;
 mod tc;
+mod trace;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, sock_ops},

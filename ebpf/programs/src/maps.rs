@@ -6,11 +6,13 @@ use ambit_common::{
         Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS, MAX_NODE_ADDRS,
         MAX_PENDING, MAX_PODS, MAX_POD_IPS,
     },
-    stats, IpKey,
+    stats,
+    trace::{TracedSock, EVENTS_BYTES, MAX_TRACED},
+    IpKey,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 
 #[map(name = "AMBIT_CONFIG")]
@@ -36,6 +38,12 @@ pub static ORIG_DST: LruHashMap<ConnKey, OrigDst> = LruHashMap::pinned(MAX_PENDI
 
 #[map(name = "AMBIT_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
+
+#[map(name = "AMBIT_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "AMBIT_TRACED")]
+pub static TRACED: LruHashMap<u64, TracedSock> = LruHashMap::pinned(MAX_TRACED, 0);
 
 /// The proxy's settings, or `None` while it has not written them: then nothing is captured.
 #[inline(always)]

@@ -1,4 +1,5 @@
-//! sock_ops: hands a captured connect's original destination to the proxy.
+//! sock_ops: hands a captured connect's original destination to the proxy, and traces
+//! enrolled pods' sockets (`trace`).
 //!
 //! At `TCP_CONNECT_CB` (local port assigned, SYN not yet sent) the record the connect hook left
 //! under the socket cookie is copied into `AMBIT_ORIG_DST`, keyed by the connection as the
@@ -8,14 +9,19 @@
 use ambit_common::{maps::ConnKey, stats, AF_INET, AF_INET6};
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB,
+        BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
     EbpfContext,
 };
 
-use crate::maps::{count, ORIG_DST, PENDING};
+use crate::{
+    maps::{count, ORIG_DST, PENDING},
+    trace,
+};
 
 /// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is the
 /// conventional "handled".
@@ -23,11 +29,25 @@ const DONE: u32 = 1;
 const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 pub fn handle(ctx: &SockOpsContext) -> u32 {
-    let op = ctx.op();
-    if op == BPF_SOCK_OPS_TCP_CONNECT_CB {
-        on_connect(ctx);
-    } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
-        on_close(ctx);
+    let Some(cfg) = crate::maps::config() else { return DONE };
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            // The capture record first: tracing reads the original destination from it.
+            on_connect(ctx);
+            trace::on_connect(ctx, cfg);
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => trace::on_established(ctx, cfg, false),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => trace::on_established(ctx, cfg, true),
+        BPF_SOCK_OPS_STATE_CB => {
+            let (old, new) = (ctx.arg(0), ctx.arg(1));
+            trace::on_state(ctx, old, new);
+            if new == BPF_TCP_CLOSE {
+                on_close(ctx);
+            }
+        }
+        BPF_SOCK_OPS_RTT_CB => trace::on_rtt(ctx),
+        BPF_SOCK_OPS_RETRANS_CB => trace::on_retransmit(ctx, ctx.arg(1)),
+        _ => {}
     }
     DONE
 }
