@@ -1,5 +1,8 @@
 //! The proxy's HTTP endpoints:
-//! - admin (default 127.0.0.1:15000): `GET /config_dump`, `POST /quitquitquit`;
+//! - admin (default 127.0.0.1:15000): `GET /config_dump`, `POST /quitquitquit`,
+//!   `GET|POST /logging` (the log filter; `?level=<RUST_LOG filter>`, `?ebpf=<level>` for the
+//!   programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
+//!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads);
 //! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
 //!   the first pod set is enrolled, 503 with the reason before.
@@ -7,7 +10,7 @@
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::Mutex};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
 };
@@ -28,6 +31,12 @@ pub enum Routes {
 /// Produces the live part of the config dump: an object merged into the cached one.
 pub type LiveDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
+/// Sets the eBPF programs' log level.
+pub type KernelLogSetter =
+    Arc<dyn Fn(crate::capture::klog::KernelLogLevel) -> Result<(), String> + Send + Sync>;
+
+type Body = BoxBody<Bytes, Infallible>;
+
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// `None` when ready, else why not.
@@ -39,6 +48,9 @@ pub struct AdminState {
     live: Mutex<Option<LiveDump>>,
     /// Cancelled by `/quitquitquit`.
     pub shutdown: CancellationToken,
+    /// Kernel events for `/trace` (none: tracing is off).
+    tracer: Mutex<Option<crate::trace::Tracer>>,
+    kernel_log: Mutex<Option<(KernelLogSetter, crate::capture::klog::KernelLogLevel)>>,
 }
 
 impl AdminState {
@@ -49,7 +61,18 @@ impl AdminState {
             dump: Mutex::new(serde_json::Value::Null),
             live: Mutex::new(None),
             shutdown,
+            tracer: Mutex::new(None),
+            kernel_log: Mutex::new(None),
         }
+    }
+
+    pub fn set_tracer(&self, tracer: crate::trace::Tracer) {
+        *self.tracer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tracer);
+    }
+
+    /// How `/logging?ebpf=` changes the programs' log level, and the level at start.
+    pub fn set_kernel_log(&self, setter: KernelLogSetter, level: crate::capture::klog::KernelLogLevel) {
+        *self.kernel_log.lock().unwrap_or_else(|p| p.into_inner()) = Some((setter, level));
     }
 
     pub fn set_ready(&self, not_ready: Option<String>) {
@@ -76,13 +99,78 @@ impl AdminState {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
     *r.status_mut() = status;
     r
 }
 
-fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// `GET /logging`: the filters in force; `POST /logging?level=..&ebpf=..`: changes them.
+fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    use crate::capture::klog::KernelLogLevel;
+    let mut kernel = state.kernel_log.lock().unwrap_or_else(|p| p.into_inner());
+    if req.method() == Method::POST {
+        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
+            let changed = match k.as_ref() {
+                "level" => crate::telemetry::set_filter(&v),
+                "ebpf" => match (<KernelLogLevel as clap::ValueEnum>::from_str(&v, true), kernel.as_mut()) {
+                    (Err(_), _) => Err(format!("ebpf={v}: one of off, error, warn, info, debug")),
+                    (Ok(_), None) => Err("the eBPF programs are not loaded".into()),
+                    (Ok(level), Some((set, current))) => set(level).map(|()| {
+                        *current = level;
+                        // The records pass the process filter only if it lets them.
+                        if let Some(d) = level.directive() {
+                            let filter = crate::telemetry::current_filter();
+                            if !filter.contains("ebpf=") {
+                                let _kept_as_it_was = crate::telemetry::set_filter(&format!("{filter},{d}"));
+                            }
+                        }
+                        tracing::info!(level = ?level, "eBPF log level changed");
+                    }),
+                },
+                other => Err(format!("unknown parameter {other:?} (level, ebpf)")),
+            };
+            if let Err(e) = changed {
+                return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        }
+    }
+    let ebpf = kernel.as_ref().map_or("-".to_string(), |(_, l)| format!("{l:?}").to_lowercase());
+    text(StatusCode::OK, format!("level: {}\nebpf: {ebpf}\n", crate::telemetry::current_filter()))
+}
+
+/// `GET /trace`: kernel events as they come, one JSON object per line, until the client goes.
+fn trace(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let Some(tracer) = state.tracer.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "kernel tracing is off (--kernel-tracing false)\n");
+    };
+    let filter = crate::trace::Filter::from_query(req.uri().query().unwrap_or(""));
+    let rx = tracer.subscribe();
+    let lines = futures::stream::unfold((rx, filter), |(mut rx, filter)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) if filter.admits(&e) => {
+                    let mut line = serde_json::to_vec(&*e).unwrap_or_default();
+                    line.push(b'\n');
+                    return Some((
+                        Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(line))),
+                        (rx, filter),
+                    ));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(lost = n, "a /trace client fell behind; events skipped");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    let mut r = Response::new(BodyExt::boxed(StreamBody::new(lines)));
+    r.headers_mut().insert("content-type", "application/x-ndjson".parse().expect("static"));
+    r
+}
+
+fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     match (routes, req.method(), req.uri().path()) {
         (Routes::Admin, &Method::GET, "/config_dump") => {
             let body = serde_json::to_vec_pretty(&state.current_dump()).unwrap_or_default();
@@ -95,6 +183,8 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
             state.shutdown.cancel();
             text(StatusCode::OK, "OK\n")
         }
+        (Routes::Admin, &Method::GET | &Method::POST, "/logging") => logging(state, req),
+        (Routes::Admin, &Method::GET, "/trace") => trace(state, req),
         (Routes::Stats, &Method::GET, "/stats/prometheus" | "/metrics") => {
             let mut r = text(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().expect("static"));

@@ -201,6 +201,12 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_EBPF_LOG", value_enum, default_value_t = KernelLogLevel::Off)]
     pub ebpf_log_level: KernelLogLevel,
 
+    /// Kernel-level tracing: TCP events of enrolled pods' sockets (connect, established, state,
+    /// RTT, retransmits, close) for `ambit trace`, per-workload RTT and retransmit metrics and
+    /// the access log's rtt/retransmits. `false` costs nothing in the kernel.
+    #[arg(long, env = "AMBIT_KERNEL_TRACING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kernel_tracing: bool,
+
     /// Log format; the access log (target `access`) follows it.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -254,6 +260,7 @@ pub struct NodeSettings {
     pub log_level: String,
     pub ebpf_log_level: KernelLogLevel,
     pub log_format: LogFormat,
+    pub kernel_tracing: bool,
     /// `None`: no mesh CA, no mTLS.
     pub ca: Option<crate::identity::caclient::CaSettings>,
     /// `None`: workloads and services from the mesh file.
@@ -334,6 +341,7 @@ impl NodeSettings {
             log_level: args.log_level,
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
+            kernel_tracing: args.kernel_tracing,
             ca: match (&args.ca_address, &args.root_cert, &token_file) {
                 (Some(address), Some(root_cert), Some(token_file)) => {
                     Some(crate::identity::caclient::CaSettings {
@@ -397,6 +405,7 @@ impl NodeSettings {
             inbound_port: self.inbound_port,
             hbone_port: self.hbone_port,
             kernel_log_level: self.ebpf_log_level,
+            trace: self.kernel_tracing,
         }
     }
 

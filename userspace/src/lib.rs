@@ -27,4 +27,5 @@ pub mod proxy;
 pub mod state;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod xds;

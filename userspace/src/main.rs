@@ -20,6 +20,10 @@ enum Command {
     Node(Box<config::NodeArgs>),
     /// Run the embedded control plane: the mesh CA (Istio's certificate API) for node proxies.
     Controlplane(Box<ambit::controlplane::ControlPlaneArgs>),
+    /// Watch the node proxy's kernel-level trace: TCP events of enrolled pods (connect,
+    /// established, state changes, RTT, retransmits, close, reset), attributed to workloads
+    /// and peers, live. Reads the admin endpoint of `ambit node` on this node.
+    Trace(ambit::trace::TraceArgs),
     /// Check whether this kernel can run ambit: every program type, map type, helper and
     /// attach type it needs, probed for real. Exits 1 when something required is missing.
     Probe {
@@ -76,6 +80,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(&settings.log_filter(), format)?;
             runtime()?.block_on(node::run(settings))
         }
+        Command::Trace(args) => ambit::trace::run(&args),
         Command::Probe { bpffs, cgroup, json } => {
             telemetry::init("warn", telemetry::LogFormat::Text)?;
             let cgroup = match cgroup {

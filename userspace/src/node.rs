@@ -18,8 +18,9 @@ use crate::{
     inpod::{PodManager, Ports},
     metrics::Metrics,
     probe,
-    proxy::{Proxy, ProxySettings},
+    proxy::{Proxy, ProxyDeps, ProxySettings},
     state::StateStore,
+    trace::Tracer,
     xds::{client::XdsClient, translate::translate},
 };
 
@@ -68,7 +69,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(listener, routes, admin.clone(), shutdown.clone()));
     }
 
-    let (capture, orig, stats) = Capture::open(&settings.capture()).map_err(|e| {
+    let opened = Capture::open(&settings.capture()).map_err(|e| {
         let hint = if lacks_privilege(&e) {
             " (ambit node needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE)"
         } else {
@@ -76,6 +77,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         };
         anyhow::Error::new(e).context(format!("setting up eBPF capture{hint}"))
     })?;
+    let crate::capture::Opened { capture, orig, stats, events, config: kernel_config } = opened;
     let adoption = capture.adoption().clone();
     tracing::info!(
         pins = %capture.pin_dir().display(),
@@ -87,8 +89,31 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     metrics.register_kernel_stats(Arc::new(stats));
 
+    {
+        let kernel_config = kernel_config.clone();
+        let set = move |level: crate::capture::klog::KernelLogLevel| {
+            kernel_config.update(|c| c.log_level = level as u8).map(|_| ()).map_err(|e| e.to_string())
+        };
+        admin.set_kernel_log(Arc::new(set), settings.ebpf_log_level);
+    }
+
     let identities = identities(&settings)?;
     let state = Arc::new(StateStore::default());
+    let pod_registry = Arc::new(crate::inpod::PodRegistry::default());
+    let tracer = if settings.kernel_tracing {
+        let t = Tracer::new(
+            &settings.node_name,
+            settings.hbone_port,
+            pod_registry.clone(),
+            state.clone(),
+            &metrics,
+        );
+        t.spawn_reader(events, shutdown.clone()).context("reading kernel trace events")?;
+        admin.set_tracer(t.clone());
+        Some(t)
+    } else {
+        None
+    };
     let proxy = Proxy::new(
         ProxySettings {
             mark: settings.proxy_mark,
@@ -98,10 +123,14 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             hbone: settings.hbone.clone(),
             unknown: settings.unknown_destination,
         },
-        orig,
-        metrics.clone(),
-        identities.clone(),
-        state.clone(),
+        ProxyDeps {
+            orig,
+            metrics: metrics.clone(),
+            identities: identities.clone(),
+            state: state.clone(),
+            pods: pod_registry,
+            tracer,
+        },
     );
     let mut pods = PodManager::new(
         capture,
@@ -137,6 +166,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     }
     let pod_source_status = source.kube_status();
     let meshes = source.meshes();
+    metrics.register_health(xds_status.clone(), identities.clone());
     let mesh = meshes.borrow_and_update().clone();
     if settings.xds.is_none() {
         apply_mesh(&state, &mesh, &settings.identity.trust_domain);

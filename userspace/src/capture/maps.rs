@@ -1,25 +1,56 @@
 //! Typed handles on the shared maps, and the checks that pinned maps (from an earlier proxy
 //! run) have the shape this binary expects.
 
-use std::{collections::HashSet, net::IpAddr, os::fd::AsRawFd, sync::Mutex};
+use std::{
+    collections::HashSet,
+    net::IpAddr,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
 
 use ambit_common::{
     maps::{
         Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAP_CONFIG, MAP_ENROLLED,
         MAP_LISTENERS, MAP_NODE_ADDRS, MAP_ORIG_DST, MAP_PENDING, MAP_POD_IPS, MAP_STATS,
     },
-    stats, IpKey,
+    stats,
+    trace::{TracedSock, MAP_EVENTS, MAP_TRACED},
+    IpKey,
 };
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, SockHash},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf, SockHash},
     Ebpf,
 };
 
 use super::{addr, CaptureError};
 
+/// The programs' settings, shared: the node writes them at start, the admin endpoint changes
+/// the kernel log level and tracing at run time.
+#[derive(Clone)]
+pub struct ConfigHandle(Arc<Mutex<Array<MapData, Config>>>);
+
+impl ConfigHandle {
+    pub fn get(&self) -> Result<Config, CaptureError> {
+        op(MAP_CONFIG, self.0.lock().unwrap_or_else(|p| p.into_inner()).get(&0, 0))
+    }
+
+    pub fn set(&self, cfg: &Config) -> Result<(), CaptureError> {
+        op(MAP_CONFIG, self.0.lock().unwrap_or_else(|p| p.into_inner()).set(0, cfg, 0))
+    }
+
+    /// Read, change, write, under one lock.
+    pub fn update(&self, f: impl FnOnce(&mut Config)) -> Result<Config, CaptureError> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cfg = op(MAP_CONFIG, map.get(&0, 0))?;
+        f(&mut cfg);
+        op(MAP_CONFIG, map.set(0, cfg, 0))?;
+        Ok(cfg)
+    }
+}
+
 /// The maps the node proxy manages.
 pub struct Maps {
-    config: Array<MapData, Config>,
+    config: ConfigHandle,
     enrolled: HashMap<MapData, u64, PodEntry>,
     pod_ips: HashMap<MapData, IpKey, u64>,
     node_addrs: HashMap<MapData, IpKey, u8>,
@@ -42,7 +73,12 @@ where
 /// would make the programs and the proxy read each other's bytes wrongly.
 fn check_shape(name: &'static str, map: &Map, key: usize, value: usize) -> Result<(), CaptureError> {
     let data: &MapData = match map {
-        Map::Array(m) | Map::HashMap(m) | Map::LruHashMap(m) | Map::PerCpuArray(m) | Map::SockHash(m) => m,
+        Map::Array(m)
+        | Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::PerCpuArray(m)
+        | Map::SockHash(m)
+        | Map::RingBuf(m) => m,
         _ => return Err(CaptureError::MapShape { name, detail: "unexpected map type".into() }),
     };
     let info = data.info().map_err(|source| CaptureError::Map { name, source: Box::new(source) })?;
@@ -59,10 +95,19 @@ fn check_shape(name: &'static str, map: &Map, key: usize, value: usize) -> Resul
     Ok(())
 }
 
+/// What [`split`] takes out of the object.
+pub struct Split {
+    pub maps: Maps,
+    pub orig: OrigDstTable,
+    pub stats: KernelStats,
+    /// The trace events ring buffer, for `crate::trace`.
+    pub events: RingBuf<MapData>,
+}
+
 /// Takes the maps out of a loaded object, checking each one's shape.
-pub fn split(ebpf: &mut Ebpf) -> Result<(Maps, OrigDstTable, KernelStats), CaptureError> {
+pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
     use std::mem::size_of;
-    let shapes: [(&'static str, usize, usize); 8] = [
+    let shapes: [(&'static str, usize, usize); 10] = [
         (MAP_CONFIG, 4, size_of::<Config>()),
         (MAP_ENROLLED, 8, size_of::<PodEntry>()),
         (MAP_POD_IPS, size_of::<IpKey>(), 8),
@@ -71,13 +116,15 @@ pub fn split(ebpf: &mut Ebpf) -> Result<(Maps, OrigDstTable, KernelStats), Captu
         (MAP_PENDING, 8, size_of::<PendingConnect>()),
         (MAP_ORIG_DST, size_of::<ConnKey>(), size_of::<OrigDst>()),
         (MAP_STATS, 4, 8),
+        (MAP_EVENTS, 0, 0),
+        (MAP_TRACED, 8, size_of::<TracedSock>()),
     ];
     for (name, key, value) in shapes {
         let map = ebpf.map(name).ok_or(CaptureError::MissingMap(name))?;
         check_shape(name, map, key, value)?;
     }
     let maps = Maps {
-        config: typed(MAP_CONFIG, take(ebpf, MAP_CONFIG)?)?,
+        config: ConfigHandle(Arc::new(Mutex::new(typed(MAP_CONFIG, take(ebpf, MAP_CONFIG)?)?))),
         enrolled: typed(MAP_ENROLLED, take(ebpf, MAP_ENROLLED)?)?,
         pod_ips: typed(MAP_POD_IPS, take(ebpf, MAP_POD_IPS)?)?,
         node_addrs: typed(MAP_NODE_ADDRS, take(ebpf, MAP_NODE_ADDRS)?)?,
@@ -86,7 +133,8 @@ pub fn split(ebpf: &mut Ebpf) -> Result<(Maps, OrigDstTable, KernelStats), Captu
     };
     let orig = OrigDstTable(Mutex::new(typed(MAP_ORIG_DST, take(ebpf, MAP_ORIG_DST)?)?));
     let stats = KernelStats(typed(MAP_STATS, take(ebpf, MAP_STATS)?)?);
-    Ok((maps, orig, stats))
+    let events = typed(MAP_EVENTS, take(ebpf, MAP_EVENTS)?)?;
+    Ok(Split { maps, orig, stats, events })
 }
 
 fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, CaptureError> {
@@ -117,11 +165,16 @@ fn remove_if_present<K: aya::Pod, V: aya::Pod>(
 
 impl Maps {
     pub fn config(&self) -> Result<Config, CaptureError> {
-        op(MAP_CONFIG, self.config.get(&0, 0))
+        self.config.get()
     }
 
     pub fn set_config(&mut self, cfg: &Config) -> Result<(), CaptureError> {
-        op(MAP_CONFIG, self.config.set(0, cfg, 0))
+        self.config.set(cfg)
+    }
+
+    /// A shared handle on the settings, for changes while running.
+    pub fn config_handle(&self) -> ConfigHandle {
+        self.config.clone()
     }
 
     pub fn enroll(&mut self, netns_cookie: u64, entry: PodEntry) -> Result<(), CaptureError> {
@@ -212,8 +265,12 @@ impl KernelStats {
     pub fn read(&self) -> Result<[u64; stats::COUNT as usize], CaptureError> {
         let mut out = [0u64; stats::COUNT as usize];
         for (i, slot) in out.iter_mut().enumerate() {
-            let per_cpu = op(MAP_STATS, self.0.get(&(i as u32), 0))?;
-            *slot = per_cpu.iter().sum();
+            match self.0.get(&(i as u32), 0) {
+                Ok(per_cpu) => *slot = per_cpu.iter().sum(),
+                // A map pinned by an older ambit with fewer counters: the new ones read 0.
+                Err(MapError::OutOfBounds { .. }) => break,
+                Err(source) => return Err(CaptureError::Map { name: MAP_STATS, source: Box::new(source) }),
+            }
         }
         Ok(out)
     }

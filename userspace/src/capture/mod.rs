@@ -26,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use ambit_common::maps::{Config, ListenerKey, PodEntry, CONFIG_FAIL_OPEN};
+use ambit_common::maps::{Config, ListenerKey, PodEntry, CONFIG_FAIL_OPEN, CONFIG_TRACE};
 use aya::{
     programs::{CgroupSockAddr, SchedClassifier, SockOps},
     EbpfLoader,
@@ -121,6 +121,17 @@ pub struct CaptureSettings {
     pub inbound_port: u16,
     pub hbone_port: u16,
     pub kernel_log_level: klog::KernelLogLevel,
+    /// Kernel-level tracing of enrolled pods' sockets (`CONFIG_TRACE`).
+    pub trace: bool,
+}
+
+/// What [`Capture::open`] hands out besides the capture itself.
+pub struct Opened {
+    pub capture: Capture,
+    pub orig: OrigDstTable,
+    pub stats: KernelStats,
+    pub events: aya::maps::RingBuf<aya::maps::MapData>,
+    pub config: maps::ConfigHandle,
 }
 
 /// The loaded, attached capture programs and the maps the proxy drives them with.
@@ -145,7 +156,7 @@ pub fn object_hash() -> u64 {
 impl Capture {
     /// Loads (or re-adopts) the programs and maps, attaches the cgroup programs, and writes
     /// the settings the programs read.
-    pub fn open(settings: &CaptureSettings) -> Result<(Capture, OrigDstTable, KernelStats), CaptureError> {
+    pub fn open(settings: &CaptureSettings) -> Result<Opened, CaptureError> {
         let pins = PinDir::create(&settings.bpffs, &settings.instance)?;
         let logs_pin = pins.root().join(AYA_LOGS);
         let mut ebpf = EbpfLoader::new()
@@ -153,7 +164,7 @@ impl Capture {
             .map_pin_path(AYA_LOGS, logs_pin.as_path())
             .load(OBJECT)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
-        let (mut maps, orig, stats) = maps::split(&mut ebpf)?;
+        let maps::Split { mut maps, orig, stats, events } = maps::split(&mut ebpf)?;
 
         let hash = object_hash();
         let previous = maps.config()?;
@@ -183,7 +194,8 @@ impl Capture {
         // The settings go in last: until they are there the programs capture nothing.
         maps.set_config(&Config {
             proxy_mark: settings.proxy_mark,
-            flags: if settings.fail_open { CONFIG_FAIL_OPEN } else { 0 },
+            flags: if settings.fail_open { CONFIG_FAIL_OPEN } else { 0 }
+                | if settings.trace { CONFIG_TRACE } else { 0 },
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
             hbone_port: settings.hbone_port,
@@ -192,11 +204,12 @@ impl Capture {
             object_hash: hash,
         })?;
         adoption.previous_object = (previous.object_hash != 0).then_some(previous.object_hash);
-        if settings.kernel_log_level != klog::KernelLogLevel::Off {
-            klog::spawn(&mut ebpf).map_err(|e| CaptureError::Logs(e.to_string()))?;
-        }
+        // Always forwarded: the level can be raised at run time (admin `/logging`), and the
+        // programs send nothing while it is off.
+        klog::spawn(&mut ebpf).map_err(|e| CaptureError::Logs(e.to_string()))?;
+        let config = maps.config_handle();
         let capture = Capture { pins, maps, tc, tc_prog_id, adoption, _ebpf: ebpf };
-        Ok((capture, orig, stats))
+        Ok(Opened { capture, orig, stats, events, config })
     }
 
     /// What was re-adopted and what was attached anew at start.

@@ -93,6 +93,9 @@ pub struct CertSummary {
     pub serial: String,
     pub not_before: String,
     pub not_after: String,
+    /// `not_after` in seconds since the epoch (metrics).
+    #[serde(skip)]
+    pub expires_unix: u64,
 }
 
 fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
@@ -161,6 +164,7 @@ impl WorkloadCert {
             serial: self.serial.clone(),
             not_before: rfc3339(self.not_before),
             not_after: rfc3339(self.not_after),
+            expires_unix: self.not_after.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         }
     }
 

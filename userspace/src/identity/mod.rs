@@ -7,5 +7,5 @@ pub mod manager;
 mod spiffe;
 
 pub use cert::{CertSummary, WorkloadCert};
-pub use manager::{IdentityManager, IdentitySettings};
+pub use manager::{CertState, IdentityManager, IdentitySettings};
 pub use spiffe::{Identity, NotAnIdentity};

@@ -4,6 +4,7 @@
 
 mod listeners;
 pub mod netns;
+mod registry;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use listeners::{Direction, PodListener};
+pub use registry::PodRegistry;
 
 use crate::{
     capture::{addr, Capture, CaptureError},
@@ -201,6 +203,7 @@ impl PodManager {
             ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),
             netns: netns.clone(),
         });
+        self.proxy.pods().insert(cookie, ctx.clone());
         let stop = CancellationToken::new();
         let mut tasks = Vec::with_capacity(made.len());
         let mut bound = Vec::with_capacity(made.len());
@@ -210,6 +213,7 @@ impl PodManager {
                 Ok(task) => tasks.push(task),
                 Err(e) => {
                     stop.cancel();
+                    self.proxy.pods().remove(cookie);
                     if let Some(id) = &identity {
                         self.identities.release(id);
                     }
@@ -245,6 +249,7 @@ impl PodManager {
             tracing::error!(pod = %key, error = %e, "detaching inbound capture");
         }
         pod.stop.cancel();
+        self.proxy.pods().remove(cookie);
         for task in pod.tasks {
             if let Err(e) = task.await {
                 tracing::warn!(pod = %key, error = %e, "accept loop ended abnormally");

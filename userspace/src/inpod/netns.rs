@@ -84,25 +84,30 @@ impl Netns {
     }
 }
 
-/// Reads `SO_NETNS_COOKIE` of a socket: the cookie of the netns the socket lives in.
-pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    let mut cookie: u64 = 0;
+/// Reads a u64 socket option of `SOL_SOCKET`.
+fn u64_sockopt(sock: &impl AsRawFd, opt: libc::c_int) -> io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed; the kernel writes
+    // SAFETY: `value` and `len` are valid for writes of the sizes passed; the kernel writes
     // at most `len` bytes and updates `len`.
     let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
+        libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, opt, (&raw mut value).cast(), &mut len)
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
+}
+
+/// Reads `SO_NETNS_COOKIE` of a socket: the cookie of the netns the socket lives in.
+pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    u64_sockopt(sock, libc::SO_NETNS_COOKIE)
+}
+
+/// Reads `SO_COOKIE`: the socket's own cookie, as the eBPF programs see it
+/// (`bpf_get_socket_cookie`), which is how kernel trace events find their connection.
+pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
+    u64_sockopt(sock, libc::SO_COOKIE)
 }
 
 fn is_netns_fd(file: &File) -> io::Result<bool> {

@@ -1,21 +1,43 @@
 //! Prometheus metrics (served on 15020 `/stats/prometheus`).
 //!
-//! The proxy's connection counters are labelled with the enrolled pod they belong to and the
-//! direction; the kernel-side capture counters are read from the eBPF stats map at scrape time.
+//! - Istio's `istio_tcp_*` families with the labels its dashboards use ([`istio`]), reported
+//!   by the source's proxy and by the destination's;
+//! - ambit's own per-pod counters (`ambit_proxy_*`), authorization denials, enrolled pods;
+//! - computed at scrape time ([`collectors`]): the kernel's capture counters, xDS and
+//!   certificate health;
+//! - the process (`process_*`) and the build (`istio_build`).
+
+pub mod collectors;
+pub mod istio;
 
 use std::sync::Arc;
 
-use prometheus::{
-    core::{Collector, Desc},
-    proto::MetricFamily,
-    Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-use crate::{
-    capture::KernelStats,
-    inpod::Direction,
-    proxy::{PodCtx, RelayCounters},
-};
+pub use istio::{Reporter, ServiceLabel, Side, TcpLabels};
+
+use crate::{capture::KernelStats, inpod::Direction, proxy::PodCtx};
+
+/// One direction of a relayed connection, counted in the pod's family and Istio's.
+pub struct ByteCounter {
+    pod: IntCounter,
+    istio: IntCounter,
+}
+
+impl ByteCounter {
+    pub fn add(&self, n: u64) {
+        self.pod.inc_by(n);
+        self.istio.inc_by(n);
+    }
+}
+
+/// The two directions of a relayed connection.
+pub struct RelayCounters {
+    /// From the side that connected to the destination.
+    pub request: ByteCounter,
+    /// Back from the destination.
+    pub response: ByteCounter,
+}
 
 pub struct Metrics {
     registry: Registry,
@@ -24,7 +46,9 @@ pub struct Metrics {
     failed: IntCounterVec,
     sent: IntCounterVec,
     received: IntCounterVec,
+    active: IntGaugeVec,
     denied: IntCounterVec,
+    istio: istio::IstioTcp,
     pub enrolled_pods: IntGauge,
 }
 
@@ -42,6 +66,16 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 }
 
 const POD_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
+
+/// `response_flags` of a refusal, from the proxy's reason.
+pub fn response_flags(reason: &str) -> &'static str {
+    match reason {
+        "authorization_denied" | "denied_by_destination" => istio::FLAGS_DENY,
+        "no_healthy_endpoint" => "UH",
+        "no_such_port" | "unknown_destination" | "not_synced" | "loop" | "no_original_destination" => "NR",
+        _ => istio::FLAGS_CONNECT,
+    }
+}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -76,6 +110,12 @@ impl Metrics {
             "Bytes from the destination back to the connecting side.",
             &POD_LABELS,
         );
+        let active = IntGaugeVec::new(
+            Opts::new("ambit_proxy_connections_active", "Connections being relayed now."),
+            &["direction"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(active.clone())).expect("unique");
         let denied = counter(
             &registry,
             "ambit_authorization_denials_total",
@@ -83,34 +123,73 @@ impl Metrics {
              change (when=open), or only reported by a dry-run policy (mode=dry_run).",
             &["namespace", "pod", "policy", "when", "mode"],
         );
+        let istio = istio::IstioTcp::register(&registry);
         let enrolled_pods =
             IntGauge::new("ambit_enrolled_pods", "Pods whose traffic is captured.").expect("valid metric");
         registry.register(Box::new(enrolled_pods.clone())).expect("unique");
-        Metrics { registry, opened, closed, failed, sent, received, denied, enrolled_pods }
+        let build = IntGaugeVec::new(
+            Opts::new("istio_build", "The running build (Istio dashboards read the version here)."),
+            &["component", "tag"],
+        )
+        .expect("valid metric");
+        build.with_label_values(&["ambit", env!("CARGO_PKG_VERSION")]).set(1);
+        registry.register(Box::new(build)).expect("unique");
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("registered once");
+        Metrics { registry, opened, closed, failed, sent, received, active, denied, istio, enrolled_pods }
+    }
+
+    /// Adds a collector computed at scrape time (kernel counters, health).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "registering a metrics collector");
+        }
+    }
+
+    /// Adds xDS and certificate health, computed on every scrape.
+    pub fn register_health(
+        &self,
+        xds: Option<Arc<std::sync::Mutex<crate::xds::client::XdsStatus>>>,
+        identities: crate::identity::IdentityManager,
+    ) {
+        self.register(Box::new(collectors::health(xds, identities)));
     }
 
     /// Adds the kernel-side counters, read from the eBPF stats map on every scrape.
     pub fn register_kernel_stats(&self, stats: Arc<KernelStats>) {
-        self.registry.register(Box::new(KernelCollector::new(stats))).expect("registered once");
+        self.register(Box::new(collectors::KernelCollector::new(stats)));
     }
 
-    pub fn connection_opened(&self, d: Direction, pod: &PodCtx) -> RelayCounters {
-        let labels = [direction_label(d), pod.namespace.as_str(), pod.name.as_str()];
-        self.opened.with_label_values(&labels).inc();
+    pub fn connection_opened(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) -> RelayCounters {
+        let pod_labels = [direction_label(d), pod.namespace.as_str(), pod.name.as_str()];
+        self.opened.with_label_values(&pod_labels).inc();
+        self.active.with_label_values(&[direction_label(d)]).inc();
+        let values = labels.values(istio::FLAGS_NONE);
+        self.istio.opened.with_label_values(&values).inc();
         RelayCounters {
-            sent: self.sent.with_label_values(&labels),
-            received: self.received.with_label_values(&labels),
+            request: ByteCounter {
+                pod: self.sent.with_label_values(&pod_labels),
+                istio: self.istio.received.with_label_values(&values),
+            },
+            response: ByteCounter {
+                pod: self.received.with_label_values(&pod_labels),
+                istio: self.istio.sent.with_label_values(&values),
+            },
         }
     }
 
-    pub fn connection_closed(&self, d: Direction, pod: &PodCtx) {
+    pub fn connection_closed(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) {
         self.closed.with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str()]).inc();
+        self.active.with_label_values(&[direction_label(d)]).dec();
+        self.istio.closed.with_label_values(&labels.values(istio::FLAGS_NONE)).inc();
     }
 
-    pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str) {
+    pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str, labels: &TcpLabels) {
         self.failed
             .with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str(), reason])
             .inc();
+        self.istio.failed.with_label_values(&labels.values(response_flags(reason))).inc();
     }
 
     /// A denial by `policy` (`<namespace>/<name>`), of a new connection (`open` false) or an
@@ -134,52 +213,5 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// `ambit_capture_events_total{event}` from the kernel's per-CPU counters.
-struct KernelCollector {
-    stats: Arc<KernelStats>,
-    desc: Desc,
-}
-
-impl KernelCollector {
-    fn new(stats: Arc<KernelStats>) -> Self {
-        let desc = Desc::new(
-            "ambit_capture_events_total".into(),
-            "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event.".into(),
-            vec!["event".into()],
-            Default::default(),
-        )
-        .expect("valid descriptor");
-        KernelCollector { stats, desc }
-    }
-}
-
-impl Collector for KernelCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        vec![&self.desc]
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let values = match self.stats.read() {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading eBPF counters");
-                return Vec::new();
-            }
-        };
-        let vec = IntCounterVec::new(
-            Opts::new(
-                "ambit_capture_events_total",
-                "Decisions of the eBPF capture programs (connect, sock_ops and TC ingress), by event.",
-            ),
-            &["event"],
-        )
-        .expect("valid metric");
-        for (name, value) in ambit_common::stats::NAMES.iter().zip(values) {
-            vec.with_label_values(&[name]).inc_by(value);
-        }
-        vec.collect()
     }
 }

@@ -72,8 +72,18 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(), String> {
                         || l.contains("cannot use helper")
                         || l.contains("invalid func")
                 })
-                .or_else(|| log.lines().rev().find(|l| !l.trim().is_empty()))
-                .unwrap_or("(empty verifier log)");
+                .map(String::from)
+                .unwrap_or_else(|| {
+                    // The verdict is the last line before the statistics ("processed N insns").
+                    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+                    let end = lines.iter().rposition(|l| l.starts_with("processed ")).unwrap_or(lines.len());
+                    let start = end.saturating_sub(3);
+                    if lines.is_empty() {
+                        "(empty verifier log)".into()
+                    } else {
+                        lines[start..end.max(start + 1).min(lines.len())].join(" | ")
+                    }
+                });
             return format!("{name} refused by the verifier: {reason}");
         }
         format!("{name}: {e}")

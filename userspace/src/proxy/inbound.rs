@@ -10,7 +10,7 @@ use tokio::net::TcpStream;
 
 use super::{
     authorize::{self, Subject},
-    finish, refuse, relay, upstream, ConnRecord, Inner, PodCtx,
+    finish, refuse, relay, ConnRecord, Inner, PodCtx,
 };
 use crate::capture::addr;
 
@@ -39,13 +39,20 @@ pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, 
     let subject = Subject { peer: None, src: peer, dst, mtls: false };
     if authorize::check(inner, pod, &subject).is_err() {
         // Logged and counted by the check; the client sees a reset.
-        inner.metrics.connection_failed(record.direction, pod, "authorization_denied");
+        inner.metrics.connection_failed(
+            record.direction,
+            pod,
+            "authorization_denied",
+            &record.labels(&inner.state.read()),
+        );
         relay::linger_zero(&client);
         return;
     }
     let registration = inner.open.register(pod.clone(), subject);
-    let s = &inner.settings;
-    match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
+    let mut record = record;
+    // The client's own socket carries the connection over the network.
+    record.leg = crate::inpod::netns::socket_cookie(&client).ok();
+    match inner.deliver(&record, dst).await {
         Ok(upstream) => finish(inner, record, client, upstream, started, &registration.closed).await,
         Err(e) => refuse(inner, &record, client, "connect_failed", &e.to_string()),
     }

@@ -5,6 +5,7 @@ mod authorize;
 pub mod hbone;
 mod inbound;
 mod outbound;
+mod record;
 mod relay;
 mod upstream;
 
@@ -16,12 +17,16 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     capture::OrigDstTable,
     identity::{Identity, IdentityManager},
+    inpod::PodRegistry,
     inpod::{netns::Netns, Direction},
     metrics::Metrics,
+    metrics::{RelayCounters, TcpLabels},
     state::StateStore,
+    trace::Tracer,
 };
 
-pub use relay::{Counters as RelayCounters, Transfer};
+pub use record::ConnRecord;
+pub use relay::Transfer;
 
 /// A pod as the data path sees it.
 #[derive(Debug)]
@@ -72,55 +77,6 @@ pub enum UnknownDestination {
     Refuse,
 }
 
-/// What an access-log line and a refusal say about a connection.
-pub struct ConnRecord<'a> {
-    pub direction: Direction,
-    pub pod: &'a PodCtx,
-    /// Where the connection comes from, as the network sees it.
-    pub src: std::net::SocketAddr,
-    pub dst: Option<std::net::SocketAddr>,
-    pub src_identity: Option<String>,
-    pub dst_identity: Option<String>,
-    /// The service the destination was chosen for, when the client dialled a service address.
-    pub dst_service: Option<String>,
-    /// Whether it travelled (or arrived) over mutual TLS.
-    pub mtls: bool,
-}
-
-impl<'a> ConnRecord<'a> {
-    pub fn outbound(pod: &'a PodCtx, src: std::net::SocketAddr, dst: Option<std::net::SocketAddr>) -> Self {
-        ConnRecord {
-            direction: Direction::Outbound,
-            pod,
-            src,
-            dst,
-            src_identity: pod.identity.as_ref().map(ToString::to_string),
-            dst_identity: None,
-            dst_service: None,
-            mtls: false,
-        }
-    }
-
-    pub fn inbound(
-        pod: &'a PodCtx,
-        src: std::net::SocketAddr,
-        dst: Option<std::net::SocketAddr>,
-        peer: Option<&Identity>,
-        mtls: bool,
-    ) -> Self {
-        ConnRecord {
-            direction: Direction::Inbound,
-            pod,
-            src,
-            dst,
-            src_identity: peer.map(ToString::to_string),
-            dst_identity: pod.identity.as_ref().map(ToString::to_string),
-            dst_service: None,
-            mtls,
-        }
-    }
-}
-
 pub struct Inner {
     settings: ProxySettings,
     orig: OrigDstTable,
@@ -132,6 +88,20 @@ pub struct Inner {
     connections: TaskTracker,
     /// Inbound connections open under authorization, re-checked on state changes.
     open: authorize::OpenConnections,
+    /// Enrolled pods by netns cookie (kernel events carry only the cookie).
+    pods: Arc<PodRegistry>,
+    /// Kernel-level tracing: per-socket figures for the access log; `None` when off.
+    tracer: Option<Tracer>,
+}
+
+/// What the proxy works with besides its settings.
+pub struct ProxyDeps {
+    pub orig: OrigDstTable,
+    pub metrics: Arc<Metrics>,
+    pub identities: IdentityManager,
+    pub state: Arc<StateStore>,
+    pub pods: Arc<PodRegistry>,
+    pub tracer: Option<Tracer>,
 }
 
 #[derive(Clone)]
@@ -141,13 +111,8 @@ pub struct Proxy {
 
 impl Proxy {
     /// Call inside the runtime (the HBONE pool starts its reaper).
-    pub fn new(
-        settings: ProxySettings,
-        orig: OrigDstTable,
-        metrics: Arc<Metrics>,
-        identities: IdentityManager,
-        state: Arc<StateStore>,
-    ) -> Proxy {
+    pub fn new(settings: ProxySettings, deps: ProxyDeps) -> Proxy {
+        let ProxyDeps { orig, metrics, identities, state, pods, tracer } = deps;
         let hbone =
             hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
         let inner = Arc::new(Inner {
@@ -159,9 +124,16 @@ impl Proxy {
             state,
             connections: TaskTracker::new(),
             open: authorize::OpenConnections::default(),
+            pods,
+            tracer,
         });
         authorize::spawn_rechecks(&inner);
         Proxy { inner }
+    }
+
+    /// Enrolled pods by netns cookie.
+    pub fn pods(&self) -> &Arc<PodRegistry> {
+        &self.inner.pods
     }
 
     /// Inbound connections open under authorization (config dump).
@@ -242,6 +214,87 @@ impl Proxy {
     }
 }
 
+impl Inner {
+    /// Counts a connection that failed (with its metric labels) and logs it.
+    fn failed(&self, record: &ConnRecord<'_>, reason: &str, detail: &str) {
+        let labels = record.labels(&self.state.read());
+        self.metrics.connection_failed(record.direction, record.pod, reason, &labels);
+        crate::telemetry::access_log_refused(record, &labels, reason, detail);
+    }
+
+    /// Connects to the pod's application to deliver an inbound connection, telling the
+    /// tracer who the client is first.
+    async fn deliver(
+        &self,
+        record: &ConnRecord<'_>,
+        dst: std::net::SocketAddr,
+    ) -> io::Result<tokio::net::TcpStream> {
+        let s = &self.settings;
+        let pod = record.pod;
+        let hint = self.tracer.as_ref().map(|t| {
+            let source = record.labels(&self.state.read()).source;
+            let known = |v: &str| (v != crate::metrics::istio::UNKNOWN).then(|| v.to_string());
+            let peer = crate::trace::Peer {
+                namespace: known(&source.namespace),
+                workload: known(&source.workload),
+                identity: known(&source.principal),
+                service: None,
+                address: Some(record.src.to_string()),
+            };
+            (t.clone(), peer)
+        });
+        let cookie = pod.netns.cookie();
+        upstream::deliver(&pod.netns, dst, s.mark, s.connect_timeout, move |local| {
+            if let Some((tracer, peer)) = hint {
+                tracer.hint(cookie, local.port(), crate::trace::Hint { peer });
+            }
+        })
+        .await
+    }
+
+    /// A connection starts being relayed: its labels, byte counters, and where its network
+    /// leg's retransmission count stands.
+    fn opened(&self, record: &ConnRecord<'_>) -> Opened {
+        let labels = record.labels(&self.state.read());
+        let counters = self.metrics.connection_opened(record.direction, record.pod, &labels);
+        let retransmits_before = self.leg_stats(record).map(|l| l.retransmits);
+        Opened { labels, counters, retransmits_before }
+    }
+
+    fn leg_stats(&self, record: &ConnRecord<'_>) -> Option<crate::trace::LegStats> {
+        self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg(cookie))
+    }
+
+    /// A relayed connection ended: metrics and the access-log line, with what the kernel
+    /// measured on its network leg while it was open.
+    fn closed(
+        &self,
+        record: &ConnRecord<'_>,
+        open: &Opened,
+        transfer: &Transfer,
+        started: std::time::Instant,
+    ) {
+        self.metrics.connection_closed(record.direction, record.pod, &open.labels);
+        let kernel = match self.leg_stats(record) {
+            Some(now) => crate::telemetry::Kernel {
+                rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),
+                retransmits: Some(u64::from(
+                    now.retransmits.saturating_sub(open.retransmits_before.unwrap_or(0)),
+                )),
+            },
+            None => crate::telemetry::Kernel::default(),
+        };
+        crate::telemetry::access_log(record, &open.labels, transfer, started.elapsed(), kernel);
+    }
+}
+
+/// A connection being relayed, as [`Inner::opened`] starts it.
+struct Opened {
+    labels: TcpLabels,
+    counters: RelayCounters,
+    retransmits_before: Option<u32>,
+}
+
 /// Refuses a captured connection: counted, logged, and closed with a reset.
 fn refuse(
     inner: &Inner,
@@ -250,8 +303,7 @@ fn refuse(
     reason: &'static str,
     detail: &str,
 ) {
-    inner.metrics.connection_failed(record.direction, record.pod, reason);
-    crate::telemetry::access_log_refused(record, reason, detail);
+    inner.failed(record, reason, detail);
     relay::linger_zero(&client);
 }
 
@@ -265,8 +317,7 @@ async fn finish(
     started: std::time::Instant,
     close: &CancellationToken,
 ) {
-    let counters = inner.metrics.connection_opened(record.direction, record.pod);
-    let transfer = relay::relay(client, upstream, &counters, close).await;
-    inner.metrics.connection_closed(record.direction, record.pod);
-    crate::telemetry::access_log(&record, &transfer, started.elapsed());
+    let open = inner.opened(&record);
+    let transfer = relay::relay(client, upstream, &open.counters, close).await;
+    inner.closed(&record, &open, &transfer, started);
 }

@@ -15,7 +15,6 @@ use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestinat
 use crate::{
     capture::addr,
     identity::Identity,
-    inpod::Direction,
     state::{Route, Tunnel},
 };
 
@@ -119,6 +118,7 @@ async fn passthrough(
         Ok(upstream) => {
             let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
             record.dst_service = service;
+            record.leg = crate::inpod::netns::socket_cookie(&upstream).ok();
             finish(inner, record, client, upstream, started, &CancellationToken::new()).await
         }
         Err(e) => {
@@ -146,13 +146,21 @@ async fn hbone(
         Ok(t) => t,
         Err(e) => return refuse(inner, &record, client, e.reason(), &e.to_string()),
     };
+    record.leg = tunnel.socket_cookie;
     // The source as the network sees it: the pod's address of the destination's family.
     if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
         record.src = SocketAddr::new(*ip, peer.port());
     }
-    let counters = inner.metrics.connection_opened(Direction::Outbound, pod);
-    let transfer =
-        super::hbone::relay(client, tunnel.send, tunnel.recv, &counters, &CancellationToken::new()).await;
-    inner.metrics.connection_closed(Direction::Outbound, pod);
-    crate::telemetry::access_log(&record, &transfer, started.elapsed());
+    let open = inner.opened(&record);
+    let counters = &open.counters;
+    let never = CancellationToken::new();
+    let transfer = super::hbone::relay(
+        client,
+        tunnel.send,
+        tunnel.recv,
+        (&counters.request, &counters.response),
+        &never,
+    )
+    .await;
+    inner.closed(&record, &open, &transfer, started);
 }

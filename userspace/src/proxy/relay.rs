@@ -6,7 +6,7 @@
 
 use std::{io, time::Duration};
 
-use prometheus::IntCounter;
+use crate::metrics::{ByteCounter, RelayCounters};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -29,16 +29,10 @@ pub struct Transfer {
     pub error: Option<io::Error>,
 }
 
-/// Live byte counters of the two directions (metrics).
-pub struct Counters {
-    pub sent: IntCounter,
-    pub received: IntCounter,
-}
-
 async fn copy(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
-    counter: &IntCounter,
+    counter: &ByteCounter,
     total: &mut u64,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_SIZE];
@@ -50,7 +44,7 @@ async fn copy(
         }
         to.write_all(&buf[..n]).await?;
         *total += n as u64;
-        counter.inc_by(n as u64);
+        counter.add(n as u64);
     }
 }
 
@@ -66,10 +60,11 @@ pub fn revoked() -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionAborted, "closed by the proxy: denied by an authorization policy")
 }
 
+/// Relays until both directions ended; client → upstream is the request.
 pub async fn relay(
     mut client: TcpStream,
     mut upstream: TcpStream,
-    counters: &Counters,
+    counters: &RelayCounters,
     close: &tokio_util::sync::CancellationToken,
 ) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
@@ -77,8 +72,8 @@ pub async fn relay(
     {
         let (mut client_r, mut client_w) = client.split();
         let (mut up_r, mut up_w) = upstream.split();
-        let up = copy(&mut client_r, &mut up_w, &counters.sent, &mut sent);
-        let down = copy(&mut up_r, &mut client_w, &counters.received, &mut received);
+        let up = copy(&mut client_r, &mut up_w, &counters.request, &mut sent);
+        let down = copy(&mut up_r, &mut client_w, &counters.response, &mut received);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {

@@ -199,6 +199,16 @@ impl MeshState {
         self.versions.get(type_url).cloned().unwrap_or_default()
     }
 
+    /// The service one of whose addresses `ip` is.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Service> {
+        self.by_vip.get(&addr::canonical(ip)).and_then(|k| self.service(k))
+    }
+
+    /// A service by key (`<namespace>/<hostname>`).
+    pub fn service(&self, key: &str) -> Option<&Service> {
+        self.services.get(key).map(|e| &e.service)
+    }
+
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.by_ip.get(&addr::canonical(ip)).and_then(|uid| self.workloads.get(uid)).cloned()
     }

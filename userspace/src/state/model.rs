@@ -38,6 +38,9 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     pub canonical_name: String,
     pub canonical_revision: String,
+    /// The owning workload (a Deployment's name, say); telemetry's `*_workload`.
+    pub workload_name: String,
+    pub cluster_id: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -157,6 +160,8 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         authorization_policies: w.authorization_policies.clone(),
         canonical_name: w.canonical_name.clone(),
         canonical_revision: w.canonical_revision.clone(),
+        workload_name: w.workload_name.clone(),
+        cluster_id: w.cluster_id.clone(),
     })
 }
 

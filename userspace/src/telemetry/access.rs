@@ -1,40 +1,21 @@
-//! Logging: the process log (tracing, text or JSON) and the access log, one line per proxied
-//! connection under the separate target `access` (filter it with e.g. `--log-level
-//! info,access=off`).
+//! The access log: one line per proxied connection (and per refusal or denial) under the
+//! target `access`, with both ends' addresses, workloads, namespaces and identities, bytes
+//! each way, duration, error, and what the kernel measured on the connection's network leg.
 
-use std::{io::IsTerminal, time::Duration};
-
-use clap::ValueEnum;
-use tracing_subscriber::{fmt, layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
+use std::time::Duration;
 
 use crate::{
     inpod::Direction,
+    metrics::TcpLabels,
     proxy::{ConnRecord, Transfer},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Installs the global subscriber. `filter` uses `RUST_LOG` syntax (`info`,
-/// `info,ambit::capture=debug`, ...).
-pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
-    let filter =
-        EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("invalid --log-level {filter:?}: {e}"))?;
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        // Colours only for a terminal: log files and collectors get plain text.
-        LogFormat::Text => registry
-            .with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr))
-            .try_init()?,
-        LogFormat::Json => {
-            registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init()?
-        }
-    }
-    Ok(())
+/// What the kernel measured on the socket that carried the connection over the network
+/// (kernel-level tracing): smoothed RTT and retransmitted segments during the connection.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kernel {
+    pub rtt_us: Option<u32>,
+    pub retransmits: Option<u64>,
 }
 
 fn direction(d: Direction) -> &'static str {
@@ -45,16 +26,22 @@ fn direction(d: Direction) -> &'static str {
 }
 
 /// One finished connection.
-pub fn access_log(r: &ConnRecord<'_>, t: &Transfer, duration: Duration) {
+pub fn access_log(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Duration, k: Kernel) {
     let error = t.error.as_ref().map(ToString::to_string);
     let dst = r.dst.map(|a| a.to_string());
+    let rtt = k.rtt_us.map_or_else(|| "-".to_string(), |v| v.to_string());
+    let retransmits = k.retransmits.map_or_else(|| "-".to_string(), |v| v.to_string());
     tracing::info!(
         target: "access",
         direction = %direction(r.direction),
         namespace = %r.pod.namespace,
         pod = %r.pod.name,
         src = %r.src,
+        src_workload = %l.source.workload,
+        src_namespace = %l.source.namespace,
         dst = %dst.as_deref().unwrap_or("unknown"),
+        dst_workload = %l.destination.workload,
+        dst_namespace = %l.destination.namespace,
         src_identity = %r.src_identity.as_deref().unwrap_or("-"),
         dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
         dst_service = %r.dst_service.as_deref().unwrap_or("-"),
@@ -62,13 +49,15 @@ pub fn access_log(r: &ConnRecord<'_>, t: &Transfer, duration: Duration) {
         bytes_sent = t.sent,
         bytes_received = t.received,
         duration_ms = duration.as_millis() as u64,
+        rtt_us = %rtt,
+        retransmits = %retransmits,
         error = error.as_deref().unwrap_or(""),
         "connection complete"
     );
 }
 
 /// One connection the proxy refused or could not complete.
-pub fn access_log_refused(r: &ConnRecord<'_>, reason: &str, detail: &str) {
+pub fn access_log_refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: &str, detail: &str) {
     let dst = r.dst.map(|a| a.to_string());
     tracing::warn!(
         target: "access",
@@ -76,7 +65,11 @@ pub fn access_log_refused(r: &ConnRecord<'_>, reason: &str, detail: &str) {
         namespace = %r.pod.namespace,
         pod = %r.pod.name,
         src = %r.src,
+        src_workload = %l.source.workload,
+        src_namespace = %l.source.namespace,
         dst = %dst.as_deref().unwrap_or("unknown"),
+        dst_workload = %l.destination.workload,
+        dst_namespace = %l.destination.namespace,
         src_identity = %r.src_identity.as_deref().unwrap_or("-"),
         dst_identity = %r.dst_identity.as_deref().unwrap_or("-"),
         dst_service = %r.dst_service.as_deref().unwrap_or("-"),

@@ -68,6 +68,8 @@ pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     pub conn_id: u64,
+    /// `SO_COOKIE` of the pooled connection's TCP socket.
+    pub socket_cookie: Option<u64>,
     _lease: Lease,
 }
 
@@ -133,7 +135,8 @@ impl HboneClient {
             let lease = self.pool.lease(&key, || self.connect(pod, &key, hbone)).await?;
             match self.connect_stream(&lease, pod, src_ip, dst, hbone).await {
                 Ok((send, recv)) => {
-                    return Ok(Tunnel { send, recv, conn_id: lease.conn_id(), _lease: lease })
+                    let socket_cookie = lease.socket_cookie();
+                    return Ok(Tunnel { send, recv, conn_id: lease.conn_id(), socket_cookie, _lease: lease });
                 }
                 Err(e @ TunnelError::H2 { .. }) => last = Some(e),
                 Err(e) => return Err(e),
@@ -179,6 +182,7 @@ impl HboneClient {
         let tcp = upstream::connect(&pod.netns, hbone, self.mark, s.handshake_timeout)
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
+        let socket_cookie = crate::inpod::netns::socket_cookie(&tcp).ok();
         let tls_config =
             crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;
         let connector = tokio_rustls::TlsConnector::from(tls_config);
@@ -228,7 +232,7 @@ impl HboneClient {
             });
         }
         tracing::debug!(peer = %hbone, src = %key.src_identity, dst = %key.dst_identity, "HBONE connection opened");
-        Ok(Conn::new(send, closed))
+        Ok(Conn::new(send, closed, socket_cookie))
     }
 }
 

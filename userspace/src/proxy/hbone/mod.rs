@@ -21,7 +21,8 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{relay::linger_zero, RelayCounters, Transfer};
+use super::{relay::linger_zero, Transfer};
+use crate::metrics::ByteCounter;
 
 /// HTTP/2 and pool parameters; the defaults are ztunnel's.
 #[derive(Clone, Debug, Serialize)]
@@ -76,7 +77,7 @@ fn h2_io(e: h2::Error) -> io::Error {
 async fn tcp_to_h2(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut SendStream<Bytes>,
-    counter: &prometheus::IntCounter,
+    counter: &ByteCounter,
     total: &mut u64,
 ) -> io::Result<()> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
@@ -97,7 +98,7 @@ async fn tcp_to_h2(
             let len = chunk.len() as u64;
             to.send_data(chunk, false).map_err(h2_io)?;
             *total += len;
-            counter.inc_by(len);
+            counter.add(len);
         }
     }
 }
@@ -106,7 +107,7 @@ async fn tcp_to_h2(
 async fn h2_to_tcp(
     from: &mut RecvStream,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
-    counter: &prometheus::IntCounter,
+    counter: &ByteCounter,
     total: &mut u64,
 ) -> io::Result<()> {
     while let Some(chunk) = from.data().await {
@@ -115,27 +116,27 @@ async fn h2_to_tcp(
         let len = chunk.len();
         from.flow_control().release_capacity(len).map_err(h2_io)?;
         *total += len as u64;
-        counter.inc_by(len as u64);
+        counter.add(len as u64);
     }
     to.shutdown().await
 }
 
 /// Relays between a TCP connection and a CONNECT stream until both directions ended. A
 /// failure on one side resets the other (RST_STREAM on the tunnel, TCP reset on the socket).
-/// `sent` counts TCP → tunnel, `received` tunnel → TCP.
+/// `sent` and `to_tunnel` count TCP → tunnel, `received` and `from_tunnel` tunnel → TCP.
 pub async fn relay(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     mut recv: RecvStream,
-    counters: &RelayCounters,
+    (to_tunnel, from_tunnel): (&ByteCounter, &ByteCounter),
     close: &tokio_util::sync::CancellationToken,
 ) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
     {
         let (mut r, mut w) = tcp.split();
-        let up = tcp_to_h2(&mut r, &mut send, &counters.sent, &mut sent);
-        let down = h2_to_tcp(&mut recv, &mut w, &counters.received, &mut received);
+        let up = tcp_to_h2(&mut r, &mut send, to_tunnel, &mut sent);
+        let down = h2_to_tcp(&mut recv, &mut w, from_tunnel, &mut received);
         tokio::pin!(up, down);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {

@@ -35,18 +35,21 @@ pub struct Conn {
     streams: AtomicUsize,
     /// Set by the connection's driver task when the connection ends.
     pub closed: Arc<AtomicBool>,
+    /// `SO_COOKIE` of its TCP socket (kernel trace figures).
+    pub socket_cookie: Option<u64>,
     created: Instant,
     idle_since: Mutex<Instant>,
 }
 
 impl Conn {
-    pub fn new(send: SendRequest<Bytes>, closed: Arc<AtomicBool>) -> Conn {
+    pub fn new(send: SendRequest<Bytes>, closed: Arc<AtomicBool>, socket_cookie: Option<u64>) -> Conn {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Conn {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             send,
             streams: AtomicUsize::new(0),
             closed,
+            socket_cookie,
             created: Instant::now(),
             idle_since: Mutex::new(Instant::now()),
         }
@@ -69,6 +72,10 @@ impl Lease {
 
     pub fn conn_id(&self) -> u64 {
         self.conn.id
+    }
+
+    pub fn socket_cookie(&self) -> Option<u64> {
+        self.conn.socket_cookie
     }
 }
 

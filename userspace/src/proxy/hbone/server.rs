@@ -21,7 +21,7 @@ use crate::{
     inpod::Direction,
     proxy::{
         authorize::{self, Subject},
-        upstream, ConnRecord, Inner, PodCtx,
+        ConnRecord, Inner, PodCtx,
     },
 };
 
@@ -66,16 +66,21 @@ async fn connection(
 ) {
     let s = &inner.settings.hbone;
     let Ok(local) = tcp.local_addr() else { return };
+    let leg = crate::inpod::netns::socket_cookie(&tcp).ok();
     let tls = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            inner.metrics.connection_failed(Direction::Inbound, &pod, "hbone_tls_refused");
             tracing::warn!(pod = %pod.key(), %peer, error = %e, "HBONE TLS handshake refused");
+            inner.failed(
+                &ConnRecord::inbound(&pod, peer, Some(local), None, false),
+                "hbone_tls_refused",
+                &e.to_string(),
+            );
             return;
         }
         Err(_) => {
-            inner.metrics.connection_failed(Direction::Inbound, &pod, "hbone_tls_timeout");
-            tracing::warn!(pod = %pod.key(), %peer, "HBONE TLS handshake timed out");
+            let record = ConnRecord::inbound(&pod, peer, Some(local), None, false);
+            inner.failed(&record, "hbone_tls_timeout", "the TLS handshake did not complete in time");
             return;
         }
     };
@@ -100,7 +105,7 @@ async fn connection(
             Ok((req, respond)) => {
                 let (inner, pod, peer_identity) = (inner.clone(), pod.clone(), peer_identity.clone());
                 inner.connections.clone().spawn(async move {
-                    tunnel(&inner, &pod, peer, local, peer_identity, req, respond).await;
+                    tunnel(&inner, &pod, (peer, local, leg), peer_identity, req, respond).await;
                 });
             }
             Err(e) => {
@@ -125,11 +130,11 @@ fn forwarded_for(req: &Request<RecvStream>) -> Option<std::net::IpAddr> {
     f.trim_matches('"').trim_start_matches('[').trim_end_matches(']').parse().ok()
 }
 
+/// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
 async fn tunnel(
     inner: &Arc<Inner>,
     pod: &Arc<PodCtx>,
-    peer: SocketAddr,
-    local: SocketAddr,
+    (peer, local, leg): (SocketAddr, SocketAddr, Option<u64>),
     peer_identity: Option<Identity>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -138,9 +143,7 @@ async fn tunnel(
     let src = forwarded_for(&req).map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
     let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: &'static str, detail: &str| {
         answer(&mut respond, status);
-        inner.metrics.connection_failed(Direction::Inbound, pod, reason);
-        let record = ConnRecord::inbound(pod, src, dst, peer_identity.as_ref(), true);
-        crate::telemetry::access_log_refused(&record, reason, detail);
+        inner.failed(&ConnRecord::inbound(pod, src, dst, peer_identity.as_ref(), true), reason, detail);
     };
     if req.method() != Method::CONNECT {
         return fail(StatusCode::METHOD_NOT_ALLOWED, None, "not_connect", "only CONNECT is served");
@@ -165,12 +168,20 @@ async fn tunnel(
     if authorize::check(inner, pod, &subject).is_err() {
         // Logged and counted by the check.
         answer(&mut respond, StatusCode::UNAUTHORIZED);
-        inner.metrics.connection_failed(Direction::Inbound, pod, "authorization_denied");
+        let record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
+        inner.metrics.connection_failed(
+            Direction::Inbound,
+            pod,
+            "authorization_denied",
+            &record.labels(&inner.state.read()),
+        );
         return;
     }
     let registration = inner.open.register(pod.clone(), subject);
-    let s = &inner.settings;
-    let upstream = match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
+    let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
+    // The HBONE connection's socket carries it over the network.
+    record.leg = leg;
+    let upstream = match inner.deliver(&record, dst).await {
         Ok(u) => u,
         Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, Some(dst), "connect_failed", &e.to_string()),
     };
@@ -182,12 +193,13 @@ async fn tunnel(
             return;
         }
     };
-    let record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
-    let counters = inner.metrics.connection_opened(Direction::Inbound, pod);
-    let transfer = super::relay(upstream, send, req.into_body(), &counters, &registration.closed).await;
-    inner.metrics.connection_closed(Direction::Inbound, pod);
-    // From the application's side: it received what the tunnel delivered.
+    let open = inner.opened(&record);
+    let counters = &open.counters;
+    // The application's side of the tunnel sends the response and receives the request.
+    let directions = (&counters.response, &counters.request);
+    let transfer = super::relay(upstream, send, req.into_body(), directions, &registration.closed).await;
+    // As the other directions report it: sent is the request (what the tunnel delivered).
     let transfer =
         crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
-    crate::telemetry::access_log(&record, &transfer, started.elapsed());
+    inner.closed(&record, &open, &transfer, started);
 }

@@ -1,0 +1,120 @@
+//! What the proxy says about one connection — the access-log line, the refusal, the metrics'
+//! labels — gathered in one record.
+
+use crate::{
+    identity::Identity,
+    inpod::Direction,
+    metrics::{Reporter, ServiceLabel, Side, TcpLabels},
+    state::MeshState,
+};
+
+use super::PodCtx;
+
+/// What an access-log line and a refusal say about a connection.
+pub struct ConnRecord<'a> {
+    pub direction: Direction,
+    pub pod: &'a PodCtx,
+    /// Where the connection comes from, as the network sees it.
+    pub src: std::net::SocketAddr,
+    pub dst: Option<std::net::SocketAddr>,
+    pub src_identity: Option<String>,
+    pub dst_identity: Option<String>,
+    /// The service the destination was chosen for, when the client dialled a service address.
+    pub dst_service: Option<String>,
+    /// Whether it travelled (or arrived) over mutual TLS.
+    pub mtls: bool,
+    /// `SO_COOKIE` of the socket that carries it over the network (the upstream, the
+    /// accepted client, or the HBONE connection), for the kernel's figures.
+    pub leg: Option<u64>,
+}
+
+impl<'a> ConnRecord<'a> {
+    pub fn outbound(pod: &'a PodCtx, src: std::net::SocketAddr, dst: Option<std::net::SocketAddr>) -> Self {
+        ConnRecord {
+            direction: Direction::Outbound,
+            pod,
+            src,
+            dst,
+            src_identity: pod.identity.as_ref().map(ToString::to_string),
+            dst_identity: None,
+            dst_service: None,
+            mtls: false,
+            leg: None,
+        }
+    }
+
+    pub fn inbound(
+        pod: &'a PodCtx,
+        src: std::net::SocketAddr,
+        dst: Option<std::net::SocketAddr>,
+        peer: Option<&Identity>,
+        mtls: bool,
+    ) -> Self {
+        ConnRecord {
+            direction: Direction::Inbound,
+            pod,
+            src,
+            dst,
+            src_identity: peer.map(ToString::to_string),
+            dst_identity: pod.identity.as_ref().map(ToString::to_string),
+            dst_service: None,
+            mtls,
+            leg: None,
+        }
+    }
+}
+
+impl ConnRecord<'_> {
+    /// The local pod's side, with what the mesh says about its workload.
+    fn own_side(&self, state: &MeshState) -> Side {
+        let pod = self.pod;
+        match pod.ips.iter().find_map(|ip| state.workload_by_ip(*ip)) {
+            Some(w) => Side::of_workload(&w),
+            None => Side {
+                workload: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                principal: pod.identity.as_ref().map_or_else(|| "unknown".into(), ToString::to_string),
+                app: pod.app.clone(),
+                ..Side::unknown()
+            },
+        }
+    }
+
+    /// The other end: the workload at `addr` if the mesh knows it, else what its identity says.
+    fn peer_side(state: &MeshState, addr: Option<std::net::SocketAddr>, identity: Option<&str>) -> Side {
+        if let Some(w) = addr.and_then(|a| state.workload_by_ip(a.ip())) {
+            return Side::of_workload(&w);
+        }
+        match identity.and_then(|i| i.parse::<Identity>().ok()) {
+            Some(id) => Side::of_identity(&id),
+            None => Side::unknown(),
+        }
+    }
+
+    /// Istio's metric labels for this connection, as its reporter (this proxy) sees it.
+    pub fn labels(&self, state: &MeshState) -> TcpLabels {
+        let service = self.dst_service.as_deref().and_then(|key| {
+            state.service(key).map(|s| ServiceLabel {
+                hostname: s.hostname.clone(),
+                name: s.name.clone(),
+                namespace: s.namespace.clone(),
+            })
+        });
+        match self.direction {
+            Direction::Outbound => TcpLabels {
+                reporter: Reporter::Source,
+                source: self.own_side(state),
+                destination: Self::peer_side(state, self.dst, self.dst_identity.as_deref()),
+                service,
+                mtls: self.mtls,
+            },
+            Direction::Inbound | Direction::Hbone => TcpLabels {
+                reporter: Reporter::Destination,
+                source: Self::peer_side(state, Some(self.src), self.src_identity.as_deref()),
+                destination: self.own_side(state),
+                service,
+                mtls: self.mtls,
+            },
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! Logging: the process log (tracing, text or JSON) whose filter can change at run time
+//! (admin `/logging`), and the access log ([`access`]), one line per proxied connection under
+//! the separate target `access` (filter it with e.g. `--log-level info,access=off`).
+
+mod access;
+
+use std::{
+    io::IsTerminal,
+    sync::{Mutex, OnceLock},
+};
+
+use clap::ValueEnum;
+use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry};
+
+pub use access::{access_log, access_log_denied, access_log_refused, Kernel};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The installed filter, replaceable while running.
+static FILTER: OnceLock<(reload::Handle<EnvFilter, Registry>, Mutex<String>)> = OnceLock::new();
+
+/// Installs the global subscriber. `filter` uses `RUST_LOG` syntax (`info`,
+/// `info,ambit::capture=debug`, ...).
+pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let parsed =
+        EnvFilter::try_new(filter).map_err(|e| anyhow::anyhow!("invalid --log-level {filter:?}: {e}"))?;
+    let (layer, handle) = reload::Layer::new(parsed);
+    let registry = tracing_subscriber::registry().with(layer);
+    match format {
+        // Colours only for a terminal: log files and collectors get plain text.
+        LogFormat::Text => registry
+            .with(fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr))
+            .try_init()?,
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr)).try_init()?
+        }
+    }
+    let _only_the_first_init_counts = FILTER.set((handle, Mutex::new(filter.to_string())));
+    Ok(())
+}
+
+/// The filter in force.
+pub fn current_filter() -> String {
+    FILTER.get().map(|(_, f)| f.lock().unwrap_or_else(|p| p.into_inner()).clone()).unwrap_or_default()
+}
+
+/// Replaces the filter (`RUST_LOG` syntax); on error nothing changes.
+pub fn set_filter(filter: &str) -> Result<(), String> {
+    let Some((handle, current)) = FILTER.get() else { return Err("logging is not initialised".into()) };
+    let parsed = EnvFilter::try_new(filter).map_err(|e| format!("invalid filter {filter:?}: {e}"))?;
+    handle.reload(parsed).map_err(|e| format!("replacing the filter: {e}"))?;
+    *current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_string();
+    tracing::info!(filter, "log filter changed");
+    Ok(())
+}

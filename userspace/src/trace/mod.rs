@@ -1,0 +1,361 @@
+//! Kernel-level tracing, userspace side: reads the sock_ops program's events from the
+//! `AMBIT_EVENTS` ring buffer, attributes each to its pod (by network namespace cookie) and
+//! to the peer (by address, through the mesh state), and feeds three outlets:
+//!
+//! - a live stream of [`Event`]s (admin `GET /trace`, which `ambit trace` reads);
+//! - Prometheus: `ambit_tcp_rtt_seconds` and `ambit_tcp_retransmits_total` per
+//!   source/destination workload pair, for sockets that cross the network;
+//! - per-socket figures (smoothed RTT, retransmissions) the access log reads for the socket
+//!   that carried a connection ([`Tracer::leg`]).
+
+mod cli;
+pub mod event;
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use ambit_common::{trace as k, AF_INET};
+use aya::maps::{MapData, RingBuf};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
+use tokio::{io::unix::AsyncFd, sync::broadcast};
+use tokio_util::sync::CancellationToken;
+
+pub use cli::{run, TraceArgs};
+pub use event::{Event, Filter, Peer};
+
+use crate::{inpod::PodRegistry, metrics::Metrics, state::StateStore};
+
+/// Events a slow `/trace` subscriber may fall behind by before it loses some.
+const STREAM_BACKLOG: usize = 4096;
+/// How long a closed socket's figures stay readable (the access log line of a connection is
+/// written just after its sockets close).
+const CLOSED_KEPT: Duration = Duration::from_secs(10);
+
+/// What the access log wants of a socket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LegStats {
+    pub srtt_us: u32,
+    pub retransmits: u32,
+}
+
+struct Socket {
+    stats: LegStats,
+    closed: Option<Instant>,
+}
+
+/// Who is at the other end of a socket the proxy made to deliver an inbound connection (the
+/// kernel only sees the proxy there): registered by the proxy before it connects.
+#[derive(Clone, Debug)]
+pub struct Hint {
+    pub peer: Peer,
+}
+
+struct Inner {
+    node: String,
+    hbone_port: u16,
+    pods: Arc<PodRegistry>,
+    state: Arc<StateStore>,
+    sockets: Mutex<HashMap<u64, Socket>>,
+    /// (netns cookie, the delivering socket's local port) → the original client.
+    hints: Mutex<HashMap<(u64, u16), Hint>>,
+    tx: broadcast::Sender<Arc<Event>>,
+    rtt: HistogramVec,
+    retransmits: IntCounterVec,
+    events: IntCounterVec,
+}
+
+/// The tracing outlets; cheap to clone.
+#[derive(Clone)]
+pub struct Tracer(Arc<Inner>);
+
+const PAIR: [&str; 4] = [
+    "source_workload",
+    "source_workload_namespace",
+    "destination_workload",
+    "destination_workload_namespace",
+];
+
+fn ip(family: u16, b: &[u8; 16]) -> IpAddr {
+    if family == AF_INET {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    } else {
+        let v6 = Ipv6Addr::from(*b);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+}
+
+fn kind_name(kind: u16) -> &'static str {
+    match kind {
+        k::EV_CONNECT => "connect",
+        k::EV_ESTABLISHED => "established",
+        k::EV_STATE => "state",
+        k::EV_RTT => "rtt",
+        k::EV_RETRANSMIT => "retransmit",
+        k::EV_CLOSE => "close",
+        k::EV_RESET => "reset",
+        _ => "unknown",
+    }
+}
+
+fn state_name(s: u8) -> String {
+    k::TCP_STATES.get(usize::from(s)).copied().unwrap_or("UNKNOWN").to_string()
+}
+
+/// The monotonic clock `bpf_ktime_get_ns` reads.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+impl Tracer {
+    pub fn new(
+        node: &str,
+        hbone_port: u16,
+        pods: Arc<PodRegistry>,
+        state: Arc<StateStore>,
+        metrics: &Metrics,
+    ) -> Tracer {
+        let rtt = HistogramVec::new(
+            HistogramOpts::new(
+                "ambit_tcp_rtt_seconds",
+                "Smoothed TCP round-trip time of connections crossing the network, sampled by the kernel \
+                 (at most once a second per connection), per source and destination workload.",
+            )
+            .buckets(vec![
+                50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1.0,
+            ]),
+            &PAIR,
+        )
+        .expect("valid metric");
+        let retransmits = IntCounterVec::new(
+            Opts::new(
+                "ambit_tcp_retransmits_total",
+                "TCP segments retransmitted on connections crossing the network, per source and destination workload.",
+            ),
+            &PAIR,
+        )
+        .expect("valid metric");
+        let events = IntCounterVec::new(
+            Opts::new("ambit_trace_events_total", "Kernel trace events read, by kind."),
+            &["kind"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(rtt.clone()));
+        metrics.register(Box::new(retransmits.clone()));
+        metrics.register(Box::new(events.clone()));
+        let (tx, _) = broadcast::channel(STREAM_BACKLOG);
+        Tracer(Arc::new(Inner {
+            node: node.to_string(),
+            hbone_port,
+            pods,
+            state,
+            sockets: Mutex::new(HashMap::new()),
+            hints: Mutex::new(HashMap::new()),
+            tx,
+            rtt,
+            retransmits,
+            events,
+        }))
+    }
+
+    /// Reads the ring buffer until `stop`. Events older than this call (left in the pinned
+    /// buffer while no proxy ran) are dropped.
+    pub fn spawn_reader(&self, ring: RingBuf<MapData>, stop: CancellationToken) -> anyhow::Result<()> {
+        // SAFETY: the ring buffer owns its map fd and always returns that same fd; the AsyncFd
+        // owns the ring buffer, so the fd stays open for as long as it is registered.
+        let mut fd = unsafe { AsyncFd::register(ring) }
+            .map_err(|e| anyhow::anyhow!("registering the trace ring buffer: {e}"))?;
+        let me = self.clone();
+        let since = monotonic_ns();
+        tokio::spawn(async move {
+            loop {
+                let mut guard = tokio::select! {
+                    () = stop.cancelled() => return,
+                    g = fd.readable_mut() => match g {
+                        Ok(g) => g,
+                        Err(e) => {
+                            tracing::error!(error = %e, "trace ring buffer: no longer readable; tracing stops");
+                            return;
+                        }
+                    },
+                };
+                let ring = guard.get_inner_mut();
+                while let Some(item) = ring.next() {
+                    match k::TraceEvent::from_bytes(&item) {
+                        Some(raw) if raw.ts_ns >= since => me.handle(&raw),
+                        Some(_) => {}
+                        None => tracing::warn!(len = item.len(), "trace ring buffer: short record skipped"),
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// A live stream of events.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.0.tx.subscribe()
+    }
+
+    /// The kernel's figures for a socket (by `SO_COOKIE`), while traced or shortly after.
+    pub fn leg(&self, cookie: u64) -> Option<LegStats> {
+        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).get(&cookie).map(|s| s.stats)
+    }
+
+    /// Names the client behind a socket the proxy is about to connect from `local_port` in
+    /// the pod's netns to deliver an inbound connection; dropped when that socket closes.
+    pub fn hint(&self, netns_cookie: u64, local_port: u16, hint: Hint) {
+        self.0.hints.lock().unwrap_or_else(|p| p.into_inner()).insert((netns_cookie, local_port), hint);
+    }
+
+    fn handle(&self, raw: &k::TraceEvent) {
+        let i = &self.0;
+        let kind = kind_name(raw.kind);
+        i.events.with_label_values(&[kind]).inc();
+        let event = self.attribute(raw, kind);
+        self.account(raw, &event);
+        // No subscriber is the common case, not an error.
+        let _no_subscriber = i.tx.send(Arc::new(event));
+    }
+
+    /// The pod, the peer and the socket's role.
+    fn attribute(&self, raw: &k::TraceEvent, kind: &str) -> Event {
+        let i = &self.0;
+        let local = SocketAddr::new(ip(raw.family, &raw.local), raw.local_port);
+        let remote = SocketAddr::new(ip(raw.family, &raw.remote), raw.remote_port);
+        let orig =
+            (raw.orig_port != 0).then(|| SocketAddr::new(ip(raw.orig_family, &raw.orig), raw.orig_port));
+        let passive = raw.passive != 0;
+        let same_host = remote.ip() == local.ip();
+        let leg = if local.port() == i.hbone_port || (!passive && remote.port() == i.hbone_port) {
+            "tunnel"
+        } else if raw.proxy != 0 && same_host {
+            "delivery"
+        } else if raw.proxy != 0 {
+            "upstream"
+        } else if passive && !same_host {
+            "inbound"
+        } else {
+            "app"
+        };
+        let pod = i.pods.get(raw.netns_cookie);
+        let state = i.state.read();
+        let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
+        // Who is at the other end: the client a delivery serves (both the proxy's socket and
+        // the pod's accepted one), else whatever the mesh has at the address dialled.
+        let hint_port = match (leg, passive) {
+            ("delivery", _) => Some(local.port()),
+            ("app", true) if same_host => Some(remote.port()),
+            _ => None,
+        };
+        let hint = hint_port.and_then(|p| {
+            i.hints.lock().unwrap_or_else(|e| e.into_inner()).get(&(raw.netns_cookie, p)).cloned()
+        });
+        let peer = match hint {
+            Some(h) => h.peer,
+            None => {
+                let addr = orig.unwrap_or(remote);
+                let service = state.service_by_vip(addr.ip()).map(|s| s.key.clone());
+                match state.workload_by_ip(addr.ip()) {
+                    Some(w) => Peer {
+                        namespace: Some(w.namespace.clone()),
+                        workload: Some(if w.workload_name.is_empty() {
+                            w.name.clone()
+                        } else {
+                            w.workload_name.clone()
+                        }),
+                        identity: Some(w.identity.to_string()),
+                        service,
+                        address: None,
+                    },
+                    None => Peer { service, ..Peer::default() },
+                }
+            }
+        };
+        drop(state);
+        let (namespace, pod_name, identity) = match &pod {
+            Some(p) => (p.namespace.clone(), p.name.clone(), p.identity.as_ref().map(ToString::to_string)),
+            None => ("unknown".into(), format!("netns-{}", raw.netns_cookie), None),
+        };
+        let workload = own_workload
+            .map(|w| if w.workload_name.is_empty() { w.name.clone() } else { w.workload_name.clone() })
+            .unwrap_or_else(|| pod_name.clone());
+        let states = matches!(raw.kind, k::EV_STATE | k::EV_CLOSE | k::EV_RESET | k::EV_ESTABLISHED);
+        Event {
+            time: crate::trace::cli::now_rfc3339(),
+            node: i.node.clone(),
+            kind: kind.to_string(),
+            leg: leg.to_string(),
+            direction: if passive { "inbound" } else { "outbound" }.to_string(),
+            namespace,
+            pod: pod_name,
+            workload,
+            identity,
+            local: local.to_string(),
+            remote: remote.to_string(),
+            original_destination: orig.map(|o| o.to_string()),
+            peer,
+            old_state: states.then(|| state_name(raw.old_state)),
+            new_state: states.then(|| state_name(raw.new_state)),
+            srtt_us: raw.srtt_us,
+            retransmits: raw.total_retrans,
+            segments: (raw.kind == k::EV_RETRANSMIT).then_some(raw.segments),
+            bytes_received: raw.bytes_received,
+            bytes_acked: raw.bytes_acked,
+            socket_cookie: raw.socket_cookie,
+        }
+    }
+
+    /// Per-socket figures for the access log, and the per-pair metrics.
+    fn account(&self, raw: &k::TraceEvent, e: &Event) {
+        let i = &self.0;
+        {
+            let mut sockets = i.sockets.lock().unwrap_or_else(|p| p.into_inner());
+            let closing = matches!(raw.kind, k::EV_CLOSE | k::EV_RESET);
+            if closing {
+                let now = Instant::now();
+                sockets.retain(|_, s| s.closed.is_none_or(|t| now.duration_since(t) < CLOSED_KEPT));
+            }
+            let s = sockets
+                .entry(raw.socket_cookie)
+                .or_insert(Socket { stats: LegStats::default(), closed: None });
+            if raw.srtt_us > 0 {
+                s.stats.srtt_us = raw.srtt_us;
+            }
+            s.stats.retransmits = s.stats.retransmits.max(raw.total_retrans);
+            if closing {
+                s.closed = Some(Instant::now());
+                if e.leg == "delivery" {
+                    i.hints
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&(raw.netns_cookie, raw.local_port));
+                }
+            }
+        }
+        // Pairs only for sockets that cross the network: loopback legs have nothing to say
+        // about it.
+        let crosses = matches!(e.leg.as_str(), "tunnel" | "upstream" | "inbound");
+        if !crosses || !matches!(raw.kind, k::EV_RTT | k::EV_RETRANSMIT) {
+            return;
+        }
+        let me = (e.workload.as_str(), e.namespace.as_str());
+        let them = (
+            e.peer.workload.as_deref().unwrap_or("unknown"),
+            e.peer.namespace.as_deref().unwrap_or("unknown"),
+        );
+        let (src, dst) = if e.direction == "outbound" { (me, them) } else { (them, me) };
+        let labels = [src.0, src.1, dst.0, dst.1];
+        if raw.kind == k::EV_RTT {
+            i.rtt.with_label_values(&labels).observe(f64::from(raw.srtt_us) / 1e6);
+        } else {
+            i.retransmits.with_label_values(&labels).inc_by(u64::from(raw.segments.max(1)));
+        }
+    }
+}
