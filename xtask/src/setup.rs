@@ -89,6 +89,34 @@ pub fn tools_venv() -> std::path::PathBuf {
     crate::root().join("target/tools/venv")
 }
 
+/// promtool, taken out of Debian's `prometheus` package (installing the package would also
+/// start a Prometheus server).
+pub fn promtool() -> std::path::PathBuf {
+    crate::root().join("target/tools/bin/promtool")
+}
+
+fn promtool_ok() -> bool {
+    Command::new(promtool()).arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+fn install_promtool() -> anyhow::Result<()> {
+    let work = crate::root().join("target/tools/deb");
+    let _fresh_start = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).context("creating target/tools/deb")?;
+    run(Command::new("apt-get").args(["download", "-q", "prometheus"]).current_dir(&work))?;
+    let deb = std::fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    run(Command::new("dpkg").arg("-x").arg(&deb).arg(work.join("root")))?;
+    let bin = promtool();
+    std::fs::create_dir_all(bin.parent().expect("a parent"))?;
+    std::fs::copy(work.join("root/usr/bin/promtool"), &bin).context("copying promtool")?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(())
+}
+
 fn kubernetes_validate_ok() -> bool {
     Command::new(tools_venv().join("bin/kubernetes-validate"))
         .arg("--version")
@@ -98,7 +126,10 @@ fn kubernetes_validate_ok() -> bool {
 
 /// Whether everything is in place (no output, no changes).
 pub fn is_complete() -> bool {
-    missing_packages().is_ok_and(|m| m.is_empty()) && bpf_linker_ok() && kubernetes_validate_ok()
+    missing_packages().is_ok_and(|m| m.is_empty())
+        && bpf_linker_ok()
+        && kubernetes_validate_ok()
+        && promtool_ok()
 }
 
 pub fn setup() -> anyhow::Result<()> {
@@ -131,6 +162,10 @@ pub fn setup() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path)
             .env("LLVM_PREFIX", LLVM))?;
+    }
+    if !promtool_ok() {
+        eprintln!("xtask setup: extracting promtool from Debian's prometheus package");
+        install_promtool()?;
     }
     if !kubernetes_validate_ok() {
         let venv = tools_venv();

@@ -55,3 +55,23 @@ pub fn kernel(ambit: &Ambit, event: &str) -> u64 {
 pub fn access_lines(ambit: &Ambit, needles: &[&str]) -> usize {
     ambit.log().lines().filter(|l| l.contains(" access: ") && needles.iter().all(|n| l.contains(n))).count()
 }
+
+/// Sums the samples of metric `name` whose labels include every `(key, value)` (in any order).
+pub fn labelled(scrape: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if metric != name {
+                return None;
+            }
+            let body = rest.strip_suffix('}')?;
+            let all = labels
+                .iter()
+                .all(|(k, v)| body.split("\",").any(|kv| kv.trim_end_matches('"') == format!("{k}=\"{v}")));
+            all.then(|| value.parse::<f64>().ok().map(|v| v as u64)).flatten()
+        })
+        .sum()
+}
