@@ -193,6 +193,11 @@ impl Proxy {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        // The proxy forwards what it reads at once: Nagle would only hold small
+                        // writes back (requests, responses) waiting for ACKs.
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY on an accepted socket");
+                        }
                         let inner = inner.clone();
                         let pod = pod.clone();
                         inner.connections.clone().spawn(async move {

@@ -67,6 +67,10 @@ async fn connection(
     let s = &inner.settings.hbone;
     let Ok(local) = tcp.local_addr() else { return };
     let leg = crate::inpod::netns::socket_cookie(&tcp).ok();
+    // HEADERS frames and small records must not wait for ACKs (Nagle).
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY on an HBONE connection");
+    }
     let tls = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
