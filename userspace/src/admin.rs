@@ -2,7 +2,8 @@
 //! - admin (default 127.0.0.1:15000): `GET /config_dump`, `POST /quitquitquit`,
 //!   `GET|POST /logging` (the log filter; `?level=<RUST_LOG filter>`, `?ebpf=<level>` for the
 //!   programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
-//!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads);
+//!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads), `GET|POST /tracing`
+//!   (`?enabled=true|false`: kernel tracing on or off without a reload);
 //! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
 //!   the first pod set is enrolled, 503 with the reason before.
@@ -51,7 +52,11 @@ pub struct AdminState {
     /// Kernel events for `/trace` (none: tracing is off).
     tracer: Mutex<Option<crate::trace::Tracer>>,
     kernel_log: Mutex<Option<(KernelLogSetter, crate::capture::klog::KernelLogLevel)>>,
+    kernel_tracing: Mutex<Option<(TracingSetter, bool)>>,
 }
+
+/// Turns kernel tracing on or off in the programs.
+pub type TracingSetter = Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
 
 impl AdminState {
     pub fn new(metrics: Arc<Metrics>, shutdown: CancellationToken) -> AdminState {
@@ -63,7 +68,13 @@ impl AdminState {
             shutdown,
             tracer: Mutex::new(None),
             kernel_log: Mutex::new(None),
+            kernel_tracing: Mutex::new(None),
         }
+    }
+
+    /// How `POST /tracing?enabled=` switches kernel tracing, and whether it is on.
+    pub fn set_kernel_tracing(&self, setter: TracingSetter, on: bool) {
+        *self.kernel_tracing.lock().unwrap_or_else(|p| p.into_inner()) = Some((setter, on));
     }
 
     pub fn set_tracer(&self, tracer: crate::trace::Tracer) {
@@ -139,6 +150,31 @@ fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     text(StatusCode::OK, format!("level: {}\nebpf: {ebpf}\n", crate::telemetry::current_filter()))
 }
 
+/// `GET /tracing`: whether kernel tracing is on; `POST /tracing?enabled=true|false` switches
+/// it in the programs (no reload): off, they skip it entirely.
+fn tracing_switch(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+    let mut t = state.kernel_tracing.lock().unwrap_or_else(|p| p.into_inner());
+    let Some((set, on)) = t.as_mut() else {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "the eBPF programs are not loaded\n");
+    };
+    if req.method() == Method::POST {
+        let want = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "enabled")
+            .map(|(_, v)| v.into_owned());
+        let enabled = match want.as_deref() {
+            Some("true") => true,
+            Some("false") => false,
+            _ => return text(StatusCode::BAD_REQUEST, "expected ?enabled=true or ?enabled=false\n"),
+        };
+        if let Err(e) = set(enabled) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
+        }
+        *on = enabled;
+        tracing::info!(enabled, "kernel tracing switched");
+    }
+    text(StatusCode::OK, format!("kernel tracing: {}\n", if *on { "on" } else { "off" }))
+}
+
 /// `GET /trace`: kernel events as they come, one JSON object per line, until the client goes.
 fn trace(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     let Some(tracer) = state.tracer.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
@@ -185,6 +221,7 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
         }
         (Routes::Admin, &Method::GET | &Method::POST, "/logging") => logging(state, req),
         (Routes::Admin, &Method::GET, "/trace") => trace(state, req),
+        (Routes::Admin, &Method::GET | &Method::POST, "/tracing") => tracing_switch(state, req),
         (Routes::Stats, &Method::GET, "/stats/prometheus" | "/metrics") => {
             let mut r = text(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().expect("static"));

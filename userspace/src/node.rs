@@ -35,6 +35,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         config = %serde_json::to_string(&settings).unwrap_or_default(),
         "starting ambit node"
     );
+    raise_fd_limit();
     let shutdown = CancellationToken::new();
     // The pod source first: an invalid mesh file (or Kubernetes configuration) stops the
     // start before the kernel is touched.
@@ -90,11 +91,20 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     metrics.register_kernel_stats(Arc::new(stats));
 
     {
-        let kernel_config = kernel_config.clone();
+        let config = kernel_config.clone();
         let set = move |level: crate::capture::klog::KernelLogLevel| {
-            kernel_config.update(|c| c.log_level = level as u8).map(|_| ()).map_err(|e| e.to_string())
+            config.update(|c| c.log_level = level as u8).map(|_| ()).map_err(|e| e.to_string())
         };
         admin.set_kernel_log(Arc::new(set), settings.ebpf_log_level);
+        let kernel_config = kernel_config.clone();
+        let switch = move |on: bool| {
+            use ambit_common::maps::CONFIG_TRACE;
+            kernel_config
+                .update(|c| c.flags = if on { c.flags | CONFIG_TRACE } else { c.flags & !CONFIG_TRACE })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        admin.set_kernel_tracing(Arc::new(switch), settings.kernel_tracing);
     }
 
     let identities = identities(&settings)?;
@@ -248,6 +258,20 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     shutdown.cancel();
     Ok(())
+}
+
+/// A node proxy holds two or three sockets per proxied connection: the soft limit on open
+/// files (often 1024) would cap it at a few hundred. Raised to the hard limit.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open files limit raised"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "reading the open files limit"),
+    }
 }
 
 /// Whether an error comes down to EPERM/EACCES somewhere in its chain.

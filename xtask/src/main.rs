@@ -6,10 +6,12 @@
 //!   test left anything behind, then the kernel matrix;
 //! - `demo [--keep]`: a local mesh in network namespaces, with traffic and what ambit saw;
 //! - `lint`: rustfmt and clippy, warnings as errors;
-//! - `kernels`: the kernel matrix under QEMU (part of `test`).
+//! - `kernels`: the kernel matrix under QEMU (part of `test`);
+//! - `bench`: ambit against a plain relay behind iptables and no proxy at all, in one run.
 //!
 //! Every command runs `setup` first when something is missing.
 
+mod bench;
 mod demo;
 mod kernels;
 mod setup;
@@ -56,6 +58,9 @@ enum Cmd {
     Lint,
     /// Boot Debian's 5.10, 6.1 and 6.12 kernels under QEMU and run a capture test in each.
     Kernels,
+    /// Benchmark ambit against a userspace relay behind iptables and direct connections
+    /// (release build, network namespaces, results in target/bench/).
+    Bench(bench::BenchArgs),
 }
 
 pub fn root() -> PathBuf {
@@ -163,6 +168,10 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Kernels => {
             build(false)?;
             kernels::run(&root())
+        }
+        Cmd::Bench(args) => {
+            ensure_setup()?;
+            bench::run(args)
         }
     }
 }
