@@ -118,6 +118,36 @@ fn fill(ctx: &SockOpsContext, ev: *mut TraceEvent) {
     }
 }
 
+/// Whether the socket's two ends are on different addresses, neither of them loopback.
+#[inline(always)]
+fn crosses_network(ctx: &SockOpsContext) -> bool {
+    let o = ctx.ops;
+    // SAFETY: `o` is the program's context pointer, valid for the whole run.
+    unsafe {
+        if read_volatile(addr_of!((*o).family)) == u32::from(AF_INET) {
+            let (l, r) = (read_volatile(addr_of!((*o).local_ip4)), read_volatile(addr_of!((*o).remote_ip4)));
+            // 127.0.0.0/8: the first byte in network order is the lowest byte here.
+            l != r && (r & 0xff) != 127
+        } else {
+            let r = [
+                read_volatile(addr_of!((*o).remote_ip6[0])),
+                read_volatile(addr_of!((*o).remote_ip6[1])),
+                read_volatile(addr_of!((*o).remote_ip6[2])),
+                read_volatile(addr_of!((*o).remote_ip6[3])),
+            ];
+            let l = [
+                read_volatile(addr_of!((*o).local_ip6[0])),
+                read_volatile(addr_of!((*o).local_ip6[1])),
+                read_volatile(addr_of!((*o).local_ip6[2])),
+                read_volatile(addr_of!((*o).local_ip6[3])),
+            ];
+            let loopback = r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == u32::from_ne_bytes([0, 0, 0, 1]);
+            let mapped_loopback = r[0] == 0 && r[1] == 0 && r[2] == V4MAPPED_WORD2 && (r[3] & 0xff) == 127;
+            !loopback && !mapped_loopback && l != r
+        }
+    }
+}
+
 /// Whether tracing is on (`CONFIG_TRACE`).
 #[inline(always)]
 fn enabled(cfg: &Config) -> bool {
@@ -216,8 +246,10 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
         count(stats::TRACE_SOCKET_FAILED);
         return None;
     }
-    let flags =
-        ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG | BPF_SOCK_OPS_RETRANS_CB_FLAG;
+    // RTT callbacks come with every ACK: only for sockets that cross the network. A pod's
+    // loopback legs to and from the proxy (both ends on one address) say nothing about it.
+    let rtt = if crosses_network(ctx) { BPF_SOCK_OPS_RTT_CB_FLAG } else { 0 };
+    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | rtt | BPF_SOCK_OPS_RETRANS_CB_FLAG;
     if ctx.set_cb_flags(flags as i32).is_err() {
         // Without callbacks only this first event will come; the LRU bounds the entry.
         count(stats::TRACE_SOCKET_FAILED);
