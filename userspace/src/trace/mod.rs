@@ -42,9 +42,12 @@ pub struct LegStats {
     pub retransmits: u32,
 }
 
-struct Socket {
-    stats: LegStats,
-    closed: Option<Instant>,
+/// Figures of the sockets that carry connections over the network, and when those that
+/// closed did (oldest first), so they are forgotten in order.
+#[derive(Default)]
+struct Sockets {
+    stats: HashMap<u64, LegStats>,
+    closed: std::collections::VecDeque<(Instant, u64)>,
 }
 
 /// Who is at the other end of a socket the proxy made to deliver an inbound connection (the
@@ -59,7 +62,7 @@ struct Inner {
     hbone_port: u16,
     pods: Arc<PodRegistry>,
     state: Arc<StateStore>,
-    sockets: Mutex<HashMap<u64, Socket>>,
+    sockets: Mutex<Sockets>,
     /// (netns cookie, the delivering socket's local port) → the original client.
     hints: Mutex<HashMap<(u64, u16), Hint>>,
     tx: broadcast::Sender<Arc<Event>>,
@@ -154,7 +157,7 @@ impl Tracer {
             hbone_port,
             pods,
             state,
-            sockets: Mutex::new(HashMap::new()),
+            sockets: Mutex::new(Sockets::default()),
             hints: Mutex::new(HashMap::new()),
             tx,
             rtt,
@@ -205,7 +208,7 @@ impl Tracer {
 
     /// The kernel's figures for a socket (by `SO_COOKIE`), while traced or shortly after.
     pub fn leg(&self, cookie: u64) -> Option<LegStats> {
-        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).get(&cookie).map(|s| s.stats)
+        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied()
     }
 
     /// Names the client behind a socket the proxy is about to connect from `local_port` in
@@ -218,22 +221,31 @@ impl Tracer {
         let i = &self.0;
         let kind = kind_name(raw.kind);
         i.events.with_label_values(&[kind]).inc();
-        let event = self.attribute(raw, kind);
-        self.account(raw, &event);
-        // No subscriber is the common case, not an error.
-        let _no_subscriber = i.tx.send(Arc::new(event));
+        let leg = self.leg_of(raw);
+        let crosses = matches!(leg, "tunnel" | "upstream" | "inbound");
+        self.account(raw, leg, crosses);
+        // Attribution (state lookups, strings) only when someone uses it: a subscriber, or
+        // the per-pair metrics.
+        let pair_metric = crosses && matches!(raw.kind, k::EV_RTT | k::EV_RETRANSMIT);
+        let subscribed = i.tx.receiver_count() > 0;
+        if !pair_metric && !subscribed {
+            return;
+        }
+        let event = self.attribute(raw, kind, leg);
+        if pair_metric {
+            self.pair_metrics(raw, &event);
+        }
+        if subscribed {
+            // A subscriber may have gone since: not an error.
+            let _gone = i.tx.send(Arc::new(event));
+        }
     }
 
-    /// The pod, the peer and the socket's role.
-    fn attribute(&self, raw: &k::TraceEvent, kind: &str) -> Event {
-        let i = &self.0;
-        let local = SocketAddr::new(ip(raw.family, &raw.local), raw.local_port);
-        let remote = SocketAddr::new(ip(raw.family, &raw.remote), raw.remote_port);
-        let orig =
-            (raw.orig_port != 0).then(|| SocketAddr::new(ip(raw.orig_family, &raw.orig), raw.orig_port));
+    /// What the socket is (see [`Event::leg`]), from the event alone.
+    fn leg_of(&self, raw: &k::TraceEvent) -> &'static str {
         let passive = raw.passive != 0;
-        let same_host = remote.ip() == local.ip();
-        let leg = if local.port() == i.hbone_port || (!passive && remote.port() == i.hbone_port) {
+        let same_host = raw.local == raw.remote;
+        if raw.local_port == self.0.hbone_port || (!passive && raw.remote_port == self.0.hbone_port) {
             "tunnel"
         } else if raw.proxy != 0 && same_host {
             "delivery"
@@ -243,7 +255,18 @@ impl Tracer {
             "inbound"
         } else {
             "app"
-        };
+        }
+    }
+
+    /// The pod, the peer and the socket's role.
+    fn attribute(&self, raw: &k::TraceEvent, kind: &str, leg: &str) -> Event {
+        let i = &self.0;
+        let local = SocketAddr::new(ip(raw.family, &raw.local), raw.local_port);
+        let remote = SocketAddr::new(ip(raw.family, &raw.remote), raw.remote_port);
+        let orig =
+            (raw.orig_port != 0).then(|| SocketAddr::new(ip(raw.orig_family, &raw.orig), raw.orig_port));
+        let passive = raw.passive != 0;
+        let same_host = remote.ip() == local.ip();
         let pod = i.pods.get(raw.netns_cookie);
         let state = i.state.read();
         let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
@@ -312,39 +335,39 @@ impl Tracer {
         }
     }
 
-    /// Per-socket figures for the access log, and the per-pair metrics.
-    fn account(&self, raw: &k::TraceEvent, e: &Event) {
+    /// Per-socket figures for the access log (sockets that cross the network only), and the
+    /// end of delivery hints.
+    fn account(&self, raw: &k::TraceEvent, leg: &str, crosses: bool) {
         let i = &self.0;
-        {
-            let mut sockets = i.sockets.lock().unwrap_or_else(|p| p.into_inner());
-            let closing = matches!(raw.kind, k::EV_CLOSE | k::EV_RESET);
-            if closing {
-                let now = Instant::now();
-                sockets.retain(|_, s| s.closed.is_none_or(|t| now.duration_since(t) < CLOSED_KEPT));
-            }
-            let s = sockets
-                .entry(raw.socket_cookie)
-                .or_insert(Socket { stats: LegStats::default(), closed: None });
-            if raw.srtt_us > 0 {
-                s.stats.srtt_us = raw.srtt_us;
-            }
-            s.stats.retransmits = s.stats.retransmits.max(raw.total_retrans);
-            if closing {
-                s.closed = Some(Instant::now());
-                if e.leg == "delivery" {
-                    i.hints
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&(raw.netns_cookie, raw.local_port));
-                }
-            }
+        let closing = matches!(raw.kind, k::EV_CLOSE | k::EV_RESET);
+        if closing && leg == "delivery" {
+            i.hints.lock().unwrap_or_else(|p| p.into_inner()).remove(&(raw.netns_cookie, raw.local_port));
         }
-        // Pairs only for sockets that cross the network: loopback legs have nothing to say
-        // about it.
-        let crosses = matches!(e.leg.as_str(), "tunnel" | "upstream" | "inbound");
-        if !crosses || !matches!(raw.kind, k::EV_RTT | k::EV_RETRANSMIT) {
+        if !crosses {
             return;
         }
+        let mut sockets = i.sockets.lock().unwrap_or_else(|p| p.into_inner());
+        let s = sockets.stats.entry(raw.socket_cookie).or_default();
+        if raw.srtt_us > 0 {
+            s.srtt_us = raw.srtt_us;
+        }
+        s.retransmits = s.retransmits.max(raw.total_retrans);
+        if closing {
+            let now = Instant::now();
+            sockets.closed.push_back((now, raw.socket_cookie));
+            while let Some(&(t, cookie)) = sockets.closed.front() {
+                if now.duration_since(t) < CLOSED_KEPT {
+                    break;
+                }
+                sockets.closed.pop_front();
+                sockets.stats.remove(&cookie);
+            }
+        }
+    }
+
+    /// RTT and retransmits per source/destination workload pair.
+    fn pair_metrics(&self, raw: &k::TraceEvent, e: &Event) {
+        let i = &self.0;
         let me = (e.workload.as_str(), e.namespace.as_str());
         let them = (
             e.peer.workload.as_deref().unwrap_or("unknown"),
