@@ -31,7 +31,7 @@ pub const LABELS: [&str; 19] = [
 ];
 
 /// One end of a connection as the metrics describe it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Side {
     pub workload: String,
     pub namespace: String,
@@ -82,14 +82,14 @@ impl Side {
 }
 
 /// Who reports a connection: the proxy of its source, or of its destination.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reporter {
     Source,
     Destination,
 }
 
 /// The service a client dialled.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceLabel {
     pub hostname: String,
     pub name: String,
@@ -97,7 +97,7 @@ pub struct ServiceLabel {
 }
 
 /// Everything but `response_flags`, which is known only at the end.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TcpLabels {
     pub reporter: Reporter,
     pub source: Side,

@@ -19,6 +19,7 @@ pub use istio::{Reporter, ServiceLabel, Side, TcpLabels};
 use crate::{capture::KernelStats, inpod::Direction, proxy::PodCtx};
 
 /// One direction of a relayed connection, counted in the pod's family and Istio's.
+#[derive(Clone)]
 pub struct ByteCounter {
     pod: IntCounter,
     istio: IntCounter,
@@ -31,13 +32,32 @@ impl ByteCounter {
     }
 }
 
+/// Every counter one connection touches, for one label set: looked up once per label set,
+/// not once per connection (a 19-label lookup costs as much as the rest of a connection's
+/// bookkeeping).
+struct Resolved {
+    request: ByteCounter,
+    response: ByteCounter,
+    pod_opened: IntCounter,
+    pod_closed: IntCounter,
+    istio_opened: IntCounter,
+    istio_closed: IntCounter,
+    active: IntGauge,
+}
+
 /// The two directions of a relayed connection.
 pub struct RelayCounters {
     /// From the side that connected to the destination.
     pub request: ByteCounter,
     /// Back from the destination.
     pub response: ByteCounter,
+    resolved: Arc<Resolved>,
 }
+
+/// Label sets resolved so far; cleared when it grows past this (workloads come and go).
+const RESOLVED_MAX: usize = 4096;
+
+type ResolvedKey = (&'static str, String, String, TcpLabels);
 
 pub struct Metrics {
     registry: Registry,
@@ -49,6 +69,7 @@ pub struct Metrics {
     active: IntGaugeVec,
     denied: IntCounterVec,
     istio: istio::IstioTcp,
+    resolved: std::sync::Mutex<std::collections::HashMap<ResolvedKey, Arc<Resolved>>>,
     pub enrolled_pods: IntGauge,
 }
 
@@ -137,7 +158,19 @@ impl Metrics {
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("registered once");
-        Metrics { registry, opened, closed, failed, sent, received, active, denied, istio, enrolled_pods }
+        Metrics {
+            registry,
+            opened,
+            closed,
+            failed,
+            sent,
+            received,
+            active,
+            denied,
+            istio,
+            resolved: Default::default(),
+            enrolled_pods,
+        }
     }
 
     /// Adds a collector computed at scrape time (kernel counters, health).
@@ -161,13 +194,18 @@ impl Metrics {
         self.register(Box::new(collectors::KernelCollector::new(stats)));
     }
 
-    pub fn connection_opened(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) -> RelayCounters {
-        let pod_labels = [direction_label(d), pod.namespace.as_str(), pod.name.as_str()];
-        self.opened.with_label_values(&pod_labels).inc();
-        self.active.with_label_values(&[direction_label(d)]).inc();
+    fn resolve(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) -> Arc<Resolved> {
+        let key: ResolvedKey = (direction_label(d), pod.namespace.clone(), pod.name.clone(), labels.clone());
+        let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = cache.get(&key) {
+            return r.clone();
+        }
+        if cache.len() >= RESOLVED_MAX {
+            cache.clear();
+        }
+        let pod_labels = [key.0, key.1.as_str(), key.2.as_str()];
         let values = labels.values(istio::FLAGS_NONE);
-        self.istio.opened.with_label_values(&values).inc();
-        RelayCounters {
+        let r = Arc::new(Resolved {
             request: ByteCounter {
                 pod: self.sent.with_label_values(&pod_labels),
                 istio: self.istio.received.with_label_values(&values),
@@ -176,13 +214,29 @@ impl Metrics {
                 pod: self.received.with_label_values(&pod_labels),
                 istio: self.istio.sent.with_label_values(&values),
             },
-        }
+            pod_opened: self.opened.with_label_values(&pod_labels),
+            pod_closed: self.closed.with_label_values(&pod_labels),
+            istio_opened: self.istio.opened.with_label_values(&values),
+            istio_closed: self.istio.closed.with_label_values(&values),
+            active: self.active.with_label_values(&[key.0]),
+        });
+        cache.insert(key, r.clone());
+        r
     }
 
-    pub fn connection_closed(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) {
-        self.closed.with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str()]).inc();
-        self.active.with_label_values(&[direction_label(d)]).dec();
-        self.istio.closed.with_label_values(&labels.values(istio::FLAGS_NONE)).inc();
+    pub fn connection_opened(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) -> RelayCounters {
+        let r = self.resolve(d, pod, labels);
+        r.pod_opened.inc();
+        r.istio_opened.inc();
+        r.active.inc();
+        RelayCounters { request: r.request.clone(), response: r.response.clone(), resolved: r }
+    }
+
+    pub fn connection_closed(&self, counters: &RelayCounters) {
+        let r = &counters.resolved;
+        r.pod_closed.inc();
+        r.istio_closed.inc();
+        r.active.dec();
     }
 
     pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str, labels: &TcpLabels) {

@@ -279,7 +279,7 @@ impl Inner {
         transfer: &Transfer,
         started: std::time::Instant,
     ) {
-        self.metrics.connection_closed(record.direction, record.pod, &open.labels);
+        self.metrics.connection_closed(&open.counters);
         let kernel = match self.leg_stats(record) {
             Some(now) => crate::telemetry::Kernel {
                 rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),
