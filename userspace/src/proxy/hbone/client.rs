@@ -83,7 +83,7 @@ pub struct HboneClient {
 impl HboneClient {
     /// Starts the pool's reaper; call inside the runtime.
     pub fn new(settings: HboneSettings, identities: IdentityManager, mark: u32) -> HboneClient {
-        let pool = Arc::new(Pool::new(settings.max_streams, settings.idle_timeout));
+        let pool = Arc::new(Pool::new(settings.max_streams, settings.spread, settings.idle_timeout));
         let weak = Arc::downgrade(&pool);
         let every = (settings.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
         tokio::spawn(async move {
@@ -183,6 +183,7 @@ impl HboneClient {
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
         let socket_cookie = crate::inpod::netns::socket_cookie(&tcp).ok();
+        let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
         let tls_config =
             crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;
         let connector = tokio_rustls::TlsConnector::from(tls_config);

@@ -103,6 +103,7 @@ pub struct ConnDump {
 
 pub struct Pool {
     max_streams: usize,
+    spread: usize,
     idle_timeout: Duration,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
     /// Per-key lock held while a connection for the key is being opened.
@@ -110,18 +111,30 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(max_streams: u32, idle_timeout: Duration) -> Pool {
+    pub fn new(max_streams: u32, spread: u32, idle_timeout: Duration) -> Pool {
         Pool {
             max_streams: max_streams.max(1) as usize,
+            spread: spread.max(1) as usize,
             idle_timeout,
             conns: Mutex::new(HashMap::new()),
             opening: Mutex::new(HashMap::new()),
         }
     }
 
+    /// The least busy usable connection for `key` — unless it is busy and fewer than
+    /// `spread` connections are open: then a new one should be (`None`).
     fn try_lease(&self, key: &PoolKey) -> Option<Lease> {
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let conn = conns.get(key)?.iter().find(|c| c.usable(self.max_streams))?.clone();
+        let list = conns.get(key)?;
+        let open = list.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count();
+        let conn = list
+            .iter()
+            .filter(|c| c.usable(self.max_streams))
+            .min_by_key(|c| c.streams.load(Ordering::Acquire))?
+            .clone();
+        if conn.streams.load(Ordering::Acquire) > 0 && open < self.spread {
+            return None;
+        }
         conn.streams.fetch_add(1, Ordering::AcqRel);
         Some(Lease { conn })
     }
