@@ -148,6 +148,12 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_HBONE_MAX_STREAMS", default_value_t = 100)]
     pub hbone_max_streams: u32,
 
+    /// HBONE: connections per peer (source and destination identity and address) that
+    /// concurrent tunnels are spread over before they share one. Default: the number of CPUs
+    /// (one TLS connection is encrypted by one core at a time).
+    #[arg(long, env = "AMBIT_HBONE_SPREAD")]
+    pub hbone_spread: Option<u32>,
+
     /// HBONE: pooled connections without tunnels close after this long.
     #[arg(long, env = "AMBIT_HBONE_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub hbone_idle_timeout: Duration,
@@ -171,6 +177,21 @@ pub struct NodeArgs {
     /// HBONE: a connection whose PING is not answered within this is closed.
     #[arg(long, env = "AMBIT_HBONE_PING_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
     pub hbone_ping_timeout: Duration,
+
+    /// HBONE: connect plus TLS handshake limit, both directions; a peer that has not
+    /// finished its handshake by then is dropped (slow or idle clients hold nothing).
+    #[arg(long, env = "AMBIT_HBONE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub hbone_handshake_timeout: Duration,
+
+    /// HBONE inbound: largest request header block (HPACK-decoded bytes) accepted; larger
+    /// CONNECTs are answered 431.
+    #[arg(long, env = "AMBIT_HBONE_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub hbone_max_header_bytes: u32,
+
+    /// HBONE inbound: connections one peer address may hold open to one pod; more are closed
+    /// at accept. Well-behaved peers pool: they need a handful.
+    #[arg(long, env = "AMBIT_HBONE_MAX_CONNECTIONS_PER_PEER", default_value_t = 128)]
+    pub hbone_max_connections_per_peer: u32,
 
     /// Admin endpoint (/config_dump, /quitquitquit); keep it on loopback.
     #[arg(long, env = "AMBIT_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
@@ -206,6 +227,11 @@ pub struct NodeArgs {
     /// the access log's rtt/retransmits. `false` costs nothing in the kernel.
     #[arg(long, env = "AMBIT_KERNEL_TRACING", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_tracing: bool,
+
+    /// Threads that run the proxy (tokio workers). Default: 2, as ztunnel: the data path is
+    /// rarely CPU-bound on more, and each extra thread costs wake-ups.
+    #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
+    pub worker_threads: usize,
 
     /// Log format; the access log (target `access`) follows it.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -261,6 +287,7 @@ pub struct NodeSettings {
     pub ebpf_log_level: KernelLogLevel,
     pub log_format: LogFormat,
     pub kernel_tracing: bool,
+    pub worker_threads: usize,
     /// `None`: no mesh CA, no mTLS.
     pub ca: Option<crate::identity::caclient::CaSettings>,
     /// `None`: workloads and services from the mesh file.
@@ -280,6 +307,12 @@ impl NodeSettings {
     pub fn resolve(args: NodeArgs) -> anyhow::Result<NodeSettings> {
         if args.instance.is_empty() || args.instance.contains('/') || args.instance.starts_with('.') {
             bail!("--instance {:?}: must be a plain name (no '/')", args.instance);
+        }
+        if !args.admin_addr.ip().is_loopback() {
+            bail!(
+                "--admin-addr {}: must be a loopback address (/quitquitquit and /logging have no authentication)",
+                args.admin_addr
+            );
         }
         let node_name = match args.node_name {
             Some(n) if !n.is_empty() => n,
@@ -342,6 +375,7 @@ impl NodeSettings {
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
             kernel_tracing: args.kernel_tracing,
+            worker_threads: args.worker_threads.max(1),
             ca: match (&args.ca_address, &args.root_cert, &token_file) {
                 (Some(address), Some(root_cert), Some(token_file)) => {
                     Some(crate::identity::caclient::CaSettings {
@@ -386,10 +420,15 @@ impl NodeSettings {
                 connection_window: args.hbone_connection_window,
                 max_frame_size: args.hbone_max_frame,
                 max_streams: args.hbone_max_streams,
+                spread: args
+                    .hbone_spread
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get() as u32)),
                 idle_timeout: args.hbone_idle_timeout,
                 ping_interval: args.hbone_ping_interval,
                 ping_timeout: args.hbone_ping_timeout,
-                ..Default::default()
+                handshake_timeout: args.hbone_handshake_timeout,
+                max_header_bytes: args.hbone_max_header_bytes,
+                max_connections_per_peer: args.hbone_max_connections_per_peer,
             },
         })
     }

@@ -138,6 +138,12 @@ fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, String>> {
 }
 
 pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    if !args.admin_addr.ip().is_loopback() {
+        bail!(
+            "--admin-addr {}: must be a loopback address (/quitquitquit has no authentication)",
+            args.admin_addr
+        );
+    }
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         mesh_file = %args.mesh_file.display(),

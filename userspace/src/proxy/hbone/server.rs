@@ -6,7 +6,12 @@
 //! or the application cannot be reached, 401 when the workload's authorization policies deny
 //! the client, 200 and raw bytes otherwise.
 
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
@@ -25,6 +30,41 @@ use crate::{
     },
 };
 
+/// Open connections per peer address on one pod's listener: one peer cannot hold all the
+/// proxy's descriptors.
+#[derive(Default)]
+struct PeerConnections(Mutex<HashMap<IpAddr, u32>>);
+
+/// One admitted connection; gives its place back when dropped.
+struct PeerSlot {
+    peers: Arc<PeerConnections>,
+    ip: IpAddr,
+}
+
+impl PeerConnections {
+    fn admit(self: &Arc<Self>, ip: IpAddr, max: u32) -> Option<PeerSlot> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot { peers: self.clone(), ip })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut m = self.peers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Accepts HBONE connections for `pod` until `stop`; connections accepted live on.
 pub fn serve(
     inner: Arc<Inner>,
@@ -34,6 +74,7 @@ pub fn serve(
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let peers = Arc::new(PeerConnections::default());
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -43,9 +84,18 @@ pub fn serve(
             };
             match accepted {
                 Ok((tcp, peer)) => {
+                    let max = inner.settings.hbone.max_connections_per_peer;
+                    let Some(slot) = peers.admit(peer.ip(), max) else {
+                        let record = ConnRecord::inbound(&pod, peer, tcp.local_addr().ok(), None, false);
+                        let detail =
+                            format!("{} has {max} HBONE connections open to this pod already", peer.ip());
+                        inner.failed(&record, "hbone_peer_limit", &detail);
+                        continue;
+                    };
                     let (inner, pod, acceptor) = (inner.clone(), pod.clone(), acceptor.clone());
                     inner.connections.clone().spawn(async move {
                         connection(&inner, pod, acceptor, tcp, peer).await;
+                        drop(slot);
                     });
                 }
                 Err(e) => {
@@ -71,6 +121,7 @@ async fn connection(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY on an HBONE connection");
     }
+    let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
     let tls = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -89,17 +140,23 @@ async fn connection(
         }
     };
     let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
-    let mut conn = match h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(s.stream_window)
         .initial_connection_window_size(s.connection_window)
         .max_frame_size(s.max_frame_size)
         .max_concurrent_streams(s.max_streams)
-        .handshake::<_, Bytes>(tls)
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
+        .max_header_list_size(s.max_header_bytes)
+        .handshake::<_, Bytes>(tls);
+    // The preface counts as handshake too: a peer that stops after TLS holds nothing long.
+    let mut conn = match tokio::time::timeout(s.handshake_timeout, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::warn!(pod = %pod.key(), %peer, error = %e, "HBONE HTTP/2 handshake failed");
+            return;
+        }
+        Err(_) => {
+            let record = ConnRecord::inbound(&pod, peer, Some(local), peer_identity.as_ref(), true);
+            inner.failed(&record, "hbone_http2_timeout", "the HTTP/2 preface did not arrive in time");
             return;
         }
     };
@@ -128,10 +185,27 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
 }
 
 /// The original client's address from `forwarded: for="..."`, if the header carries one.
-fn forwarded_for(req: &Request<RecvStream>) -> Option<std::net::IpAddr> {
-    let v = req.headers().get("forwarded")?.to_str().ok()?;
+fn forwarded_for(value: Option<&[u8]>) -> Option<std::net::IpAddr> {
+    let v = std::str::from_utf8(value?).ok()?;
     let f = v.split(';').find_map(|p| p.trim().strip_prefix("for="))?;
     f.trim_matches('"').trim_start_matches('[').trim_end_matches(']').parse().ok()
+}
+
+/// Why a CONNECT's head is refused: status, reason (metrics, logs), detail.
+type HeadRefusal = (StatusCode, &'static str, &'static str);
+
+/// The target a CONNECT asks for, from its untrusted head: only CONNECT, and an `IP:port`
+/// authority (canonical: v4-mapped v6 addresses as v4).
+fn connect_target(method: &Method, authority: Option<&str>) -> Result<SocketAddr, HeadRefusal> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect", "only CONNECT is served"));
+    }
+    let dst = authority.and_then(|a| a.parse::<SocketAddr>().ok()).ok_or((
+        StatusCode::BAD_REQUEST,
+        "bad_authority",
+        "the :authority is not an IP:port",
+    ))?;
+    Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))
 }
 
 /// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
@@ -144,18 +218,16 @@ async fn tunnel(
     mut respond: SendResponse<Bytes>,
 ) {
     let started = Instant::now();
-    let src = forwarded_for(&req).map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
+    let forwarded = req.headers().get("forwarded").map(http::HeaderValue::as_bytes);
+    let src = forwarded_for(forwarded).map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
     let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: &'static str, detail: &str| {
         answer(&mut respond, status);
         inner.failed(&ConnRecord::inbound(pod, src, dst, peer_identity.as_ref(), true), reason, detail);
     };
-    if req.method() != Method::CONNECT {
-        return fail(StatusCode::METHOD_NOT_ALLOWED, None, "not_connect", "only CONNECT is served");
-    }
-    let Some(dst) = req.uri().authority().and_then(|a| a.as_str().parse::<SocketAddr>().ok()) else {
-        return fail(StatusCode::BAD_REQUEST, None, "bad_authority", "the :authority is not an IP:port");
+    let dst = match connect_target(req.method(), req.uri().authority().map(http::uri::Authority::as_str)) {
+        Ok(dst) => dst,
+        Err((status, reason, detail)) => return fail(status, None, reason, detail),
     };
-    let dst = SocketAddr::new(addr::canonical(dst.ip()), dst.port());
     if dst.ip() != addr::canonical(local.ip()) {
         let detail = format!("the tunnel arrived on {}, not {}", local.ip(), dst.ip());
         return fail(StatusCode::BAD_REQUEST, Some(dst), "wrong_destination", &detail);
@@ -206,4 +278,56 @@ async fn tunnel(
     let transfer =
         crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
     inner.closed(&record, &open, &transfer, started);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Heads seen in the wild and the edges of the grammar (fuzz-corpus/hbone/).
+    const CORPUS: &str = include_str!("../../../../fuzz-corpus/hbone/heads.txt");
+
+    #[test]
+    fn the_corpus_parses_as_recorded() {
+        for line in CORPUS.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let mut f = line.split('\t');
+            let mut next = || f.next().unwrap_or_else(|| panic!("five tab-separated columns: {line}"));
+            let (method, authority, forwarded, want, client) = (next(), next(), next(), next(), next());
+            let method = Method::from_bytes(method.as_bytes()).expect("corpus method");
+            let got = match connect_target(&method, Some(authority)) {
+                Ok(dst) => dst.to_string(),
+                Err((status, ..)) => status.as_u16().to_string(),
+            };
+            assert_eq!(got, want, "{line}");
+            let from = forwarded_for(Some(forwarded.as_bytes())).map_or("-".to_string(), |ip| ip.to_string());
+            assert_eq!(from, client, "{line}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+        #[test]
+        fn any_authority_or_forwarded_bytes_are_parsed_or_refused(
+            authority in "\\PC{0,64}",
+            forwarded in proptest::collection::vec(any::<u8>(), 0..128),
+        ) {
+            match connect_target(&Method::CONNECT, Some(&authority)) {
+                Ok(dst) => prop_assert!(authority.contains(&dst.port().to_string())),
+                Err((status, ..)) => prop_assert_eq!(status, StatusCode::BAD_REQUEST),
+            }
+            if let Some(ip) = forwarded_for(Some(&forwarded)) {
+                prop_assert!(String::from_utf8_lossy(&forwarded).contains("for="), "{ip}");
+            }
+        }
+
+        #[test]
+        fn only_connect_is_served(method in "[A-Z]{1,10}") {
+            let m = Method::from_bytes(method.as_bytes()).expect("token");
+            let r = connect_target(&m, Some("10.0.0.1:80"));
+            prop_assert_eq!(r.is_ok(), method == "CONNECT");
+        }
+    }
 }
