@@ -141,3 +141,91 @@ fn an_intermediate_signs_and_the_chain_ends_at_the_users_root() {
     verifies(&chain);
     fs::remove_dir_all(dir).expect("cleanup");
 }
+
+/// CSRs from `fuzz-corpus/csr/`, mutated in their PEM text and in their DER bytes: checked
+/// or refused with a reason, never a panic, and never an identity outside the trust domain.
+mod hostile {
+    use proptest::prelude::*;
+    use rustls_pki_types::pem::PemObject;
+
+    use super::*;
+
+    const CORPUS: [&str; 2] = [
+        include_str!("../../../../fuzz-corpus/csr/good.pem"),
+        include_str!("../../../../fuzz-corpus/csr/two-sans.pem"),
+    ];
+
+    fn authority() -> &'static Authority {
+        static A: std::sync::OnceLock<Authority> = std::sync::OnceLock::new();
+        A.get_or_init(|| {
+            let top = tempdir("fuzz");
+            let a = Authority::load(&Source::StateDir(top.join("ca")), "cluster.local").expect("created");
+            // Loaded into memory: the files are not needed any more.
+            fs::remove_dir_all(&top).expect("cleanup");
+            a
+        })
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .expect("csr pem")
+            .to_vec()
+    }
+
+    fn pem(der: &[u8]) -> String {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> =
+            b64.as_bytes().chunks(64).map(|c| std::str::from_utf8(c).expect("ascii")).collect();
+        format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn check(csr: &str) -> Result<(), TestCaseError> {
+        if let Ok((identity, _)) = authority().check_csr(csr) {
+            prop_assert_eq!(identity.trust_domain.as_str(), "cluster.local");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_corpus_checks_as_expected() {
+        let (id, _) = authority().check_csr(CORPUS[0]).expect("good.pem is accepted");
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/demo/sa/client");
+        assert!(matches!(authority().check_csr(CORPUS[1]), Err(CsrRefusal::OtherSans(_))));
+        // The re-encoding used below is faithful.
+        assert!(authority().check_csr(&pem(&der(CORPUS[0]))).is_ok());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+        #[test]
+        fn mutated_der_is_checked_or_refused(
+            file in 0usize..2,
+            flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..6),
+            cut in proptest::option::of(any::<usize>()),
+        ) {
+            let mut d = der(CORPUS[file]);
+            for (at, x) in flips {
+                let i = at % d.len();
+                d[i] ^= x;
+            }
+            if let Some(c) = cut {
+                d.truncate(c % (d.len() + 1));
+            }
+            check(&pem(&d))?;
+        }
+
+        #[test]
+        fn random_bytes_and_text_are_refused(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            text in "\\PC{0,300}",
+        ) {
+            prop_assert!(authority().check_csr(&pem(&bytes)).is_err());
+            prop_assert!(authority().check_csr(&text).is_err());
+        }
+    }
+}
