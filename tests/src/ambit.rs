@@ -30,7 +30,7 @@ pub struct Ambit<'b> {
     pub proc: Proc<'b>,
     pub node: Node,
     pub mesh: PathBuf,
-    args: Vec<String>,
+    pub args: Vec<String>,
     bed: &'b Bed,
     starts: u32,
 }

@@ -96,6 +96,23 @@ impl Pod {
 
 static SEQ: AtomicU32 = AtomicU32::new(1);
 
+/// Processes of the bed inherit this: 10,000 relayed connections are 20,000 descriptors in
+/// one relay, more than the hard limit many machines start with. Root may raise it.
+const OPEN_FILES: u64 = 262_144;
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = OPEN_FILES.max(hard);
+    // Without CAP_SYS_RESOURCE (some containers) the hard limit is as far as it goes; the
+    // bench then holds fewer relayed connections and says so.
+    if soft < want && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() && soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            eprintln!("test bed: cannot raise the open files limit from {soft} to {hard}: {e}");
+        }
+    }
+}
+
 impl Bed {
     /// Creates a run: its id, directory, cgroup and private bpffs. `label` only names logs.
     pub fn new(label: &str) -> Bed {
@@ -106,6 +123,7 @@ impl Bed {
             for what in cleanup::sweep_dead_runs() {
                 eprintln!("test bed: removed a leftover of a killed run: {what}");
             }
+            raise_fd_limit();
         });
         let id = format!("t{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed));
         let state = Arc::new(Mutex::new(RunState { id: id.clone(), ..Default::default() }));
