@@ -3,6 +3,7 @@
 //! the headline, results in `target/bench/` (markdown and JSON).
 
 mod load;
+mod profile;
 mod report;
 mod topology;
 
@@ -30,6 +31,10 @@ pub struct BenchArgs {
     /// Use the debug build (to check the harness; figures mean little).
     #[arg(long)]
     debug: bool,
+    /// Instead of the rounds: profile ambit's proxies (perf, software clock) under a bulk
+    /// transfer, a connection storm and fixed-rate requests; reports in target/bench/.
+    #[arg(long)]
+    profile: bool,
 }
 
 const CONFIGS: [Config; 3] = [Config::Direct, Config::Relay, Config::Ambit];
@@ -94,8 +99,18 @@ fn measure(
     Ok(())
 }
 
-/// RSS of the proxies with `n` idle connections through them, minus without.
+/// Connections the relay can hold: it keeps two descriptors per connection per node, and
+/// without CAP_SYS_RESOURCE the open-files limit cannot be raised past the hard limit.
+fn relay_capacity() -> u32 {
+    use nix::sys::resource::{getrlimit, Resource};
+    getrlimit(Resource::RLIMIT_NOFILE)
+        .map_or(4096, |(_, hard)| (hard.saturating_sub(256) / 2).min(u64::from(u32::MAX)) as u32)
+}
+
+/// RSS of the proxies with `n` idle connections through them, minus without (per
+/// connection, so the relay's figure holds with fewer connections when its limit is lower).
 fn memory(topo: &Topology<'_>, c: Config, n: u32, s: &mut Samples, p: &Progress) -> anyhow::Result<()> {
+    let n = if c == Config::Relay { n.min(relay_capacity()) } else { n };
     let pids = topo.proxy_pids(c);
     let before: Vec<f64> = pids.iter().map(|p| load::rss_bytes(*p)).collect::<Result<_, _>>()?;
     let pods = topo.pods(c);
@@ -290,6 +305,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     p.say(&format!("building the bed ({profile} build, {} rounds)", args.rounds));
     let bed = Bed::new("bench");
     let topo = Topology::build(&bed)?;
+    if args.profile {
+        for line in profile::run(&topo, args.secs.max(3.0))? {
+            p.say(&line);
+        }
+        return Ok(());
+    }
     let mut s = Samples::default();
     for (i, pid) in topo.proxy_pids(Config::Ambit).iter().enumerate() {
         let mib = load::rss_bytes(*pid)? / 1048576.0;

@@ -66,12 +66,31 @@ pub struct Topology<'b> {
     _servers: Vec<Proc<'b>>,
 }
 
-fn pods(bed: &Bed, a: &Node, b: &Node, prefix: &str) -> Pods {
-    Pods {
+/// Room for 10,000 held connections next to the TIME_WAIT sockets of the connection-rate
+/// runs: the full ephemeral range, and TIME_WAIT ports reused for new connects.
+fn widen_ports(pod: &Pod) -> anyhow::Result<()> {
+    for kv in ["net.ipv4.ip_local_port_range=1024 65535", "net.ipv4.tcp_tw_reuse=1"] {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", pod.netns.as_str(), "sysctl", "-q", "-w", kv])
+            .output()
+            .context("running sysctl")?;
+        if !out.status.success() {
+            bail!("sysctl {kv} in {}: {}", pod.netns, String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
+fn pods(bed: &Bed, a: &Node, b: &Node, prefix: &str) -> anyhow::Result<Pods> {
+    let p = Pods {
         client: bed.pod(a, &format!("{prefix}c")),
         cross: bed.pod(b, &format!("{prefix}s")),
         same: bed.pod(a, &format!("{prefix}s2")),
+    };
+    for pod in [&p.client, &p.cross, &p.same] {
+        widen_ports(pod)?;
     }
+    Ok(p)
 }
 
 fn servers<'b>(bed: &'b Bed, p: &Pods) -> anyhow::Result<Vec<Proc<'b>>> {
@@ -152,9 +171,9 @@ impl<'b> Topology<'b> {
         bed.link(&a, &b);
         bed.link(&cp_node, &a);
         bed.link(&cp_node, &b);
-        let direct = pods(bed, &a, &b, "d");
-        let relay_pods = pods(bed, &a, &b, "r");
-        let ambit_pods = pods(bed, &a, &b, "m");
+        let direct = pods(bed, &a, &b, "d")?;
+        let relay_pods = pods(bed, &a, &b, "r")?;
+        let ambit_pods = pods(bed, &a, &b, "m")?;
         let mut srv = Vec::new();
         for p in [&direct, &relay_pods, &ambit_pods] {
             srv.extend(servers(bed, p)?);
@@ -179,6 +198,10 @@ impl<'b> Topology<'b> {
             let mut args = cp.node_args(node);
             // The access log of every connection would measure the log, not the proxy.
             args.extend(["--log-level".into(), "warn".into()]);
+            // Experiments: more `ambit node` flags (e.g. "--worker-threads 1").
+            if let Ok(extra) = std::env::var("AMBIT_BENCH_NODE_ARGS") {
+                args.extend(extra.split_whitespace().map(String::from));
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             Ambit::start(bed, node, &mesh, &args)
         };

@@ -1,0 +1,72 @@
+//! `cargo xtask bench --profile`: where ambit's proxies spend their CPU under a bulk transfer
+//! and under a connection storm — `perf record` (software clock, so it works without hardware
+//! counters) on both proxies while the workload runs, reported flat by symbol into
+//! `target/bench/profile-<workload>.txt`.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{bail, Context};
+
+use super::{
+    load,
+    topology::{Config, Topology},
+};
+
+fn perf_report(data: &Path, out: &Path) -> anyhow::Result<()> {
+    let report = Command::new("perf")
+        .args(["report", "--stdio", "--no-children", "--sort", "dso,symbol", "--percent-limit", "0.5", "-i"])
+        .arg(data)
+        .output()
+        .context("running perf report")?;
+    if !report.status.success() {
+        bail!("perf report: {}", String::from_utf8_lossy(&report.stderr));
+    }
+    std::fs::write(out, &report.stdout).with_context(|| format!("writing {}", out.display()))
+}
+
+/// Records both ambit proxies while `work` runs; `secs`: how long to record.
+fn record(
+    topo: &Topology<'_>,
+    name: &str,
+    secs: f64,
+    work: impl FnOnce() -> anyhow::Result<String>,
+) -> anyhow::Result<String> {
+    let dir = crate::root().join("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let data = dir.join(format!("perf-{name}.data"));
+    let pids: Vec<String> = topo.proxy_pids(Config::Ambit).iter().map(u32::to_string).collect();
+    let mut perf = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", &pids.join(","), "-o"])
+        .arg(&data)
+        .args(["--", "sleep", &format!("{secs}")])
+        .spawn()
+        .context("starting perf record (Debian package linux-perf)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let result = work();
+    let status = perf.wait().context("waiting for perf record")?;
+    if !status.success() {
+        bail!("perf record failed: {status}");
+    }
+    let summary = result?;
+    let txt = dir.join(format!("profile-{name}.txt"));
+    perf_report(&data, &txt)?;
+    Ok(format!("{summary}; profile in {}", txt.display()))
+}
+
+pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
+    let pods = topo.pods(Config::Ambit);
+    let mut out = Vec::new();
+    out.push(record(topo, "bulk", secs, || {
+        let (gbps, _) = load::iperf(&pods.client, &pods.cross, 1, secs - 0.5)?;
+        Ok(format!("bulk: {gbps:.2} Gbit/s"))
+    })?);
+    out.push(record(topo, "connections", secs, || {
+        let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
+        Ok(format!("connections: {rate:.0}/s"))
+    })?);
+    out.push(record(topo, "latency", secs, || {
+        let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
+        Ok(format!("latency: p50 {:.0} µs", l.p50))
+    })?);
+    Ok(out)
+}
