@@ -36,6 +36,8 @@ impl ByteCounter {
 /// not once per connection (a 19-label lookup costs as much as the rest of a connection's
 /// bookkeeping).
 struct Resolved {
+    /// Shared by every connection of the label set (the access log reads them at close).
+    labels: Arc<TcpLabels>,
     request: ByteCounter,
     response: ByteCounter,
     pod_opened: IntCounter,
@@ -52,6 +54,13 @@ pub struct RelayCounters {
     /// Back from the destination.
     pub response: ByteCounter,
     resolved: Arc<Resolved>,
+}
+
+impl RelayCounters {
+    /// The Istio labels the connection is counted under.
+    pub fn labels(&self) -> &TcpLabels {
+        &self.resolved.labels
+    }
 }
 
 /// Label sets resolved so far; cleared when it grows past this (workloads come and go).
@@ -206,6 +215,7 @@ impl Metrics {
         let pod_labels = [key.0, key.1.as_str(), key.2.as_str()];
         let values = labels.values(istio::FLAGS_NONE);
         let r = Arc::new(Resolved {
+            labels: Arc::new(labels.clone()),
             request: ByteCounter {
                 pod: self.sent.with_label_values(&pod_labels),
                 istio: self.istio.received.with_label_values(&values),

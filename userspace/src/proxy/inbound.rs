@@ -14,13 +14,37 @@ use super::{
 };
 use crate::capture::addr;
 
+/// What a relayed connection holds while its bytes flow (see `outbound::Ready`).
+struct Ready<'p> {
+    record: ConnRecord<'p>,
+    registration: authorize::Registration<'p>,
+    client: TcpStream,
+    upstream: TcpStream,
+    started: std::time::Instant,
+}
+
 pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
+    // Boxed: checks and the connect are freed before the relay starts.
+    let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
+    finish(inner, r.record, r.client, r.upstream, r.started, &r.registration.closed).await;
+}
+
+/// Checks, authorizes and connects; `None` when refused (counted, logged and reset here).
+async fn set_up<'p>(
+    inner: &'p Inner,
+    pod: &'p Arc<PodCtx>,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Option<Ready<'p>> {
+    let refuse = |record: &ConnRecord<'_>, client, reason, detail: &str| {
+        refuse(inner, record, client, reason, detail);
+        None
+    };
     let started = std::time::Instant::now();
     let dst = match client.local_addr() {
         Ok(a) => SocketAddr::new(addr::canonical(a.ip()), a.port()),
         Err(e) => {
             return refuse(
-                inner,
                 &ConnRecord::inbound(pod, peer, None, None, false),
                 client,
                 "socket_error",
@@ -31,10 +55,10 @@ pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, 
     let record = ConnRecord::inbound(pod, peer, Some(dst), None, false);
     if !pod.ips.contains(&dst.ip()) {
         // Reached the loopback listener directly from inside the pod, not through capture.
-        return refuse(inner, &record, client, "not_this_pod", "destination is not this pod's address");
+        return refuse(&record, client, "not_this_pod", "destination is not this pod's address");
     }
     if inner.settings.own_ports.contains(&dst.port()) {
-        return refuse(inner, &record, client, "loop", "destination is the proxy itself");
+        return refuse(&record, client, "loop", "destination is the proxy itself");
     }
     let subject = Subject { peer: None, src: peer, dst, mtls: false };
     if authorize::check(inner, pod, &subject).is_err() {
@@ -46,14 +70,14 @@ pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, 
             &record.labels(&inner.state.read()),
         );
         relay::linger_zero(&client);
-        return;
+        return None;
     }
     let registration = inner.open.register(pod.clone(), subject);
     let mut record = record;
     // The client's own socket carries the connection over the network.
     record.leg = crate::inpod::netns::socket_cookie(&client).ok();
     match inner.deliver(&record, dst).await {
-        Ok(upstream) => finish(inner, record, client, upstream, started, &registration.closed).await,
-        Err(e) => refuse(inner, &record, client, "connect_failed", &e.to_string()),
+        Ok(upstream) => Some(Ready { record, registration, client, upstream, started }),
+        Err(e) => refuse(&record, client, "connect_failed", &e.to_string()),
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     inpod::PodRegistry,
     inpod::{netns::Netns, Direction},
     metrics::Metrics,
-    metrics::{RelayCounters, TcpLabels},
+    metrics::RelayCounters,
     state::StateStore,
     trace::Tracer,
 };
@@ -199,8 +199,9 @@ impl Proxy {
                             tracing::debug!(error = %e, "TCP_NODELAY on an accepted socket");
                         }
                         let inner = inner.clone();
+                        let tracker = inner.connections.clone();
                         let pod = pod.clone();
-                        inner.connections.clone().spawn(async move {
+                        tracker.spawn(async move {
                             match direction {
                                 Direction::Outbound => outbound::handle(&inner, &pod, stream, peer).await,
                                 Direction::Inbound => inbound::handle(&inner, &pod, stream, peer).await,
@@ -263,7 +264,7 @@ impl Inner {
         let labels = record.labels(&self.state.read());
         let counters = self.metrics.connection_opened(record.direction, record.pod, &labels);
         let retransmits_before = self.leg_stats(record).map(|l| l.retransmits);
-        Opened { labels, counters, retransmits_before }
+        Opened { counters, retransmits_before }
     }
 
     fn leg_stats(&self, record: &ConnRecord<'_>) -> Option<crate::trace::LegStats> {
@@ -289,13 +290,13 @@ impl Inner {
             },
             None => crate::telemetry::Kernel::default(),
         };
-        crate::telemetry::access_log(record, &open.labels, transfer, started.elapsed(), kernel);
+        crate::telemetry::access_log(record, open.counters.labels(), transfer, started.elapsed(), kernel);
     }
 }
 
 /// A connection being relayed, as [`Inner::opened`] starts it.
 struct Opened {
-    labels: TcpLabels,
+    /// With the labels, shared by the connections of one label set.
     counters: RelayCounters,
     retransmits_before: Option<u32>,
 }

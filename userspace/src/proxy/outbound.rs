@@ -11,19 +11,70 @@ use std::{net::SocketAddr, time::Instant};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::{finish, refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
+use super::{refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
 use crate::{
     capture::addr,
     identity::Identity,
     state::{Route, Tunnel},
 };
 
+/// The connection's far side, once set up.
+enum Leg {
+    Plain(TcpStream),
+    Tunnel(super::hbone::client::Tunnel),
+}
+
+/// What a relayed connection holds while its bytes flow: every idle connection keeps this
+/// (and the relay's state), so what only the setup needs stays in the setup's allocation.
+struct Ready<'p> {
+    record: ConnRecord<'p>,
+    client: TcpStream,
+    leg: Leg,
+    started: Instant,
+}
+
 pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
+    // Boxed: routing, connecting and handshakes are freed before the relay starts instead
+    // of sizing the task for the connection's whole life.
+    let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
+    let open = inner.opened(&r.record);
+    let counters = &open.counters;
+    let never = CancellationToken::new();
+    let transfer = match r.leg {
+        Leg::Plain(upstream) => super::relay::relay(r.client, upstream, counters, &never).await,
+        Leg::Tunnel(t) => {
+            let directions = (&counters.request, &counters.response);
+            super::hbone::relay(r.client, t.send, t.recv, directions, &never).await
+        }
+    };
+    inner.closed(&r.record, &open, &transfer, r.started);
+}
+
+/// Refuses (see [`refuse`]): no relay follows.
+fn refused<'p>(
+    inner: &Inner,
+    record: &ConnRecord<'_>,
+    client: TcpStream,
+    reason: &'static str,
+    detail: &str,
+) -> Option<Ready<'p>> {
+    refuse(inner, record, client, reason, detail);
+    None
+}
+
+/// Routes the connection and connects it (directly or through a tunnel); `None` when it
+/// was refused (counted, logged and reset here).
+async fn set_up<'p>(
+    inner: &Inner,
+    pod: &'p PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+) -> Option<Ready<'p>> {
     let started = Instant::now();
     let local = match client.local_addr() {
         Ok(a) => a,
         Err(e) => {
-            return refuse(
+            return refused(
                 inner,
                 &ConnRecord::outbound(pod, peer, None),
                 client,
@@ -36,13 +87,19 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
         Ok(Some(orig)) => addr::orig_dst_addr(&orig),
         Ok(None) => None,
         Err(e) => {
-            return refuse(inner, &ConnRecord::outbound(pod, peer, None), client, "map_error", &e.to_string())
+            return refused(
+                inner,
+                &ConnRecord::outbound(pod, peer, None),
+                client,
+                "map_error",
+                &e.to_string(),
+            )
         }
     };
     let Some(dst) = dst else {
         // A process in the pod connected to 127.0.0.1:15001 itself, or the record was lost.
         let detail = "no original destination recorded for this connection";
-        return refuse(
+        return refused(
             inner,
             &ConnRecord::outbound(pod, peer, None),
             client,
@@ -54,7 +111,7 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
         || (pod.ips.contains(&dst.ip()) && inner.settings.own_ports.contains(&dst.port()))
     {
         let record = ConnRecord::outbound(pod, peer, Some(dst));
-        return refuse(inner, &record, client, "loop", "destination is the proxy itself");
+        return refused(inner, &record, client, "loop", "destination is the proxy itself");
     }
     let route = inner.state.read().route(dst);
     match route {
@@ -74,11 +131,11 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
         Route::NoEndpoint { service, reason } => {
             let mut record = ConnRecord::outbound(pod, peer, Some(dst));
             record.dst_service = Some(service.clone());
-            refuse(inner, &record, client, reason, &format!("service {service} has no endpoint for {dst}"))
+            refused(inner, &record, client, reason, &format!("service {service} has no endpoint for {dst}"))
         }
         Route::NotSynced => {
             let record = ConnRecord::outbound(pod, peer, Some(dst));
-            refuse(
+            refused(
                 inner,
                 &record,
                 client,
@@ -92,7 +149,7 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
             }
             UnknownDestination::Refuse => {
                 let record = ConnRecord::outbound(pod, peer, Some(dst));
-                refuse(
+                refused(
                     inner,
                     &record,
                     client,
@@ -104,63 +161,52 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
     }
 }
 
-async fn passthrough(
+async fn passthrough<'p>(
     inner: &Inner,
-    pod: &PodCtx,
+    pod: &'p PodCtx,
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     service: Option<String>,
     started: Instant,
-) {
+) -> Option<Ready<'p>> {
     let s = &inner.settings;
     match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
         Ok(upstream) => {
             let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
             record.dst_service = service;
             record.leg = crate::inpod::netns::socket_cookie(&upstream).ok();
-            finish(inner, record, client, upstream, started, &CancellationToken::new()).await
+            Some(Ready { record, client, leg: Leg::Plain(upstream), started })
         }
         Err(e) => {
             let mut record = ConnRecord::outbound(pod, peer, Some(dst));
             record.dst_service = service;
-            refuse(inner, &record, client, "connect_failed", &e.to_string())
+            refused(inner, &record, client, "connect_failed", &e.to_string())
         }
     }
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn hbone(
+async fn hbone<'p>(
     inner: &Inner,
-    pod: &PodCtx,
+    pod: &'p PodCtx,
     client: TcpStream,
-    mut record: ConnRecord<'_>,
+    mut record: ConnRecord<'p>,
     dst: SocketAddr,
     src_identity: &Identity,
     dst_identity: &Identity,
     started: Instant,
-) {
+) -> Option<Ready<'p>> {
     let peer = record.src;
-    let tunnel = match inner.hbone.open(pod, src_identity, dst, dst_identity, inner.settings.hbone_port).await
-    {
+    let open = inner.hbone.open(pod, src_identity, dst, dst_identity, inner.settings.hbone_port);
+    let tunnel = match open.await {
         Ok(t) => t,
-        Err(e) => return refuse(inner, &record, client, e.reason(), &e.to_string()),
+        Err(e) => return refused(inner, &record, client, e.reason(), &e.to_string()),
     };
     record.leg = tunnel.socket_cookie;
     // The source as the network sees it: the pod's address of the destination's family.
     if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
         record.src = SocketAddr::new(*ip, peer.port());
     }
-    let open = inner.opened(&record);
-    let counters = &open.counters;
-    let never = CancellationToken::new();
-    let transfer = super::hbone::relay(
-        client,
-        tunnel.send,
-        tunnel.recv,
-        (&counters.request, &counters.response),
-        &never,
-    )
-    .await;
-    inner.closed(&record, &open, &transfer, started);
+    Some(Ready { record, client, leg: Leg::Tunnel(tunnel), started })
 }

@@ -165,9 +165,17 @@ async fn connection(
         match stream {
             Ok((req, respond)) => {
                 let (inner, pod, peer_identity) = (inner.clone(), pod.clone(), peer_identity.clone());
-                inner.connections.clone().spawn(async move {
-                    tunnel(&inner, &pod, (peer, local, leg), peer_identity, req, respond).await;
+                let tracker = inner.connections.clone();
+                // One box for the stream's arguments: the task itself stays small.
+                let args = Box::new(TunnelArgs {
+                    inner,
+                    pod,
+                    conn: (peer, local, leg),
+                    peer_identity,
+                    req,
+                    respond,
                 });
+                tracker.spawn(tunnel(args));
             }
             Err(e) => {
                 tracing::debug!(pod = %pod.key(), %peer, error = %e, "HBONE connection ended");
@@ -208,21 +216,60 @@ fn connect_target(method: &Method, authority: Option<&str>) -> Result<SocketAddr
     Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))
 }
 
-/// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
-async fn tunnel(
-    inner: &Arc<Inner>,
-    pod: &Arc<PodCtx>,
-    (peer, local, leg): (SocketAddr, SocketAddr, Option<u64>),
+/// A CONNECT stream as accepted: its head is only read while the tunnel is set up.
+struct TunnelArgs {
+    inner: Arc<Inner>,
+    pod: Arc<PodCtx>,
+    /// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
+    conn: (SocketAddr, SocketAddr, Option<u64>),
     peer_identity: Option<Identity>,
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) {
+    respond: SendResponse<Bytes>,
+}
+
+/// What an open tunnel holds while its bytes flow: every idle tunnel keeps this (and the
+/// relay's state), so what only the setup needs stays in the setup's own allocation.
+struct Served<'p> {
+    record: ConnRecord<'p>,
+    registration: authorize::Registration<'p>,
+    open: crate::proxy::Opened,
+    upstream: tokio::net::TcpStream,
+    send: h2::SendStream<Bytes>,
+    body: RecvStream,
+    started: Instant,
+}
+
+/// One CONNECT stream, from its head to the end of its bytes.
+async fn tunnel(args: Box<TunnelArgs>) {
+    let (inner, pod) = (args.inner.clone(), args.pod.clone());
+    // Boxed: the setup's state (request head, TLS identities, the connect) is freed before
+    // the relay starts instead of sizing the task for the tunnel's whole life.
+    let Some(s) = Box::pin(set_up(&inner, &pod, args)).await else { return };
+    let counters = &s.open.counters;
+    // The application's side of the tunnel sends the response and receives the request.
+    let directions = (&counters.response, &counters.request);
+    let transfer = super::relay(s.upstream, s.send, s.body, directions, &s.registration.closed).await;
+    // As the other directions report it: sent is the request (what the tunnel delivered).
+    let transfer =
+        crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
+    inner.closed(&s.record, &s.open, &transfer, s.started);
+}
+
+/// Checks the CONNECT, authorizes it, connects to the application and answers 200; `None`
+/// when it was refused (answered, counted and logged here).
+async fn set_up<'p>(
+    inner: &'p Arc<Inner>,
+    pod: &'p Arc<PodCtx>,
+    args: Box<TunnelArgs>,
+) -> Option<Served<'p>> {
+    let TunnelArgs { conn: (peer, local, leg), peer_identity, req, mut respond, .. } = *args;
     let started = Instant::now();
     let forwarded = req.headers().get("forwarded").map(http::HeaderValue::as_bytes);
     let src = forwarded_for(forwarded).map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
     let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: &'static str, detail: &str| {
         answer(&mut respond, status);
         inner.failed(&ConnRecord::inbound(pod, src, dst, peer_identity.as_ref(), true), reason, detail);
+        None
     };
     let dst = match connect_target(req.method(), req.uri().authority().map(http::uri::Authority::as_str)) {
         Ok(dst) => dst,
@@ -251,7 +298,7 @@ async fn tunnel(
             "authorization_denied",
             &record.labels(&inner.state.read()),
         );
-        return;
+        return None;
     }
     let registration = inner.open.register(pod.clone(), subject);
     let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
@@ -266,18 +313,11 @@ async fn tunnel(
         Ok(s) => s,
         Err(e) => {
             tracing::debug!(pod = %pod.key(), error = %e, "the client went away before the tunnel opened");
-            return;
+            return None;
         }
     };
     let open = inner.opened(&record);
-    let counters = &open.counters;
-    // The application's side of the tunnel sends the response and receives the request.
-    let directions = (&counters.response, &counters.request);
-    let transfer = super::relay(upstream, send, req.into_body(), directions, &registration.closed).await;
-    // As the other directions report it: sent is the request (what the tunnel delivered).
-    let transfer =
-        crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
-    inner.closed(&record, &open, &transfer, started);
+    Some(Served { record, registration, open, upstream, send, body: req.into_body(), started })
 }
 
 #[cfg(test)]
