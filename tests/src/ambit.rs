@@ -99,6 +99,25 @@ impl<'b> Ambit<'b> {
         a
     }
 
+    /// Starts a successor with `--takeover` (and `extra`) alongside this proxy, as an upgrade
+    /// would, and waits until an endpoint answers ready (either process may answer).
+    pub fn start_successor(&self, extra: &[&str]) -> Ambit<'b> {
+        let mut args = self.args.clone();
+        args.push("--takeover".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let starts = self.starts + 1;
+        let mut a = Ambit {
+            proc: spawn(self.bed, &self.node, &args, starts),
+            node: self.node.clone(),
+            mesh: self.mesh.clone(),
+            args,
+            bed: self.bed,
+            starts,
+        };
+        a.wait_ready(Duration::from_secs(30));
+        a
+    }
+
     /// Starts `ambit node` without waiting for readiness (to watch it become ready).
     pub fn spawn(bed: &'b Bed, node: &Node, mesh: &Path, extra: &[&str]) -> Ambit<'b> {
         let args = Self::args(bed, node, mesh, extra);

@@ -238,8 +238,16 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
 }
 
 /// Binds `addr` for `routes`; fails (so the caller can report it at start) if it cannot.
+/// Binds with SO_REUSEPORT: during an upgrade (`--takeover`) the successor serves these
+/// ports alongside the draining proxy (which answers readiness with 503).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
 }
 
 /// Serves until `stop` is cancelled.

@@ -95,6 +95,13 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_FAIL_OPEN")]
     pub fail_open: bool,
 
+    /// Upgrade in place: when another `ambit node` runs this instance, start alongside it
+    /// (pod listeners are shared with SO_REUSEPORT), and once ready ask it to drain (SIGTERM).
+    /// Its established connections finish there; new ones come here. Without this flag a
+    /// second proxy on the same instance is refused.
+    #[arg(long, env = "AMBIT_TAKEOVER")]
+    pub takeover: bool,
+
     /// SO_MARK of the proxy's own sockets, which capture never touches. Istio's ztunnel uses
     /// the same default.
     #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
@@ -269,6 +276,7 @@ pub struct NodeSettings {
     pub cgroup: PathBuf,
     pub bpffs: PathBuf,
     pub instance: String,
+    pub takeover: bool,
     pub fail_open: bool,
     pub proxy_mark: u32,
     /// Empty: discovered from the interfaces.
@@ -360,6 +368,7 @@ impl NodeSettings {
             cgroup,
             bpffs: args.bpffs,
             instance: args.instance,
+            takeover: args.takeover,
             fail_open: args.fail_open,
             proxy_mark: args.proxy_mark,
             node_addresses: args.node_addresses.clone(),
@@ -445,6 +454,7 @@ impl NodeSettings {
             hbone_port: self.hbone_port,
             kernel_log_level: self.ebpf_log_level,
             trace: self.kernel_tracing,
+            takeover: self.takeover,
         }
     }
 

@@ -212,6 +212,8 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     };
     view.publish(&pods);
 
+    // --takeover: the previous proxy drains once this one is ready.
+    let mut predecessor = pods.capture().predecessor();
     let mut retry = tokio::time::interval(RETRY);
     // Certificates arrive and rotate on their own: refresh the dump and readiness.
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
@@ -242,7 +244,18 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
             () = shutdown.cancelled() => break,
         }
-        view.publish(&pods);
+        if view.publish(&pods) {
+            if let Some(pid) = predecessor.take() {
+                let root = pods.capture().pin_dir().to_path_buf();
+                tokio::task::spawn_blocking(move || match crate::capture::handover::succeed(&root, pid) {
+                    // Held until this process exits, as the lock of a proxy that started alone.
+                    Ok(lock) => std::mem::forget(lock),
+                    Err(e) => {
+                        tracing::error!(predecessor = pid, error = %e, "taking over from the previous proxy")
+                    }
+                });
+            }
+        }
     }
 
     admin.set_ready(Some("draining".into()));
@@ -334,7 +347,8 @@ struct View<'a> {
 }
 
 impl View<'_> {
-    fn publish(&self, pods: &PodManager) {
+    /// Publishes the dump and readiness; whether the proxy is ready.
+    fn publish(&self, pods: &PodManager) -> bool {
         let (enrolled, failed) = pods.dump();
         self.metrics.enrolled_pods.set(enrolled.len() as i64);
         let maps = pods.capture().maps();
@@ -367,6 +381,8 @@ impl View<'_> {
         } else {
             None
         };
+        let ready = not_ready.is_none();
         self.admin.set_ready(not_ready);
+        ready
     }
 }

@@ -15,6 +15,7 @@
 //! links instead of attaching a second copy. A proxy with a different object replaces them.
 
 pub mod addr;
+pub mod handover;
 pub mod klog;
 pub mod maps;
 mod pins;
@@ -123,6 +124,8 @@ pub struct CaptureSettings {
     pub kernel_log_level: klog::KernelLogLevel,
     /// Kernel-level tracing of enrolled pods' sockets (`CONFIG_TRACE`).
     pub trace: bool,
+    /// Start alongside a running proxy of the same instance and take over from it.
+    pub takeover: bool,
 }
 
 /// What [`Capture::open`] hands out besides the capture itself.
@@ -157,7 +160,7 @@ impl Capture {
     /// Loads (or re-adopts) the programs and maps, attaches the cgroup programs, and writes
     /// the settings the programs read.
     pub fn open(settings: &CaptureSettings) -> Result<Opened, CaptureError> {
-        let pins = PinDir::create(&settings.bpffs, &settings.instance)?;
+        let pins = PinDir::create(&settings.bpffs, &settings.instance, settings.takeover)?;
         let logs_pin = pins.root().join(AYA_LOGS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.root())
@@ -219,6 +222,11 @@ impl Capture {
 
     pub fn pin_dir(&self) -> &Path {
         self.pins.root()
+    }
+
+    /// The running proxy this one is taking over from (`--takeover`), if any.
+    pub fn predecessor(&self) -> Option<i32> {
+        self.pins.predecessor()
     }
 
     pub fn maps(&self) -> &maps::Maps {

@@ -23,10 +23,14 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// `<bpffs>/ambit/<instance>`, locked for as long as this value lives: two proxies driving
 /// the same pinned state would fight over the pods' listeners.
+///
+/// Taking over (`--takeover`), the lock is still the predecessor's: this value then names it,
+/// and [`super::handover::succeed`] takes the lock once it has gone.
 #[derive(Debug)]
 pub struct PinDir {
     root: PathBuf,
-    _lock: nix::fcntl::Flock<fs::File>,
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
+    predecessor: Option<i32>,
 }
 
 /// What `Capture::open` found and did, for the log and the config dump.
@@ -49,7 +53,7 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaptureError + '_ {
 }
 
 impl PinDir {
-    pub fn create(bpffs: &Path, instance: &str) -> Result<PinDir, CaptureError> {
+    pub fn create(bpffs: &Path, instance: &str, takeover: bool) -> Result<PinDir, CaptureError> {
         let st = nix::sys::statfs::statfs(bpffs)
             .map_err(|e| CaptureError::Io { path: bpffs.to_path_buf(), source: e.into() })?;
         if st.filesystem_type().0 as i64 != BPF_FS_MAGIC {
@@ -59,16 +63,21 @@ impl PinDir {
         for dir in [root.clone(), root.join("tc")] {
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir).map_err(io_err(&dir))?;
         }
-        let dir = fs::File::open(&root).map_err(io_err(&root))?;
-        let lock =
-            nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-                if e == nix::errno::Errno::EWOULDBLOCK {
-                    CaptureError::InstanceBusy { path: root.clone() }
-                } else {
-                    CaptureError::Io { path: root.clone(), source: e.into() }
+        match lock_dir(&root) {
+            Ok(lock) => Ok(PinDir { root, _lock: Some(lock), predecessor: None }),
+            Err(CaptureError::InstanceBusy { path }) if takeover => {
+                match super::handover::lock_holder(&root).filter(|pid| *pid != std::process::id() as i32) {
+                    Some(pid) => Ok(PinDir { root, _lock: None, predecessor: Some(pid) }),
+                    None => Err(CaptureError::InstanceBusy { path }),
                 }
-            })?;
-        Ok(PinDir { root, _lock: lock })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The proxy this one takes over from, while it still holds the instance.
+    pub fn predecessor(&self) -> Option<i32> {
+        self.predecessor
     }
 
     pub fn root(&self) -> &Path {

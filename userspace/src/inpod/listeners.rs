@@ -56,12 +56,25 @@ const BACKLOG: i32 = 4096;
 fn listen(addr: SocketAddr) -> io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
+    // A successor proxy (`--takeover`) binds the same addresses while this one drains.
+    sock.set_reuse_port(true)?;
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
     sock.bind(&addr.into())?;
     sock.listen(BACKLOG)?;
     Ok(sock)
+}
+
+/// With SO_REUSEPORT, connections queued on a closing listener are reset unless the netns
+/// migrates them to another listener of the group (5.14+): the drain of a proxy that was
+/// taken over must not reset what it had not accepted yet. Affects only reuseport groups.
+fn migrate_on_close() {
+    const SYSCTL: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+    // Opened from inside the pod's netns, so the file is that namespace's setting.
+    if let Err(e) = std::fs::write(SYSCTL, "1") {
+        tracing::debug!(error = %e, "{SYSCTL}: queued connections of a closing listener may be reset");
+    }
 }
 
 /// Creates the pod's capture listeners: outbound on 127.0.0.1 always (it also serves IPv4-mapped
@@ -95,6 +108,7 @@ pub fn create(
         wanted.extend(ips.iter().map(|ip| (Direction::Hbone, SocketAddr::new(*ip, port))));
     }
     netns.run(|| {
+        migrate_on_close();
         wanted
             .into_iter()
             .map(|(direction, addr)| {
