@@ -201,3 +201,62 @@ fn transfers_survive_a_control_plane_restart_and_a_peer_restart_recovers() {
     let mut again = send(&bed, &t, 16 << 20);
     assert!(wait_exit(&mut again, T).success(), "{}", again.output());
 }
+
+#[test]
+fn a_certificate_expiring_while_the_ca_is_down_fails_closed_and_recovers() {
+    let bed = Bed::new("faults-expiry");
+    let n1 = bed.node("n1");
+    let n2 = bed.node("n2");
+    let cpn = bed.node("cp");
+    bed.link(&n1, &n2);
+    bed.link(&cpn, &n1);
+    bed.link(&cpn, &n2);
+    let a = bed.pod(&n1, "a");
+    let b = bed.pod(&n2, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod_with_sa(&a, "demo", &[], "client")
+            .pod_with_sa(&b, "demo", &[], "server")
+            .yaml(),
+    );
+    let mut cp = ControlPlane::start(&bed, &cpn, &mesh, &[&n1, &n2], &[]);
+    let start = |node: &Node| {
+        let mut args = cp.node_args(node);
+        args.extend(["--cert-validity".to_string(), "6s".to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Ambit::start(&bed, node, &mesh, &args)
+    };
+    let (p1, _p2) = (start(&n1), start(&n2));
+    let _http = http_server(&bed, &b, "b\n");
+    let url = format!("http://{}:8080/", b.ipv4);
+    assert_eq!(curl_code(&a, &url), 0);
+
+    cp.stop();
+    // Renewal fails, then the certificate runs out: a clear log, readiness drops, and new
+    // connections are refused rather than sent without mTLS.
+    assert!(
+        eventually(Duration::from_secs(20), || p1
+            .log()
+            .contains("no valid certificate: connections of this identity fail until the CA answers")),
+        "{}",
+        p1.log()
+    );
+    assert!(
+        eventually(T, || p1.readiness().is_ok_and(|(code, _)| code == 503)),
+        "ready without a valid certificate"
+    );
+    let served = _http.output().matches("GET /").count();
+    assert_ne!(curl_code(&a, &url), 0, "a connection went through without a valid certificate");
+    assert_eq!(_http.output().matches("GET /").count(), served, "b was reached without mTLS");
+    assert!(eventually(T, || access_lines(&p1, &["no_certificate"]) > 0), "{}", p1.log());
+
+    cp.restart();
+    assert!(
+        eventually(Duration::from_secs(30), || curl_code(&a, &url) == 0),
+        "no recovery after the CA returned"
+    );
+    assert!(eventually(T, || p1.readiness().is_ok_and(|(code, _)| code == 200)), "not ready again");
+}
