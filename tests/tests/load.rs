@@ -11,7 +11,7 @@ use ambit_testbed::{
     ambit::write_mesh,
     controlplane::ControlPlane,
     exec::workspace_bin,
-    mesh::{Mesh, AMBIENT},
+    mesh::{Mesh, AMBIENT, OPT_OUT},
     pod_command, run_with_timeout, Ambit, Bed, Pod,
 };
 use common::*;
@@ -129,5 +129,83 @@ fn connection_churn_leaves_no_descriptor_map_entry_or_memory_behind() {
         after[1].rss_kib,
         before[1].map_entries,
         after[1].map_entries
+    );
+}
+
+/// The proxy's open network-namespace references (`net:[…]` descriptors).
+fn netns_fds(p: &Ambit<'_>) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", p.proc.pid()))
+        .expect("fd dir")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("net:["))
+        .count()
+}
+
+/// What an enrolled pod costs the proxy: descriptors, netns references, registered
+/// listeners, entries of the per-pod maps and per-pod tc link pins.
+fn pod_state(p: &Ambit<'_>) -> Vec<usize> {
+    let dump = p.config_dump();
+    let maps = ["AMBIT_ENROLLED", "AMBIT_POD_IPS", "AMBIT_LISTENERS"]
+        .iter()
+        .map(|m| pinned_map_len(&p.pin_dir().join(m)).expect("map dump"));
+    let tc_pins = std::fs::read_dir(p.pin_dir().join("tc")).expect("tc pins").count();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", p.proc.pid())).expect("fd dir").count();
+    [
+        fds,
+        netns_fds(p),
+        dump["capture"]["registered_listeners"].as_u64().expect("listeners") as usize,
+        tc_pins,
+    ]
+    .into_iter()
+    .chain(maps)
+    .collect()
+}
+
+fn enrolled(p: &Ambit<'_>, pod: &str) -> bool {
+    p.config_dump()["pods"].as_array().expect("pods").iter().any(|x| x["name"] == pod)
+}
+
+#[test]
+fn five_hundred_enrol_unenrol_cycles_leak_no_listener_map_entry_or_netns_reference() {
+    const CYCLES: usize = 500;
+    let bed = Bed::new("load-pod-churn");
+    let node = bed.node("n1");
+    let a = bed.pod(&node, "a");
+    let c = bed.pod(&node, "c");
+    let mesh = bed.dir().join("mesh.yaml");
+    let with_c = |labels: &[(&str, &str)]| {
+        Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).pod(&c, "demo", labels).yaml()
+    };
+    let (enrol, unenrol) = (with_c(&[]), with_c(&[OPT_OUT]));
+    write_mesh(&mesh, &unenrol);
+    let p = Ambit::start(&bed, &node, &mesh, &["--mesh-file-poll", "10ms", "--log-level", "warn"]);
+    let _http = http_server(&bed, &a, "a\n");
+    let before = pod_state(&p);
+    let rss = |p: &Ambit<'_>| footprint(p).rss_kib;
+    let rss_before = rss(&p);
+
+    let started = std::time::Instant::now();
+    for i in 0..CYCLES {
+        write_mesh(&mesh, &enrol);
+        assert!(eventually(T, || enrolled(&p, "c")), "cycle {i}: c was not enrolled");
+        write_mesh(&mesh, &unenrol);
+        assert!(eventually(T, || !enrolled(&p, "c")), "cycle {i}: c was not unenrolled");
+    }
+    let took = started.elapsed();
+    let after = pod_state(&p);
+    // Descriptors may be fewer (an admin connection of the start-up check may still have
+    // been open before), never more; everything else exactly as before.
+    assert!(
+        after[0] <= before[0] && after[1..] == before[1..],
+        "after {CYCLES} cycles [fds, netns fds, listeners, tc pins, ENROLLED, POD_IPS, LISTENERS]: \
+         {after:?}, before {before:?}"
+    );
+    // a was enrolled all along and still works; c goes direct again.
+    assert_eq!(ok_body(&curl(&c, &format!("http://{}:8080/", a.ipv4))), "a\n");
+    let grown = rss(&p).saturating_sub(rss_before);
+    assert!(grown < 4096, "RSS grew {grown} KiB over {CYCLES} enrol/unenrol cycles");
+    eprintln!(
+        "pod churn: {CYCLES} enrol/unenrol cycles in {:.1} s; state {before:?} before and after; RSS +{grown} KiB",
+        took.as_secs_f64()
     );
 }

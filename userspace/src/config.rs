@@ -33,7 +33,11 @@ pub enum PodSourceKind {
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PodSource {
-    File { mesh_file: PathBuf },
+    File {
+        mesh_file: PathBuf,
+        #[serde(with = "humantime_ms")]
+        poll: Duration,
+    },
     Kubernetes(KubeSettings),
 }
 
@@ -52,6 +56,11 @@ pub struct NodeArgs {
     /// Required with `--pod-source file`.
     #[arg(long, env = "AMBIT_MESH_FILE")]
     pub mesh_file: Option<PathBuf>,
+
+    /// How often the mesh file is checked for changes (its metadata; read only when it
+    /// changed).
+    #[arg(long, env = "AMBIT_MESH_FILE_POLL", default_value = "250ms", value_parser = parse_duration)]
+    pub mesh_file_poll: Duration,
 
     /// Kubernetes: a kubeconfig file. Default: `KUBECONFIG`, `~/.kube/config`, then the
     /// in-cluster service account (how the DaemonSet runs).
@@ -348,7 +357,9 @@ impl NodeSettings {
             other => other.clone(),
         };
         let pod_source = match (args.pod_source, args.mesh_file) {
-            (PodSourceKind::File, Some(mesh_file)) => PodSource::File { mesh_file },
+            (PodSourceKind::File, Some(mesh_file)) => {
+                PodSource::File { mesh_file, poll: args.mesh_file_poll }
+            }
             (PodSourceKind::File, None) => {
                 bail!("--mesh-file is required with --pod-source file (or use --pod-source kubernetes)")
             }

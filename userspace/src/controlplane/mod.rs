@@ -156,7 +156,7 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         "starting ambit controlplane"
     );
     let shutdown = CancellationToken::new();
-    let mesh = enroll::local::watch(args.mesh_file.clone(), None, shutdown.clone())
+    let mesh = enroll::local::watch(args.mesh_file.clone(), None, enroll::local::POLL, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("loading the mesh file")?;
     let tokens = Arc::new(load_tokens(&args.tokens_file)?);

@@ -14,9 +14,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::meshfile::{self, Checks, Mesh, MeshFileError};
 
-/// How often the file's metadata is checked. Polling (rather than inotify) also catches edits
-/// that replace the file by rename, bind-mounted ConfigMaps and the like.
-const POLL: Duration = Duration::from_millis(250);
+/// How often the file's metadata is checked by default. Polling (rather than inotify) also
+/// catches edits that replace the file by rename, bind-mounted ConfigMaps and the like.
+pub const POLL: Duration = Duration::from_millis(250);
 
 /// Identity of a version of the file, without reading it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +41,7 @@ fn stamp(path: &Path) -> Option<Stamp> {
 pub fn watch(
     path: PathBuf,
     node: Option<String>,
+    poll: Duration,
     stop: CancellationToken,
 ) -> Result<watch::Receiver<Arc<Mesh>>, MeshFileError> {
     let first_stamp = stamp(&path);
@@ -52,7 +53,7 @@ pub fn watch(
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(POLL) => {}
+                () = tokio::time::sleep(poll) => {}
             }
             let now = stamp(&path);
             // A refused version is re-checked even unchanged: what it refers to (a pod's

@@ -36,9 +36,11 @@ impl Source {
         stop: CancellationToken,
     ) -> anyhow::Result<Source> {
         match settings {
-            PodSource::File { mesh_file } => local::watch(mesh_file.clone(), Some(node.to_string()), stop)
-                .map(Source::File)
-                .map_err(|e| anyhow::anyhow!("loading the mesh file: {e}")),
+            PodSource::File { mesh_file, poll } => {
+                { local::watch(mesh_file.clone(), Some(node.to_string()), *poll, stop) }
+                    .map(Source::File)
+                    .map_err(|e| anyhow::anyhow!("loading the mesh file: {e}"))
+            }
             PodSource::Kubernetes(k) => {
                 kube::start(k.clone(), rules.clone(), stop).await.map(Source::Kubernetes)
             }
