@@ -9,7 +9,8 @@
 //! - `bench-tool connrate <addr> <seconds> <parallel>`: new connections as fast as possible
 //!   (connect, one byte each way, close); prints JSON with the rate;
 //! - `bench-tool hold <addr> <n> <seconds>`: opens `n` connections (one byte echoed on each),
-//!   prints `held <n>`, keeps them idle for `seconds`.
+//!   prints `held <n>`, keeps them idle for `seconds`, then echoes one byte on each and
+//!   prints `alive <k> of <n>` (exit 1 unless all are).
 //!
 //! Every run is bounded by its arguments.
 
@@ -179,7 +180,20 @@ fn hold(addr: &str, n: usize, secs: u64) -> ExitCode {
     println!("held {n}");
     let _ = std::io::stdout().flush();
     std::thread::sleep(Duration::from_secs(secs));
-    ExitCode::SUCCESS
+    // Still there? One echo on each connection.
+    let mut alive = 0;
+    for s in &mut held {
+        if s.write_all(b"y").is_ok() && s.read_exact(&mut b).is_ok() {
+            alive += 1;
+        }
+    }
+    println!("alive {alive} of {n}");
+    let _ = std::io::stdout().flush();
+    if alive == n {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn main() -> ExitCode {

@@ -5,6 +5,7 @@
 mod load;
 mod profile;
 mod report;
+pub mod soak;
 mod topology;
 
 use std::time::{Duration, Instant};
@@ -317,6 +318,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         s.add("memory.idle_rss_mib", "ambit", mib);
         p.say(&format!("ambit on node {}: idle RSS {mib:.1} MiB", if i == 0 { "a" } else { "b" }));
     }
+    // Memory first, once, on fresh proxies: memory freed after other load stays with the
+    // allocator, and idle connections made later would reuse it and look free.
+    for c in [Config::Ambit, Config::Relay] {
+        memory(&topo, c, args.idle_connections, &mut s, &p)?;
+    }
     p.say("warming up");
     for c in CONFIGS {
         let pods = topo.pods(c);
@@ -341,9 +347,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             p.say(&format!("cross ambit, tracing off: iperf3 {streams} stream(s) {gbps:.2} Gbit/s"));
         }
         topo.ambit_tracing(true)?;
-        for c in [Config::Ambit, Config::Relay] {
-            memory(&topo, c, args.idle_connections, &mut s, &p)?;
-        }
     }
     added(&mut s);
     let elapsed = p.started.elapsed().as_secs();
