@@ -27,6 +27,8 @@ pub enum Direction {
 /// A listening socket created in a pod's netns, not yet handed to the runtime.
 pub struct PodListener {
     pub direction: Direction,
+    /// What it serves: for inbound, the port is the capture map key's (the socket itself is
+    /// bound to an ephemeral loopback port).
     pub addr: SocketAddr,
     pub socket: Socket,
 }
@@ -53,15 +55,24 @@ impl PodListener {
 /// Backlog of the capture listeners: bursts of connects queue here while the proxy accepts.
 const BACKLOG: i32 = 4096;
 
-fn listen(addr: SocketAddr) -> io::Result<Socket> {
+fn listen(direction: Direction, addr: SocketAddr) -> io::Result<Socket> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
-    // A successor proxy (`--takeover`) binds the same addresses while this one drains.
-    sock.set_reuse_port(true)?;
+    let bind = if direction == Direction::Inbound {
+        // Reached only through `bpf_sk_assign` by its map entry, never by address: an
+        // ephemeral port, so that a successor (`--takeover`) has its own without
+        // SO_REUSEPORT, which `bpf_sk_assign` refuses before Linux 6.5.
+        SocketAddr::new(addr.ip(), 0)
+    } else {
+        // Outbound (the connect hook's rewrite target) and HBONE are reached by address: a
+        // successor binds the same ones while this proxy drains.
+        sock.set_reuse_port(true)?;
+        addr
+    };
     if addr.is_ipv6() {
         sock.set_only_v6(true)?;
     }
-    sock.bind(&addr.into())?;
+    sock.bind(&bind.into())?;
     sock.listen(BACKLOG)?;
     Ok(sock)
 }
@@ -112,7 +123,7 @@ pub fn create(
         wanted
             .into_iter()
             .map(|(direction, addr)| {
-                let socket = listen(addr).map_err(|e| {
+                let socket = listen(direction, addr).map_err(|e| {
                     let hint = if addr.is_ipv6() && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
                         " (is the pod's loopback up with IPv6 enabled?)"
                     } else {
