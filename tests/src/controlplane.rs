@@ -112,6 +112,15 @@ impl<'b> ControlPlane<'b> {
         }
     }
 
+    /// Starts `ambit node` on `node` with the mesh file `mesh`, pointed at this control plane,
+    /// with `extra` flags; waits until it is ready.
+    pub fn start_node(&self, node: &Node, mesh: &Path, extra: &[&str]) -> crate::Ambit<'b> {
+        let mut args = self.node_args(node);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::Ambit::start(self.bed, node, mesh, &args)
+    }
+
     /// The `ambit node` flags that point `node` at this control plane (CA and xDS).
     pub fn node_args(&self, node: &Node) -> Vec<String> {
         vec![

@@ -6,12 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use ambit_testbed::{
-    ambit::write_mesh,
-    controlplane::ControlPlane,
-    mesh::{Mesh, AMBIENT},
-    pod_command, run_with_timeout, Ambit, Bed, Chat, Node, Pod, Proc,
-};
+use ambit_testbed::{controlplane::ControlPlane, pod_command, run_with_timeout, Ambit, Bed, Chat, Pod, Proc};
 use common::*;
 
 const CURL_REFUSED: i32 = 7;
@@ -29,30 +24,9 @@ struct Two<'b> {
 
 /// Pod a on n1 (client), pod b on n2 with a sink on 7000, an echo on 7001 and HTTP on 8080.
 fn two<'b>(bed: &'b Bed) -> Two<'b> {
-    let n1 = bed.node("n1");
-    let n2 = bed.node("n2");
-    let cpn = bed.node("cp");
-    bed.link(&n1, &n2);
-    bed.link(&cpn, &n1);
-    bed.link(&cpn, &n2);
-    let a = bed.pod(&n1, "a");
-    let b = bed.pod(&n2, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod_with_sa(&a, "demo", &[], "client")
-            .pod_with_sa(&b, "demo", &[], "server")
-            .yaml(),
-    );
+    let AcrossNodes { n1, n2, cp: cpn, a, b, mesh } = across_nodes(bed);
     let cp = ControlPlane::start(bed, &cpn, &mesh, &[&n1, &n2], &[]);
-    let start = |node: &Node| {
-        let args = cp.node_args(node);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ambit::start(bed, node, &mesh, &args)
-    };
-    let (p1, p2) = (start(&n1), start(&n2));
+    let (p1, p2) = (cp.start_node(&n1, &mesh, &[]), cp.start_node(&n2, &mesh, &[]));
     let mut sink = netprobe(bed, &b, "sink", "[::]:7000");
     sink.wait_for_output("listening", T).expect("sink listens");
     let mut echo = netprobe(bed, &b, "echo", "[::]:7001");
@@ -205,31 +179,10 @@ fn transfers_survive_a_control_plane_restart_and_a_peer_restart_recovers() {
 #[test]
 fn a_certificate_expiring_while_the_ca_is_down_fails_closed_and_recovers() {
     let bed = Bed::new("faults-expiry");
-    let n1 = bed.node("n1");
-    let n2 = bed.node("n2");
-    let cpn = bed.node("cp");
-    bed.link(&n1, &n2);
-    bed.link(&cpn, &n1);
-    bed.link(&cpn, &n2);
-    let a = bed.pod(&n1, "a");
-    let b = bed.pod(&n2, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod_with_sa(&a, "demo", &[], "client")
-            .pod_with_sa(&b, "demo", &[], "server")
-            .yaml(),
-    );
+    let AcrossNodes { n1, n2, cp: cpn, a, b, mesh } = across_nodes(&bed);
     let mut cp = ControlPlane::start(&bed, &cpn, &mesh, &[&n1, &n2], &[]);
-    let start = |node: &Node| {
-        let mut args = cp.node_args(node);
-        args.extend(["--cert-validity".to_string(), "6s".to_string()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ambit::start(&bed, node, &mesh, &args)
-    };
-    let (p1, _p2) = (start(&n1), start(&n2));
+    let short = ["--cert-validity", "6s"];
+    let (p1, _p2) = (cp.start_node(&n1, &mesh, &short), cp.start_node(&n2, &mesh, &short));
     let _http = http_server(&bed, &b, "b\n");
     let url = format!("http://{}:8080/", b.ipv4);
     assert_eq!(curl_code(&a, &url), 0);

@@ -5,12 +5,7 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use ambit_testbed::{
-    ambit::write_mesh,
-    controlplane::ControlPlane,
-    mesh::{Mesh, AMBIENT},
-    netns, run_with_timeout, Ambit, Bed,
-};
+use ambit_testbed::{controlplane::ControlPlane, netns, run_with_timeout, Ambit, Bed};
 use common::*;
 
 #[test]
@@ -72,31 +67,10 @@ const KEY_PREFIXES: [&str; 2] = ["MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQ
 #[test]
 fn no_key_material_or_token_in_logs_dumps_or_metrics() {
     let bed = Bed::new("hardening-keys");
-    let n1 = bed.node("n1");
-    let n2 = bed.node("n2");
-    let cpn = bed.node("cp");
-    bed.link(&n1, &n2);
-    bed.link(&cpn, &n1);
-    bed.link(&cpn, &n2);
-    let a = bed.pod(&n1, "a");
-    let b = bed.pod(&n2, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod_with_sa(&a, "demo", &[], "client")
-            .pod_with_sa(&b, "demo", &[], "server")
-            .yaml(),
-    );
+    let AcrossNodes { n1, n2, cp: cpn, a, b, mesh } = across_nodes(&bed);
     let cp = ControlPlane::start(&bed, &cpn, &mesh, &[&n1, &n2], &["--log-level", "debug"]);
-    let start = |node| {
-        let mut args = cp.node_args(node);
-        args.extend(["--log-level".to_string(), "debug".to_string()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ambit::start(&bed, node, &mesh, &args)
-    };
-    let (p1, p2) = (start(&n1), start(&n2));
+    let debug = ["--log-level", "debug"];
+    let (p1, p2) = (cp.start_node(&n1, &mesh, &debug), cp.start_node(&n2, &mesh, &debug));
     let _server = http_server(&bed, &b, "secret-free\n");
     let url = format!("http://{}:8080/", b.ipv4);
     assert_eq!(ok_body(&curl(&a, &url)), "secret-free\n");

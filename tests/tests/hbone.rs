@@ -56,13 +56,6 @@ fn two_nodes(bed: &Bed) -> Mesh2 {
     Mesh2 { n1, n2, cp, a, b, c, mesh, n1_link }
 }
 
-fn start<'b>(bed: &'b Bed, cp: &ControlPlane<'b>, node: &Node, mesh: &Path, extra: &[&str]) -> Ambit<'b> {
-    let mut args = cp.node_args(node);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ambit::start(bed, node, mesh, &args)
-}
-
 fn mtls_lines(p: &Ambit, direction: &str, src: &str, dst: &str) -> usize {
     let (dir, s, d) =
         (format!("direction={direction}"), format!("src_identity={src}"), format!("dst_identity={dst}"));
@@ -74,8 +67,8 @@ fn curl_across_nodes_goes_through_an_mtls_tunnel_with_both_identities() {
     let bed = Bed::new("hbone-curl");
     let t = two_nodes(&bed);
     let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
-    let p1 = start(&bed, &cp, &t.n1, &t.mesh, &[]);
-    let p2 = start(&bed, &cp, &t.n2, &t.mesh, &[]);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &[]);
+    let p2 = cp.start_node(&t.n2, &t.mesh, &[]);
     let _server = http_server(&bed, &t.b, "across nodes\n");
 
     for url in [format!("http://{}:8080/", t.b.ipv4), format!("http://[{}]:8080/", t.b.ipv6)] {
@@ -105,7 +98,7 @@ fn same_node_traffic_is_tunnelled_with_identity_too() {
     let bed = Bed::new("hbone-same-node");
     let t = two_nodes(&bed);
     let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
-    let p1 = start(&bed, &cp, &t.n1, &t.mesh, &[]);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &[]);
     let _server = http_server(&bed, &t.c, "same node\n");
     assert_eq!(ok_body(&curl(&t.a, &format!("http://{}:8080/", t.c.ipv4))), "same node\n");
     assert!(eventually(T, || mtls_lines(&p1, "outbound", CLIENT, NEIGHBOUR) == 1), "{}", p1.log());
@@ -156,8 +149,8 @@ fn bulk_across_nodes_is_byte_exact_and_the_wire_shows_only_tls_on_15008() {
     let bed = Bed::new("hbone-wire");
     let t = two_nodes(&bed);
     let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
-    let p1 = start(&bed, &cp, &t.n1, &t.mesh, &[]);
-    let _p2 = start(&bed, &cp, &t.n2, &t.mesh, &[]);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &[]);
+    let _p2 = cp.start_node(&t.n2, &t.mesh, &[]);
     let marker = format!("AMBIT-MARKER-{}", bed.id());
     let _server = http_server(&bed, &t.b, &format!("{marker}\n"));
 
@@ -220,8 +213,8 @@ fn fifty_concurrent_connections_share_a_handful_of_hbone_connections() {
     let bed = Bed::new("hbone-pool");
     let t = two_nodes(&bed);
     let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
-    let p1 = start(&bed, &cp, &t.n1, &t.mesh, &[]);
-    let _p2 = start(&bed, &cp, &t.n2, &t.mesh, &[]);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &[]);
+    let _p2 = cp.start_node(&t.n2, &t.mesh, &[]);
     let mut echo = netprobe(&bed, &t.b, "echo", "[::]:7000");
     echo.wait_for_output("listening", T).expect("echo listens");
     let bin = workspace_bin("netprobe");
@@ -262,7 +255,7 @@ fn the_inbound_side_refuses_what_the_spec_says() {
     let bed = Bed::new("hbone-refusals");
     let t = two_nodes(&bed);
     let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
-    let p2 = start(&bed, &cp, &t.n2, &t.mesh, &[]);
+    let p2 = cp.start_node(&t.n2, &t.mesh, &[]);
     let mut echo = netprobe(&bed, &t.b, "echo", "[::]:7000");
     echo.wait_for_output("listening", T).expect("echo listens");
     let dir = bed.dir();
@@ -410,8 +403,8 @@ fn certificates_renew_and_connections_survive_renewals_and_a_ca_outage() {
     let t = two_nodes(&bed);
     let mut cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
     let short = ["--cert-validity", "6s"];
-    let p1 = start(&bed, &cp, &t.n1, &t.mesh, &short);
-    let _p2 = start(&bed, &cp, &t.n2, &t.mesh, &short);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &short);
+    let _p2 = cp.start_node(&t.n2, &t.mesh, &short);
     let mut echo = netprobe(&bed, &t.b, "echo", "[::]:7000");
     echo.wait_for_output("listening", T).expect("echo listens");
     let _server = http_server(&bed, &t.b, "fresh\n");

@@ -58,32 +58,11 @@ fn idle(p: &Ambit<'_>) -> bool {
 #[test]
 fn connection_churn_leaves_no_descriptor_map_entry_or_memory_behind() {
     let bed = Bed::new("load-churn");
-    let n1 = bed.node("n1");
-    let n2 = bed.node("n2");
-    let cpn = bed.node("cp");
-    bed.link(&n1, &n2);
-    bed.link(&cpn, &n1);
-    bed.link(&cpn, &n2);
-    let a = bed.pod(&n1, "a");
-    let b = bed.pod(&n2, "b");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod_with_sa(&a, "demo", &[], "client")
-            .pod_with_sa(&b, "demo", &[], "server")
-            .yaml(),
-    );
+    let AcrossNodes { n1, n2, cp: cpn, a, b, mesh } = across_nodes(&bed);
     let cp = ControlPlane::start(&bed, &cpn, &mesh, &[&n1, &n2], &[]);
-    let start = |node| {
-        let mut args = cp.node_args(node);
-        // The access log of thousands of connections would only measure the log.
-        args.extend(["--log-level".to_string(), "warn".to_string()]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Ambit::start(&bed, node, &mesh, &args)
-    };
-    let (p1, p2) = (start(&n1), start(&n2));
+    // The access log of thousands of connections would only measure the log.
+    let quiet = ["--log-level", "warn"];
+    let (p1, p2) = (cp.start_node(&n1, &mesh, &quiet), cp.start_node(&n2, &mesh, &quiet));
     let mut echo = netprobe(&bed, &b, "echo", "[::]:7000");
     echo.wait_for_output("listening", T).expect("echo listens");
     let addr = format!("{}:7000", b.ipv4);

@@ -22,12 +22,6 @@ use common::*;
 
 const ADMIN: &str = "127.0.0.1:15000";
 
-fn start<'b>(bed: &'b Bed, cp: &ControlPlane<'b>, node: &Node, mesh: &Path) -> Ambit<'b> {
-    let args = cp.node_args(node);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ambit::start(bed, node, mesh, &args)
-}
-
 fn promtool() -> PathBuf {
     let p =
         Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace").join("target/tools/bin/promtool");
@@ -127,8 +121,8 @@ fn istio_metrics_count_what_was_sent_per_reporter_and_pass_promtool() {
             .yaml(),
     );
     let cp = ControlPlane::start(&bed, &cp, &mesh, &[&n1, &n2], &[]);
-    let p1 = start(&bed, &cp, &n1, &mesh);
-    let p2 = start(&bed, &cp, &n2, &mesh);
+    let p1 = cp.start_node(&n1, &mesh, &[]);
+    let p2 = cp.start_node(&n2, &mesh, &[]);
 
     // Three connections of 1,000,000 bytes each; the sink answers "1000000 <sha256>\n".
     let addr = format!("{}:9000", b.ipv4);
@@ -189,8 +183,8 @@ fn ambit_trace_shows_a_connection_s_life_attributed_to_its_workloads() {
             .yaml(),
     );
     let cp = ControlPlane::start(&bed, &cp, &mesh, &[&n1, &n2], &[]);
-    let _p1 = start(&bed, &cp, &n1, &mesh);
-    let _p2 = start(&bed, &cp, &n2, &mesh);
+    let _p1 = cp.start_node(&n1, &mesh, &[]);
+    let _p2 = cp.start_node(&n2, &mesh, &[]);
     let t1 = trace(&bed, &n1, "trace-n1", &["--workload", "demo/a"]);
     let t2 = trace(&bed, &n2, "trace-n2", &["--peer", "demo/a"]);
     let text = trace(&bed, &n1, "trace-n1-text", &["--output", "text", "--kind", "connect", "--leg", "app"]);
@@ -292,8 +286,8 @@ fn packet_loss_raises_the_retransmits_of_exactly_that_workload_pair() {
     }
     write_mesh(&mesh, &m.yaml());
     let cp = ControlPlane::start(&bed, &cp, &mesh, &[&n1, &n2], &[]);
-    let p1 = start(&bed, &cp, &n1, &mesh);
-    let _p2 = start(&bed, &cp, &n2, &mesh);
+    let p1 = cp.start_node(&n1, &mesh, &[]);
+    let _p2 = cp.start_node(&n2, &mesh, &[]);
     // This kernel has no netem: drop 10% of a → b packets leaving n1 over the link, at random.
     let rule = format!(
         "table inet ambit_loss {{\n  chain loss {{\n    type filter hook forward priority 0;\n    oifname \"{l1}\" ip saddr {} ip daddr {} numgen random mod 100 < 10 drop\n  }}\n}}\n",

@@ -7,7 +7,7 @@ mod common;
 
 use std::{
     collections::BTreeSet,
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -81,12 +81,6 @@ impl Cluster<'_> {
             other => panic!("no pod {other}"),
         }
     }
-}
-
-fn start<'b>(bed: &'b Bed, cp: &ControlPlane<'b>, node: &Node, mesh: &Path) -> Ambit<'b> {
-    let args = cp.node_args(node);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ambit::start(bed, node, mesh, &args)
 }
 
 /// Whether a request from `src` to `url` is answered.
@@ -177,8 +171,8 @@ fn authorization_policies_allow_and_deny_real_connections_as_istio_defines_them(
     let c = cluster(&bed);
     write_mesh(&c.mesh, &c.mesh("").yaml());
     let cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let _p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let _p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let all = cases(&c);
     assert!(all.len() >= 20, "{} cases", all.len());
     let mut failures = Vec::new();
@@ -261,8 +255,8 @@ fn strict_mtls_refuses_plaintext_and_permissive_lets_it_in() {
     };
     write_mesh(&c.mesh, &c.mesh(&pa("STRICT")).yaml());
     let cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let _p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let _p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let url = format!("http://{}:8080/", c.b.ipv4);
     // STRICT: the pod outside the mesh is refused, the mesh client gets through.
     assert!(!reaches(&c.x, &url), "plaintext got through STRICT");
@@ -294,8 +288,8 @@ fn a_new_deny_closes_an_open_connection_within_two_seconds() {
     echo.wait_for_output("listening", T).expect("echo listens");
     write_mesh(&c.mesh, &c.mesh("").yaml());
     let cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let _p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let _p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let echo_b = format!("{}:7000", c.b.ipv4);
     let mut a_chat = Chat::open(&bed, &c.a, &echo_b).expect("a's long-lived connection");
     let mut d_chat = Chat::open(&bed, &c.d, &echo_b).expect("d's long-lived connection");

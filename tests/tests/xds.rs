@@ -80,12 +80,6 @@ impl Cluster<'_> {
     }
 }
 
-fn start<'b>(bed: &'b Bed, cp: &ControlPlane<'b>, node: &Node, mesh: &Path) -> Ambit<'b> {
-    let args = cp.node_args(node);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Ambit::start(bed, node, mesh, &args)
-}
-
 /// The body of a request from `pod` to `url`, or the failure.
 fn get(pod: &Pod, url: &str) -> Result<String, String> {
     let out = curl(pod, url);
@@ -116,8 +110,8 @@ fn a_service_vip_is_balanced_over_healthy_endpoints_on_both_nodes() {
     let c = cluster(&bed);
     c.write(&c.mesh(&["s1", "s2", "s3"], &["s3"], 80));
     let cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let _p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let _p2 = cp.start_node(&c.n2, &c.mesh, &[]);
 
     // s1 (same node) and s2 (other node) share the requests; s3 is unhealthy, s4 not selected.
     let v4 = spread(&c.a, &format!("http://{VIP4}/"), 20);
@@ -165,7 +159,7 @@ fn unknown_destinations_can_be_refused() {
     args.extend(["--unknown-destination".to_string(), "refuse".to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let p1 = Ambit::start(&bed, &c.n1, &c.mesh, &args);
-    let _p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let _p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     // In the mesh: routed. Outside it (a pod not in the mesh): refused.
     assert_eq!(get(&c.a, &format!("http://{VIP4}/")), Ok("s2".into()));
     assert!(get(&c.a, &format!("http://{}:8080/", c.x.ipv4)).is_err());
@@ -182,8 +176,8 @@ fn mesh_file_edits_change_routing_within_two_seconds_with_nothing_restarted() {
     let c = cluster(&bed);
     c.write(&c.mesh(&["s1", "s2"], &[], 80));
     let cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let mut p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let mut p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let mut p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let mut p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let url = format!("http://{VIP4}/");
     assert_eq!(spread(&c.a, &url, 4).keys().collect::<Vec<_>>(), ["s1", "s2"]);
 
@@ -267,7 +261,7 @@ fn an_invalid_resource_is_nacked_by_name_and_the_previous_state_keeps_routing() 
     args[xds] = fake.address.clone();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut p1 = Ambit::start(&bed, &c.n1, &c.mesh, &args);
-    let _p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let _p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let s2 = &c.s["s2"];
     let direct = format!("http://{}:8080/", s2.ipv4);
     assert_eq!(get(&c.a, &direct), Ok("s2".into()));
@@ -338,8 +332,8 @@ fn traffic_survives_a_control_plane_outage_and_proxies_resync_after_it() {
     echo.wait_for_output("listening", T).expect("echo listens");
     c.write(&c.mesh(&["s1", "s2"], &[], 80));
     let mut cp = ControlPlane::start(&bed, &c.cp, &c.mesh, &[&c.n1, &c.n2], &[]);
-    let p1 = start(&bed, &cp, &c.n1, &c.mesh);
-    let p2 = start(&bed, &cp, &c.n2, &c.mesh);
+    let p1 = cp.start_node(&c.n1, &c.mesh, &[]);
+    let p2 = cp.start_node(&c.n2, &c.mesh, &[]);
     let url = format!("http://{VIP4}/");
     let mut chat =
         Chat::open(&bed, &c.a, &format!("{}:7000", c.s["s2"].ipv4)).expect("long-lived connection");

@@ -75,3 +75,35 @@ pub fn labelled(scrape: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
         })
         .sum()
 }
+
+/// Nodes n1 and n2 linked, a control-plane namespace `cp` linked to both; pod a (service
+/// account client) on n1 and pod b (server) on n2, both enrolled; the mesh file written.
+pub struct AcrossNodes {
+    pub n1: Node,
+    pub n2: Node,
+    pub cp: Node,
+    pub a: Pod,
+    pub b: Pod,
+    pub mesh: PathBuf,
+}
+
+pub fn across_nodes(bed: &Bed) -> AcrossNodes {
+    let n1 = bed.node("n1");
+    let n2 = bed.node("n2");
+    let cp = bed.node("cp");
+    bed.link(&n1, &n2);
+    bed.link(&cp, &n1);
+    bed.link(&cp, &n2);
+    let a = bed.pod(&n1, "a");
+    let b = bed.pod(&n2, "b");
+    let mesh = bed.dir().join("mesh.yaml");
+    write_mesh(
+        &mesh,
+        &Mesh::default()
+            .namespace("demo", &[AMBIENT])
+            .pod_with_sa(&a, "demo", &[], "client")
+            .pod_with_sa(&b, "demo", &[], "server")
+            .yaml(),
+    );
+    AcrossNodes { n1, n2, cp, a, b, mesh }
+}
