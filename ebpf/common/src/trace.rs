@@ -14,6 +14,12 @@ pub const MAP_TRACED: &str = "AMBIT_TRACED";
 
 /// Ring buffer size: about 4,000 events of slack for the reader.
 pub const EVENTS_BYTES: u32 = 512 * 1024;
+/// The reader is woken once this much is waiting in the ring buffer, not per event (a
+/// wakeup costs more than the event: a connection makes a dozen). Below it, the reader
+/// drains every [`DRAIN_INTERVAL_MS`].
+pub const WAKEUP_BYTES: u64 = 32 * 1024;
+/// How often the reader drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL_MS: u64 = 20;
 /// Sockets traced at once (LRU: the oldest are forgotten under a flood).
 pub const MAX_TRACED: u32 = 65_536;
 /// At most one RTT sample per socket per this long (the first one at once).

@@ -13,13 +13,13 @@ use ambit_common::{
     stats,
     trace::{
         TraceEvent, TracedSock, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
-        EV_STATE, RTT_SAMPLE_NS,
+        EV_STATE, RTT_SAMPLE_NS, WAKEUP_BYTES,
     },
     AF_INET, AF_INET6,
 };
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_RETRANS_CB_FLAG, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         BPF_TCP_CLOSE_WAIT, BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
@@ -207,7 +207,10 @@ fn emit(ctx: &SockOpsContext, w: What, cookie: u64, t: &TracedSock) {
         addr_of_mut!((*ev).orig_family).write(t.orig_family);
         addr_of_mut!((*ev)._pad2).write(0);
     }
-    entry.submit(0);
+    // The reader drains on a timer; it is woken early only when a batch has gathered.
+    let waiting = EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+    let wake = if waiting >= WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
+    entry.submit(u64::from(wake));
     count(stats::TRACE_EVENT);
 }
 

@@ -176,29 +176,39 @@ impl Tracer {
         let me = self.clone();
         let since = monotonic_ns();
         tokio::spawn(async move {
+            // The kernel wakes the reader only for a batch (`WAKEUP_BYTES`); the rest is
+            // drained on this tick.
+            let mut tick = tokio::time::interval(Duration::from_millis(k::DRAIN_INTERVAL_MS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let mut guard = tokio::select! {
+                tokio::select! {
                     () = stop.cancelled() => return,
+                    _ = tick.tick() => me.drain(fd.get_mut(), since),
                     g = fd.readable_mut() => match g {
-                        Ok(g) => g,
+                        Ok(mut guard) => {
+                            me.drain(guard.get_inner_mut(), since);
+                            guard.clear_ready();
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "trace ring buffer: no longer readable; tracing stops");
                             return;
                         }
                     },
-                };
-                let ring = guard.get_inner_mut();
-                while let Some(item) = ring.next() {
-                    match k::TraceEvent::from_bytes(&item) {
-                        Some(raw) if raw.ts_ns >= since => me.handle(&raw),
-                        Some(_) => {}
-                        None => tracing::warn!(len = item.len(), "trace ring buffer: short record skipped"),
-                    }
                 }
-                guard.clear_ready();
             }
         });
         Ok(())
+    }
+
+    /// Handles every event waiting in the ring buffer.
+    fn drain(&self, ring: &mut RingBuf<MapData>, since: u64) {
+        while let Some(item) = ring.next() {
+            match k::TraceEvent::from_bytes(&item) {
+                Some(raw) if raw.ts_ns >= since => self.handle(&raw),
+                Some(_) => {}
+                None => tracing::warn!(len = item.len(), "trace ring buffer: short record skipped"),
+            }
+        }
     }
 
     /// A live stream of events.
