@@ -36,7 +36,7 @@ fn record(
     let data = dir.join(format!("perf-{name}.data"));
     let pids: Vec<String> = topo.proxy_pids(Config::Ambit).iter().map(u32::to_string).collect();
     let mut perf = Command::new("perf")
-        .args(["record", "-q", "-e", "cpu-clock", "-F", "2000", "-p", &pids.join(","), "-o"])
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "8000", "-p", &pids.join(","), "-o"])
         .arg(&data)
         .args(["--", "sleep", &format!("{secs}")])
         .spawn()
@@ -51,6 +51,47 @@ fn record(
     let txt = dir.join(format!("profile-{name}.txt"));
     perf_report(&data, &txt)?;
     Ok(format!("{summary}; profile in {}", txt.display()))
+}
+
+/// Counts the scheduler's work in `config`'s proxies while `work` runs: `perf stat` of
+/// context switches, CPU migrations and wakeups. Latency at low rates is mostly the hops
+/// between threads, which a CPU profile does not show.
+fn sched_counts(
+    topo: &Topology<'_>,
+    config: Config,
+    what: &str,
+    secs: f64,
+    work: impl FnOnce() -> anyhow::Result<u64>,
+) -> anyhow::Result<String> {
+    let pids: Vec<String> = topo.proxy_pids(config).iter().map(u32::to_string).collect();
+    let perf = Command::new("perf")
+        .args([
+            "stat",
+            "-x",
+            ",",
+            "-e",
+            "task-clock,context-switches,raw_syscalls:sys_enter",
+            "-p",
+            &pids.join(","),
+        ])
+        .args(["--", "sleep", &format!("{secs}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("starting perf stat")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let ops = work()?.max(1);
+    let out = perf.wait_with_output().context("waiting for perf stat")?;
+    if !out.status.success() {
+        bail!("perf stat failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut parts = Vec::new();
+    for line in String::from_utf8_lossy(&out.stderr).lines() {
+        let f: Vec<&str> = line.split(',').collect();
+        if let (Some(v), Some(name)) = (f.first().and_then(|v| v.parse::<f64>().ok()), f.get(2)) {
+            parts.push(format!("{name} {:.3}", v / ops as f64));
+        }
+    }
+    Ok(format!("{config:?}, per {what}: {}", parts.join(", ")))
 }
 
 pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
@@ -68,5 +109,23 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
         let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
         Ok(format!("latency: p50 {:.0} µs", l.p50))
     })?);
+    topo.ambit_tracing(false)?;
+    let pods = topo.pods(Config::Ambit);
+    let untraced = sched_counts(topo, Config::Ambit, "new connection", secs, || {
+        let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
+        Ok((rate * (secs - 0.5)) as u64)
+    })?;
+    out.push(format!("kernel tracing off: {untraced}"));
+    topo.ambit_tracing(true)?;
+    for config in [Config::Ambit, Config::Relay] {
+        let pods = topo.pods(config);
+        out.push(sched_counts(topo, config, "request at 1000/s", secs, || {
+            Ok(load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?.requests)
+        })?);
+        out.push(sched_counts(topo, config, "new connection", secs, || {
+            let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
+            Ok((rate * (secs - 0.5)) as u64)
+        })?);
+    }
     Ok(out)
 }
