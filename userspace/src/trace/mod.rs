@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use std::os::fd::AsFd;
+
 use ambit_common::{trace as k, AF_INET};
+use anyhow::Context as _;
 use aya::maps::{MapData, RingBuf};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts};
 use tokio::{io::unix::AsyncFd, sync::broadcast};
@@ -69,6 +72,10 @@ struct Inner {
     rtt: HistogramVec,
     retransmits: IntCounterVec,
     events: IntCounterVec,
+    /// The ring buffer, once reading started, and the start (events older than it were left
+    /// from before this process and are skipped). Drained by the reader, and by `leg` when
+    /// it misses (a socket's events may still be waiting for the reader's next drain).
+    ring: std::sync::OnceLock<(Mutex<RingBuf<MapData>>, u64)>,
 }
 
 /// The tracing outlets; cheap to clone.
@@ -163,18 +170,24 @@ impl Tracer {
             rtt,
             retransmits,
             events,
+            ring: std::sync::OnceLock::new(),
         }))
     }
 
     /// Reads the ring buffer until `stop`. Events older than this call (left in the pinned
     /// buffer while no proxy ran) are dropped.
     pub fn spawn_reader(&self, ring: RingBuf<MapData>, stop: CancellationToken) -> anyhow::Result<()> {
-        // SAFETY: the ring buffer owns its map fd and always returns that same fd; the AsyncFd
-        // owns the ring buffer, so the fd stays open for as long as it is registered.
-        let mut fd = unsafe { AsyncFd::register(ring) }
-            .map_err(|e| anyhow::anyhow!("registering the trace ring buffer: {e}"))?;
+        // Readiness through a duplicate of the map's descriptor (same open file, same
+        // wakeups); the ring itself is shared with `leg`.
+        let dup =
+            ring.as_fd().try_clone_to_owned().context("duplicating the trace ring buffer's descriptor")?;
+        // SAFETY: the AsyncFd owns the duplicate descriptor, so it stays open (and means the
+        // same file) for as long as it is registered.
+        let mut fd = unsafe { AsyncFd::register(dup) }.context("registering the trace ring buffer")?;
+        if self.0.ring.set((Mutex::new(ring), monotonic_ns())).is_err() {
+            anyhow::bail!("the trace ring buffer is already being read");
+        }
         let me = self.clone();
-        let since = monotonic_ns();
         tokio::spawn(async move {
             // The kernel wakes the reader only for a batch (`WAKEUP_BYTES`); the rest is
             // drained on this tick.
@@ -183,10 +196,10 @@ impl Tracer {
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    _ = tick.tick() => me.drain(fd.get_mut(), since),
+                    _ = tick.tick() => me.drain(),
                     g = fd.readable_mut() => match g {
                         Ok(mut guard) => {
-                            me.drain(guard.get_inner_mut(), since);
+                            me.drain();
                             guard.clear_ready();
                         }
                         Err(e) => {
@@ -201,10 +214,12 @@ impl Tracer {
     }
 
     /// Handles every event waiting in the ring buffer.
-    fn drain(&self, ring: &mut RingBuf<MapData>, since: u64) {
+    fn drain(&self) {
+        let Some((ring, since)) = self.0.ring.get() else { return };
+        let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(item) = ring.next() {
             match k::TraceEvent::from_bytes(&item) {
-                Some(raw) if raw.ts_ns >= since => self.handle(&raw),
+                Some(raw) if raw.ts_ns >= *since => self.handle(&raw),
                 Some(_) => {}
                 None => tracing::warn!(len = item.len(), "trace ring buffer: short record skipped"),
             }
@@ -218,7 +233,13 @@ impl Tracer {
 
     /// The kernel's figures for a socket (by `SO_COOKIE`), while traced or shortly after.
     pub fn leg(&self, cookie: u64) -> Option<LegStats> {
-        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied()
+        let known =
+            |t: &Tracer| t.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied();
+        known(self).or_else(|| {
+            // A new socket's first events may still be waiting for the reader's next drain.
+            self.drain();
+            known(self)
+        })
     }
 
     /// Names the client behind a socket the proxy is about to connect from `local_port` in
