@@ -324,6 +324,6 @@ async fn finish(
     close: &CancellationToken,
 ) {
     let open = inner.opened(&record);
-    let transfer = relay::relay(client, upstream, &open.counters, close).await;
+    let transfer = relay::relay(client, upstream, &open.counters, Some(close)).await;
     inner.closed(&record, &open, &transfer, started);
 }

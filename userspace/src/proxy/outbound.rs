@@ -9,7 +9,6 @@
 use std::{net::SocketAddr, time::Instant};
 
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::{refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
 use crate::{
@@ -39,12 +38,11 @@ pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer:
     let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
     let open = inner.opened(&r.record);
     let counters = &open.counters;
-    let never = CancellationToken::new();
     let transfer = match r.leg {
-        Leg::Plain(upstream) => super::relay::relay(r.client, upstream, counters, &never).await,
+        Leg::Plain(upstream) => super::relay::relay(r.client, upstream, counters, None).await,
         Leg::Tunnel(t) => {
             let directions = (&counters.request, &counters.response);
-            super::hbone::relay(r.client, t.send, t.recv, directions, &never).await
+            super::hbone::relay(r.client, t.send, t.recv, directions, None).await
         }
     };
     inner.closed(&r.record, &open, &transfer, r.started);

@@ -74,7 +74,7 @@ pub async fn relay(
     mut client: TcpStream,
     mut upstream: TcpStream,
     counters: &RelayCounters,
-    close: &tokio_util::sync::CancellationToken,
+    close: Option<&tokio_util::sync::CancellationToken>,
 ) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
@@ -83,13 +83,19 @@ pub async fn relay(
         let (mut up_r, mut up_w) = upstream.split();
         let up = copy(&mut client_r, &mut up_w, &counters.request, &mut sent);
         let down = copy(&mut up_r, &mut client_w, &counters.response, &mut received);
-        tokio::pin!(up, down);
+        let closed = async {
+            match close {
+                Some(c) => c.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(up, down, closed);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
             let result = tokio::select! {
                 r = &mut up, if !up_done => { up_done = true; r }
                 r = &mut down, if !down_done => { down_done = true; r }
-                () = close.cancelled() => Err(revoked()),
+                () = &mut closed => Err(revoked()),
             };
             if let Err(e) = result {
                 error = Some(e);

@@ -5,21 +5,19 @@
 //! - `pool`: connections keyed by (source identity, destination identity, source IP,
 //!   destination IP), up to N streams each, idle ones closed, PING keepalives;
 //! - `server`: the 15008 listener in each enrolled pod's netns;
-//! - here: settings, and the byte relay between a TCP socket and a CONNECT stream.
+//! - `relay`: the byte relay between a TCP socket and a CONNECT stream;
+//! - here: settings.
 
 pub mod client;
 pub mod pool;
+mod relay;
 pub mod server;
 
-use std::{io, time::Duration};
+use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use h2::{RecvStream, SendStream};
 use serde::Serialize;
-use tokio::{io::AsyncWriteExt, net::TcpStream};
 
-use super::{relay::linger_zero, Transfer};
-use crate::metrics::ByteCounter;
+pub use relay::relay;
 
 /// HTTP/2 and pool parameters; the defaults are ztunnel's.
 #[derive(Clone, Debug, Serialize)]
@@ -76,102 +74,4 @@ impl Default for HboneSettings {
 pub const TLS_READ_BUFFER: usize = 32 * 1024;
 
 /// Bytes read from the TCP side at a time.
-const READ_CHUNK: usize = 64 * 1024;
-
-fn h2_io(e: h2::Error) -> io::Error {
-    if e.is_io() {
-        e.into_io().unwrap_or_else(|| io::Error::other("h2 I/O error"))
-    } else {
-        io::Error::other(e)
-    }
-}
-
-/// TCP → CONNECT stream, honouring HTTP/2 flow control; end of stream on EOF. A buffer is
-/// taken only when there is something to read, so an idle tunnel holds none.
-async fn tcp_to_h2(
-    from: &mut tokio::net::tcp::ReadHalf<'_>,
-    to: &mut SendStream<Bytes>,
-    counter: &ByteCounter,
-    total: &mut u64,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        let n = match from.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            return to.send_data(Bytes::new(), true).map_err(h2_io);
-        }
-        let mut data = buf.freeze();
-        while !data.is_empty() {
-            to.reserve_capacity(data.len());
-            let cap = std::future::poll_fn(|cx| to.poll_capacity(cx))
-                .await
-                .ok_or_else(|| io::Error::new(io::ErrorKind::BrokenPipe, "tunnel stream closed"))?
-                .map_err(h2_io)?;
-            let chunk = data.split_to(cap.min(data.len()));
-            let len = chunk.len() as u64;
-            to.send_data(chunk, false).map_err(h2_io)?;
-            *total += len;
-            counter.add(len);
-        }
-    }
-}
-
-/// CONNECT stream → TCP, releasing flow-control credit as data is written; FIN at its end.
-async fn h2_to_tcp(
-    from: &mut RecvStream,
-    to: &mut tokio::net::tcp::WriteHalf<'_>,
-    counter: &ByteCounter,
-    total: &mut u64,
-) -> io::Result<()> {
-    while let Some(chunk) = from.data().await {
-        let chunk = chunk.map_err(h2_io)?;
-        to.write_all(&chunk).await?;
-        let len = chunk.len();
-        from.flow_control().release_capacity(len).map_err(h2_io)?;
-        *total += len as u64;
-        counter.add(len as u64);
-    }
-    to.shutdown().await
-}
-
-/// Relays between a TCP connection and a CONNECT stream until both directions ended. A
-/// failure on one side resets the other (RST_STREAM on the tunnel, TCP reset on the socket).
-/// `sent` and `to_tunnel` count TCP → tunnel, `received` and `from_tunnel` tunnel → TCP.
-pub async fn relay(
-    mut tcp: TcpStream,
-    mut send: SendStream<Bytes>,
-    mut recv: RecvStream,
-    (to_tunnel, from_tunnel): (&ByteCounter, &ByteCounter),
-    close: &tokio_util::sync::CancellationToken,
-) -> Transfer {
-    let (mut sent, mut received) = (0u64, 0u64);
-    let mut error = None;
-    {
-        let (mut r, mut w) = tcp.split();
-        let up = tcp_to_h2(&mut r, &mut send, to_tunnel, &mut sent);
-        let down = h2_to_tcp(&mut recv, &mut w, from_tunnel, &mut received);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let result = tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r }
-                r = &mut down, if !down_done => { down_done = true; r }
-                () = close.cancelled() => Err(super::relay::revoked()),
-            };
-            if let Err(e) = result {
-                error = Some(e);
-                break;
-            }
-        }
-    }
-    if error.is_some() {
-        send.send_reset(h2::Reason::CANCEL);
-        linger_zero(&tcp);
-    }
-    Transfer { sent, received, error }
-}
+pub(crate) const READ_CHUNK: usize = 64 * 1024;
