@@ -106,13 +106,24 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
 
 /// Resident memory of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<f64> {
+    status_bytes(pid, "VmRSS:")
+}
+
+/// The part of the resident memory mapped from files (the binary's code and read-only
+/// data, shared libraries): pages shared with every process mapping the same file and
+/// dropped by the kernel under memory pressure, unlike the private (anonymous) rest.
+pub fn rss_file_bytes(pid: u32) -> anyhow::Result<f64> {
+    status_bytes(pid, "RssFile:")
+}
+
+fn status_bytes(pid: u32, field: &str) -> anyhow::Result<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("reading /proc/{pid}/status"))?;
     let kb: f64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no VmRSS")?;
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
     Ok(kb * 1024.0)
 }

@@ -217,14 +217,20 @@ fn rows() -> Vec<Row> {
             series: vec!["ambit", "relay"],
         });
     }
-    rows.push(Row {
-        label: "idle RSS per proxy".into(),
-        figure: "memory.idle_rss_mib".into(),
-        unit: "MiB",
-        digits: 1,
-        ratios: vec![],
-        series: vec!["ambit"],
-    });
+    for (f, l) in [
+        ("memory.idle_rss_mib", "idle RSS per proxy"),
+        ("memory.idle_rss_private_mib", "idle RSS per proxy: private (heap, stacks)"),
+        ("memory.idle_rss_file_mib", "idle RSS per proxy: mapped from files (code, shared)"),
+    ] {
+        rows.push(Row {
+            label: l.into(),
+            figure: f.into(),
+            unit: "MiB",
+            digits: 1,
+            ratios: vec![],
+            series: vec!["ambit"],
+        });
+    }
     rows
 }
 
@@ -315,8 +321,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut s = Samples::default();
     for (i, pid) in topo.proxy_pids(Config::Ambit).iter().enumerate() {
         let mib = load::rss_bytes(*pid)? / 1048576.0;
+        let file = load::rss_file_bytes(*pid)? / 1048576.0;
         s.add("memory.idle_rss_mib", "ambit", mib);
-        p.say(&format!("ambit on node {}: idle RSS {mib:.1} MiB", if i == 0 { "a" } else { "b" }));
+        s.add("memory.idle_rss_file_mib", "ambit", file);
+        s.add("memory.idle_rss_private_mib", "ambit", mib - file);
+        p.say(&format!(
+            "ambit on node {}: idle RSS {mib:.1} MiB ({file:.1} MiB of it mapped from files)",
+            if i == 0 { "a" } else { "b" }
+        ));
     }
     // Memory first, once, on fresh proxies: memory freed after other load stays with the
     // allocator, and idle connections made later would reuse it and look free.
