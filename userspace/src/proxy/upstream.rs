@@ -13,10 +13,16 @@ pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duratio
     connect_socket(sock, dst, timeout).await
 }
 
-/// Connects to the pod's own application to deliver an inbound connection. The socket is
-/// bound first (the destination's address, an ephemeral port) and `before` is told its
-/// address before the connection exists, so kernel events of it can be attributed to the
-/// client it serves.
+/// Connects to the pod's own application to deliver an inbound connection, from the
+/// destination's own address. `before` is told the socket's local address as soon as the
+/// SYN is on its way (before the connection exists), so kernel events of it can be
+/// attributed to the client it serves.
+///
+/// The port is chosen by the connect, not by a bind to port 0 (`IP_BIND_ADDRESS_NO_PORT`):
+/// a bind must find a port no other socket holds, TIME_WAIT ones included, and under a
+/// stream of short connections to one pod that search grew until every connection cost
+/// milliseconds of kernel time (and would end in EADDRINUSE). The connect only needs the
+/// 4-tuple to be unique.
 pub async fn deliver(
     netns: &Netns,
     dst: SocketAddr,
@@ -25,11 +31,26 @@ pub async fn deliver(
     before: impl FnOnce(SocketAddr),
 ) -> io::Result<TcpStream> {
     let sock = socket(netns, dst, mark)?;
+    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
     sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
     if let Some(local) = sock.local_addr()?.as_socket() {
         before(local);
     }
-    connect_socket(sock, dst, timeout).await
+    let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+    match tokio::time::timeout(timeout, stream.writable()).await {
+        Ok(ready) => ready?,
+        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+    }
+    // Writable also when the connect failed: the socket's error says which.
+    if let Some(e) = stream.take_error()? {
+        return Err(e);
+    }
+    Ok(stream)
 }
 
 fn socket(netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket> {
