@@ -281,7 +281,9 @@ impl Inner {
         started: std::time::Instant,
     ) {
         self.metrics.connection_closed(&open.counters);
-        let kernel = match self.leg_stats(record) {
+        // At the end, events the reader has not drained yet count too.
+        let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie));
+        let kernel = match now {
             Some(now) => crate::telemetry::Kernel {
                 rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),
                 retransmits: Some(u64::from(

@@ -216,10 +216,13 @@ impl Tracer {
     /// Handles every event waiting in the ring buffer.
     fn drain(&self) {
         let Some((ring, since)) = self.0.ring.get() else { return };
-        let mut ring = ring.lock().unwrap_or_else(|p| p.into_inner());
+        self.drain_locked(ring.lock().unwrap_or_else(|p| p.into_inner()), *since);
+    }
+
+    fn drain_locked(&self, mut ring: std::sync::MutexGuard<'_, RingBuf<MapData>>, since: u64) {
         while let Some(item) = ring.next() {
             match k::TraceEvent::from_bytes(&item) {
-                Some(raw) if raw.ts_ns >= *since => self.handle(&raw),
+                Some(raw) if raw.ts_ns >= since => self.handle(&raw),
                 Some(_) => {}
                 None => tracing::warn!(len = item.len(), "trace ring buffer: short record skipped"),
             }
@@ -233,12 +236,18 @@ impl Tracer {
 
     /// The kernel's figures for a socket (by `SO_COOKIE`), while traced or shortly after.
     pub fn leg(&self, cookie: u64) -> Option<LegStats> {
-        let known =
-            |t: &Tracer| t.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied();
-        known(self).or_else(|| {
-            // A new socket's first events may still be waiting for the reader's next drain.
-            self.drain();
-            known(self)
+        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied()
+    }
+
+    /// As [`Tracer::leg`], but a socket not seen yet makes it read the events waiting in the
+    /// ring buffer first (a connection shorter than the reader's drain interval, on a new
+    /// socket). Skipped while the reader is at it: it is handling them right now.
+    pub fn leg_now(&self, cookie: u64) -> Option<LegStats> {
+        self.leg(cookie).or_else(|| {
+            let (ring, since) = self.0.ring.get()?;
+            let ring = ring.try_lock().ok()?;
+            self.drain_locked(ring, *since);
+            self.leg(cookie)
         })
     }
 
