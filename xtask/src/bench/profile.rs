@@ -109,8 +109,13 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
         let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
         Ok(format!("latency: p50 {:.0} µs", l.p50))
     })?);
-    topo.ambit_tracing(false)?;
     let pods = topo.pods(Config::Ambit);
+    let traced = sched_counts(topo, Config::Ambit, "new connection", secs, || {
+        let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
+        Ok((rate * (secs - 0.5)) as u64)
+    })?;
+    out.push(format!("kernel tracing on: {traced}"));
+    topo.ambit_tracing(false)?;
     let untraced = sched_counts(topo, Config::Ambit, "new connection", secs, || {
         let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
         Ok((rate * (secs - 0.5)) as u64)
