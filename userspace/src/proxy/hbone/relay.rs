@@ -19,7 +19,7 @@ use h2::{RecvStream, SendStream};
 use tokio::{io::AsyncWrite, net::TcpStream};
 use tokio_util::sync::WaitForCancellationFuture;
 
-use super::READ_CHUNK;
+use super::{BULK_READ_CHUNK, READ_CHUNK};
 use crate::{
     metrics::ByteCounter,
     proxy::{relay::linger_zero, Transfer},
@@ -49,6 +49,8 @@ pin_project_lite::pin_project! {
         sent: u64,
         received: u64,
         up_done: bool,
+        // The last read filled its buffer: read in bulk-sized chunks.
+        up_bulk: bool,
         // The stream ended: the socket's write side is shut down next.
         down_eof: bool,
         down_done: bool,
@@ -81,6 +83,7 @@ pub fn relay<'a>(
         sent: 0,
         received: 0,
         up_done: false,
+        up_bulk: false,
         down_eof: false,
         down_done: false,
         close: close.map(|c| c.cancelled()),
@@ -99,7 +102,8 @@ impl Future for Relay<'_> {
             }
         }
         if result.is_ok() && !*this.up_done {
-            match poll_up(this.tcp, this.send, this.up, this.to_tunnel, this.sent, cx) {
+            let up = (this.up, this.up_bulk);
+            match poll_up(this.tcp, this.send, up, this.to_tunnel, this.sent, cx) {
                 Poll::Ready(Ok(())) => *this.up_done = true,
                 Poll::Ready(Err(e)) => result = Err(e),
                 Poll::Pending => {}
@@ -131,7 +135,7 @@ impl Future for Relay<'_> {
 fn poll_up(
     tcp: &mut TcpStream,
     send: &mut SendStream<Bytes>,
-    pending: &mut Bytes,
+    (pending, bulk): (&mut Bytes, &mut bool),
     counter: &ByteCounter,
     total: &mut u64,
     cx: &mut Context<'_>,
@@ -139,10 +143,14 @@ fn poll_up(
     loop {
         if pending.is_empty() {
             ready!(tcp.poll_read_ready(cx))?;
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let size = if *bulk { BULK_READ_CHUNK } else { READ_CHUNK };
+            let mut buf = BytesMut::with_capacity(size);
             match tcp.try_read_buf(&mut buf) {
                 Ok(0) => return Poll::Ready(send.send_data(Bytes::new(), true).map_err(h2_io)),
-                Ok(_) => *pending = buf.freeze(),
+                Ok(n) => {
+                    *bulk = n == buf.capacity();
+                    *pending = buf.freeze();
+                }
                 // Readiness was stale; polling again registers for the next.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
