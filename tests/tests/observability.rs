@@ -167,21 +167,8 @@ fn istio_metrics_count_what_was_sent_per_reporter_and_pass_promtool() {
 #[test]
 fn ambit_trace_shows_a_connection_s_life_attributed_to_its_workloads() {
     let bed = Bed::new("obs-trace");
-    let (n1, n2, cp) = (bed.node("n1"), bed.node("n2"), bed.node("cp"));
-    bed.link(&n1, &n2);
-    bed.link(&cp, &n1);
-    bed.link(&cp, &n2);
-    let (a, b) = (bed.pod(&n1, "a"), bed.pod(&n2, "b"));
+    let AcrossNodes { n1, n2, cp, a, b, mesh } = across_nodes(&bed);
     let _http = http_server(&bed, &b, "b\n");
-    let mesh = bed.dir().join("mesh.yaml");
-    write_mesh(
-        &mesh,
-        &Mesh::default()
-            .namespace("demo", &[AMBIENT])
-            .pod_with_sa(&a, "demo", &[], "client")
-            .pod_with_sa(&b, "demo", &[], "server")
-            .yaml(),
-    );
     let cp = ControlPlane::start(&bed, &cp, &mesh, &[&n1, &n2], &[]);
     let _p1 = cp.start_node(&n1, &mesh, &[]);
     let _p2 = cp.start_node(&n2, &mesh, &[]);

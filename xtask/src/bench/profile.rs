@@ -94,6 +94,12 @@ fn sched_counts(
     Ok(format!("{config:?}, per {what}: {}", parts.join(", ")))
 }
 
+/// A connection storm of `secs` (less the start-up margin); how many connections it made.
+fn connections(pods: &super::topology::Pods, secs: f64) -> anyhow::Result<u64> {
+    let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
+    Ok((rate * (secs - 0.5)) as u64)
+}
+
 pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
     let pods = topo.pods(Config::Ambit);
     let mut out = Vec::new();
@@ -109,17 +115,10 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
         let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
         Ok(format!("latency: p50 {:.0} µs", l.p50))
     })?);
-    let pods = topo.pods(Config::Ambit);
-    let traced = sched_counts(topo, Config::Ambit, "new connection", secs, || {
-        let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
-        Ok((rate * (secs - 0.5)) as u64)
-    })?;
+    let traced = sched_counts(topo, Config::Ambit, "new connection", secs, || connections(pods, secs))?;
     out.push(format!("kernel tracing on: {traced}"));
     topo.ambit_tracing(false)?;
-    let untraced = sched_counts(topo, Config::Ambit, "new connection", secs, || {
-        let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
-        Ok((rate * (secs - 0.5)) as u64)
-    })?;
+    let untraced = sched_counts(topo, Config::Ambit, "new connection", secs, || connections(pods, secs))?;
     out.push(format!("kernel tracing off: {untraced}"));
     topo.ambit_tracing(true)?;
     for config in [Config::Ambit, Config::Relay] {
@@ -127,10 +126,7 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
         out.push(sched_counts(topo, config, "request at 1000/s", secs, || {
             Ok(load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?.requests)
         })?);
-        out.push(sched_counts(topo, config, "new connection", secs, || {
-            let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
-            Ok((rate * (secs - 0.5)) as u64)
-        })?);
+        out.push(sched_counts(topo, config, "new connection", secs, || connections(pods, secs))?);
     }
     Ok(out)
 }
