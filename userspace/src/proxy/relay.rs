@@ -9,7 +9,7 @@ use std::{io, time::Duration};
 use crate::metrics::{ByteCounter, RelayCounters};
 use bytes::BytesMut;
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         tcp::{ReadHalf, WriteHalf},
         TcpStream,
@@ -42,11 +42,9 @@ async fn copy(
     loop {
         from.readable().await?;
         let mut buf = BytesMut::with_capacity(BUF_SIZE);
-        let n = match from.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
+        // `read_buf`, not `try_read_buf`: a short read clears the readiness, so the next
+        // `readable()` parks instead of costing a read that fails with EAGAIN.
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             // Pass the half-close on; the other direction may still have data.
             return to.shutdown().await;

@@ -24,9 +24,10 @@ fn perf_report(data: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, &report.stdout).with_context(|| format!("writing {}", out.display()))
 }
 
-/// Records both ambit proxies while `work` runs; `secs`: how long to record.
+/// Records both of `config`'s proxies while `work` runs; `secs`: how long to record.
 fn record(
     topo: &Topology<'_>,
+    config: Config,
     name: &str,
     secs: f64,
     work: impl FnOnce() -> anyhow::Result<String>,
@@ -34,7 +35,7 @@ fn record(
     let dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let data = dir.join(format!("perf-{name}.data"));
-    let pids: Vec<String> = topo.proxy_pids(Config::Ambit).iter().map(u32::to_string).collect();
+    let pids: Vec<String> = topo.proxy_pids(config).iter().map(u32::to_string).collect();
     let mut perf = Command::new("perf")
         .args(["record", "-q", "-e", "cpu-clock", "-F", "8000", "-p", &pids.join(","), "-o"])
         .arg(&data)
@@ -103,18 +104,22 @@ fn connections(pods: &super::topology::Pods, secs: f64) -> anyhow::Result<u64> {
 pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
     let pods = topo.pods(Config::Ambit);
     let mut out = Vec::new();
-    out.push(record(topo, "bulk", secs, || {
+    out.push(record(topo, Config::Ambit, "bulk", secs, || {
         let (gbps, _) = load::iperf(&pods.client, &pods.cross, 1, secs - 0.5)?;
         Ok(format!("bulk: {gbps:.2} Gbit/s"))
     })?);
-    out.push(record(topo, "connections", secs, || {
+    out.push(record(topo, Config::Ambit, "connections", secs, || {
         let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
         Ok(format!("connections: {rate:.0}/s"))
     })?);
-    out.push(record(topo, "latency", secs, || {
-        let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
-        Ok(format!("latency: p50 {:.0} µs", l.p50))
-    })?);
+    // The relay's too: at 1000 req/s the difference between the two is the question.
+    for (config, name) in [(Config::Ambit, "latency"), (Config::Relay, "latency-relay")] {
+        let pods = topo.pods(config);
+        out.push(record(topo, config, name, secs, || {
+            let l = load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?;
+            Ok(format!("{name}: p50 {:.0} µs", l.p50))
+        })?);
+    }
     let traced = sched_counts(topo, Config::Ambit, "new connection", secs, || connections(pods, secs))?;
     out.push(format!("kernel tracing on: {traced}"));
     topo.ambit_tracing(false)?;

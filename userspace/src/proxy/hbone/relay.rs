@@ -17,7 +17,7 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{io::AsyncWrite, net::TcpStream};
-use tokio_util::sync::WaitForCancellationFuture;
+use tokio_util::{io::poll_read_buf, sync::WaitForCancellationFuture};
 
 use super::{BULK_READ_CHUNK, READ_CHUNK};
 use crate::{
@@ -145,15 +145,16 @@ fn poll_up(
             ready!(tcp.poll_read_ready(cx))?;
             let size = if *bulk { BULK_READ_CHUNK } else { READ_CHUNK };
             let mut buf = BytesMut::with_capacity(size);
-            match tcp.try_read_buf(&mut buf) {
-                Ok(0) => return Poll::Ready(send.send_data(Bytes::new(), true).map_err(h2_io)),
-                Ok(n) => {
+            // Through `AsyncRead`, not `try_read_buf`: a short read clears the socket's
+            // readiness, so the next poll parks instead of costing a read that fails with
+            // EAGAIN (two syscalls per request/response exchange). Stale readiness makes
+            // this Pending, and the buffer is dropped with it.
+            match ready!(poll_read_buf(Pin::new(&mut *tcp), cx, &mut buf))? {
+                0 => return Poll::Ready(send.send_data(Bytes::new(), true).map_err(h2_io)),
+                n => {
                     *bulk = n == buf.capacity();
                     *pending = buf.freeze();
                 }
-                // Readiness was stale; polling again registers for the next.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
             }
         }
         send.reserve_capacity(pending.len());
