@@ -3,8 +3,10 @@
 
 use std::{
     collections::HashSet,
+    io,
+    mem::{size_of, MaybeUninit},
     net::IpAddr,
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     sync::{Arc, Mutex},
 };
 
@@ -69,18 +71,23 @@ where
     T::try_from(map).map_err(|source| CaptureError::Map { name, source: Box::new(source) })
 }
 
-/// Refuses a pinned map left by a different ambit whose layout differs from ours: reusing it
-/// would make the programs and the proxy read each other's bytes wrongly.
-fn check_shape(name: &'static str, map: &Map, key: usize, value: usize) -> Result<(), CaptureError> {
-    let data: &MapData = match map {
+/// The map underneath, for the kinds of map ambit uses.
+fn map_data<'m>(name: &'static str, map: &'m Map) -> Result<&'m MapData, CaptureError> {
+    match map {
         Map::Array(m)
         | Map::HashMap(m)
         | Map::LruHashMap(m)
         | Map::PerCpuArray(m)
         | Map::SockHash(m)
-        | Map::RingBuf(m) => m,
-        _ => return Err(CaptureError::MapShape { name, detail: "unexpected map type".into() }),
-    };
+        | Map::RingBuf(m) => Ok(m),
+        _ => Err(CaptureError::MapShape { name, detail: "unexpected map type".into() }),
+    }
+}
+
+/// Refuses a pinned map left by a different ambit whose layout differs from ours: reusing it
+/// would make the programs and the proxy read each other's bytes wrongly.
+fn check_shape(name: &'static str, map: &Map, key: usize, value: usize) -> Result<(), CaptureError> {
+    let data = map_data(name, map)?;
     let info = data.info().map_err(|source| CaptureError::Map { name, source: Box::new(source) })?;
     if info.key_size() as usize != key || info.value_size() as usize != value {
         return Err(CaptureError::MapShape {
@@ -106,7 +113,6 @@ pub struct Split {
 
 /// Takes the maps out of a loaded object, checking each one's shape.
 pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
-    use std::mem::size_of;
     let shapes: [(&'static str, usize, usize); 10] = [
         (MAP_CONFIG, 4, size_of::<Config>()),
         (MAP_ENROLLED, 8, size_of::<PodEntry>()),
@@ -131,7 +137,7 @@ pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
         listeners: typed(MAP_LISTENERS, take(ebpf, MAP_LISTENERS)?)?,
         pending: typed(MAP_PENDING, take(ebpf, MAP_PENDING)?)?,
     };
-    let orig = OrigDstTable(Mutex::new(typed(MAP_ORIG_DST, take(ebpf, MAP_ORIG_DST)?)?));
+    let orig = OrigDstTable::new(take(ebpf, MAP_ORIG_DST)?)?;
     let stats = KernelStats(typed(MAP_STATS, take(ebpf, MAP_STATS)?)?);
     let events = typed(MAP_EVENTS, take(ebpf, MAP_EVENTS)?)?;
     Ok(Split { maps, orig, stats, events })
@@ -139,15 +145,6 @@ pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
 
 fn op<T>(name: &'static str, r: Result<T, MapError>) -> Result<T, CaptureError> {
     r.map_err(|source| CaptureError::Map { name, source: Box::new(source) })
-}
-
-/// `Ok(None)` for a missing key, errors for everything else.
-fn found<T>(name: &'static str, r: Result<T, MapError>) -> Result<Option<T>, CaptureError> {
-    match r {
-        Ok(v) => Ok(Some(v)),
-        Err(MapError::KeyNotFound) => Ok(None),
-        Err(source) => Err(CaptureError::Map { name, source: Box::new(source) }),
-    }
 }
 
 /// Removal of a key that may be gone already.
@@ -235,25 +232,81 @@ impl Maps {
 }
 
 /// The original destinations of captured connections, shared by every accept path.
-pub struct OrigDstTable(Mutex<HashMap<MapData, ConnKey, OrigDst>>);
+pub struct OrigDstTable {
+    map: HashMap<MapData, ConnKey, OrigDst>,
+    /// The same map's descriptor, for the one call aya keeps private.
+    fd: OwnedFd,
+}
 
 impl OrigDstTable {
-    /// Looks up and removes the record for an accepted connection.
+    fn new(map: Map) -> Result<OrigDstTable, CaptureError> {
+        let fd = map_data(MAP_ORIG_DST, &map)?.fd().as_fd().try_clone_to_owned().map_err(|e| {
+            CaptureError::Map { name: MAP_ORIG_DST, source: Box::new(syscall_error("dup", e)) }
+        })?;
+        Ok(OrigDstTable { map: typed(MAP_ORIG_DST, map)?, fd })
+    }
+
+    /// Looks up and removes the record for an accepted connection: one syscall
+    /// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, for hash maps since 5.14, ambit's floor) where a
+    /// lookup and a delete were two, on every outbound connection.
     pub fn take(&self, key: &ConnKey) -> Result<Option<OrigDst>, CaptureError> {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(orig) = found(MAP_ORIG_DST, map.get(key, 0))? else {
-            return Ok(None);
-        };
-        remove_if_present(MAP_ORIG_DST, &mut map, key)?;
-        Ok(Some(orig))
+        lookup_and_delete(self.fd.as_fd(), key).map_err(|e| CaptureError::Map {
+            name: MAP_ORIG_DST,
+            source: Box::new(syscall_error("bpf_map_lookup_and_delete_elem", e)),
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).keys().count()
+        self.map.keys().count()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn syscall_error(call: &'static str, io_error: io::Error) -> MapError {
+    MapError::SyscallError(aya::sys::SyscallError { call, io_error })
+}
+
+/// `bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM)` on the original-destination map; `Ok(None)` when
+/// the key is not there.
+fn lookup_and_delete(fd: BorrowedFd<'_>, key: &ConnKey) -> io::Result<Option<OrigDst>> {
+    /// The `BPF_MAP_*_ELEM` member of the kernel's `union bpf_attr`.
+    #[repr(C)]
+    struct ElemAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
+    let mut value = MaybeUninit::<OrigDst>::uninit();
+    let attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        _pad: 0,
+        key: std::ptr::from_ref(key) as u64,
+        value: value.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    // SAFETY: `attr` is the kernel's attribute layout for this command and its size is the
+    // one passed. The kernel reads a key of the map's key size from `key` and writes a value
+    // of the map's value size into `value`: `split` checked both sizes against `ConnKey` and
+    // `OrigDst`, and the map is not per-CPU (one value). Both outlive the call.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_AND_DELETE_ELEM, &raw const attr, size_of::<ElemAttr>())
+    };
+    if rc == 0 {
+        // SAFETY: on success the kernel wrote the whole value; `OrigDst` is plain data for
+        // which any bytes are valid.
+        return Ok(Some(unsafe { value.assume_init() }));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENOENT) {
+        Ok(None)
+    } else {
+        Err(e)
     }
 }
 

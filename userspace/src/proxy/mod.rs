@@ -183,6 +183,10 @@ impl Proxy {
                 crate::tls::server_config(&self.inner.identities, &identity).map_err(io::Error::other)?;
             return Ok(hbone::server::serve(self.inner.clone(), pod, listener, tls, stop));
         }
+        // Every connection accepted on an outbound listener has the listener's address as
+        // its local one (the connect hook rewrote it to exactly that): asked once here, not
+        // with a getsockname per connection.
+        let local = listener.local_addr()?;
         let inner = self.inner.clone();
         Ok(tokio::spawn(async move {
             loop {
@@ -203,7 +207,9 @@ impl Proxy {
                         let pod = pod.clone();
                         tracker.spawn(async move {
                             match direction {
-                                Direction::Outbound => outbound::handle(&inner, &pod, stream, peer).await,
+                                Direction::Outbound => {
+                                    outbound::handle(&inner, &pod, stream, peer, local).await
+                                }
                                 Direction::Inbound => inbound::handle(&inner, &pod, stream, peer).await,
                                 Direction::Hbone => unreachable!("HBONE listeners are served above"),
                             }

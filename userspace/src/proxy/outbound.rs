@@ -32,10 +32,17 @@ struct Ready<'p> {
     started: Instant,
 }
 
-pub(super) async fn handle(inner: &Inner, pod: &PodCtx, client: TcpStream, peer: SocketAddr) {
+/// `local`: the listener's address, which is the accepted socket's local address.
+pub(super) async fn handle(
+    inner: &Inner,
+    pod: &PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+) {
     // Boxed: routing, connecting and handshakes are freed before the relay starts instead
     // of sizing the task for the connection's whole life.
-    let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
+    let Some(r) = Box::pin(set_up(inner, pod, client, peer, local)).await else { return };
     let open = inner.opened(&r.record);
     let counters = &open.counters;
     let transfer = match r.leg {
@@ -67,20 +74,9 @@ async fn set_up<'p>(
     pod: &'p PodCtx,
     client: TcpStream,
     peer: SocketAddr,
+    local: SocketAddr,
 ) -> Option<Ready<'p>> {
     let started = Instant::now();
-    let local = match client.local_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            return refused(
-                inner,
-                &ConnRecord::outbound(pod, peer, None),
-                client,
-                "socket_error",
-                &e.to_string(),
-            )
-        }
-    };
     let dst = match inner.orig.take(&addr::conn_key(pod.netns.cookie(), peer, local)) {
         Ok(Some(orig)) => addr::orig_dst_addr(&orig),
         Ok(None) => None,
