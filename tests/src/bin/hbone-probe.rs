@@ -23,7 +23,7 @@ use bytes::Bytes;
 use h2::client::SendRequest;
 use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-    crypto::{aws_lc_rs, verify_tls12_signature, verify_tls13_signature, CryptoProvider},
+    crypto::{ring, verify_tls12_signature, verify_tls13_signature, CryptoProvider},
     DigitallySignedStruct, SignatureScheme,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -68,7 +68,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn tls_config(args: &[String]) -> Arc<rustls::ClientConfig> {
-    let provider = Arc::new(aws_lc_rs::default_provider());
+    let provider = Arc::new(ring::default_provider());
     let versions: &[&rustls::SupportedProtocolVersion] = if args.iter().any(|a| a == "--tls12") {
         &[&rustls::version::TLS12]
     } else {
