@@ -205,15 +205,16 @@ impl Proxy {
                         let inner = inner.clone();
                         let tracker = inner.connections.clone();
                         let pod = pod.clone();
-                        tracker.spawn(async move {
-                            match direction {
-                                Direction::Outbound => {
-                                    outbound::handle(&inner, &pod, stream, peer, local).await
-                                }
-                                Direction::Inbound => inbound::handle(&inner, &pod, stream, peer).await,
-                                Direction::Hbone => unreachable!("HBONE listeners are served above"),
+                        // One task type per direction: a task is sized for its largest state,
+                        // and each idle connection keeps its task.
+                        match direction {
+                            Direction::Outbound => {
+                                tracker.spawn(outbound::handle(inner, pod, stream, peer, local))
                             }
-                        });
+                            Direction::Inbound => tracker
+                                .spawn(async move { inbound::handle(&inner, &pod, stream, peer).await }),
+                            Direction::Hbone => unreachable!("HBONE listeners are served above"),
+                        };
                     }
                     Err(e) => {
                         // EMFILE and friends: back off instead of spinning on the error.

@@ -6,7 +6,7 @@
 //! mesh does not know is passed through or refused (`--unknown-destination`). The proxy's
 //! socket is made in the pod's netns, so the network sees the pod's address.
 
-use std::{net::SocketAddr, time::Instant};
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use tokio::net::TcpStream;
 
@@ -32,21 +32,27 @@ struct Ready<'p> {
     started: Instant,
 }
 
-/// `local`: the listener's address, which is the accepted socket's local address.
+/// `local`: the listener's address, which is the accepted socket's local address. This is
+/// the task's future itself (no wrapping block): a wrapper would keep its own copy of the
+/// arguments for the connection's whole life.
 pub(super) async fn handle(
-    inner: &Inner,
-    pod: &PodCtx,
+    inner: Arc<Inner>,
+    pod: Arc<PodCtx>,
     client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
 ) {
+    let (inner, pod) = (&*inner, &*pod);
     // Boxed: routing, connecting and handshakes are freed before the relay starts instead
     // of sizing the task for the connection's whole life.
     let Some(r) = Box::pin(set_up(inner, pod, client, peer, local)).await else { return };
     let open = inner.opened(&r.record);
     let counters = &open.counters;
     let transfer = match r.leg {
-        Leg::Plain(upstream) => super::relay::relay(r.client, upstream, counters, None).await,
+        // Boxed too: the plain relay's future is almost four times the tunnel's, and a task
+        // is sized for its largest state; unboxed, every tunnelled connection (the common
+        // case) would carry it.
+        Leg::Plain(upstream) => Box::pin(super::relay::relay(r.client, upstream, counters, None)).await,
         Leg::Tunnel(t) => {
             let directions = (&counters.request, &counters.response);
             super::hbone::relay(r.client, t.send, t.recv, directions, None).await
