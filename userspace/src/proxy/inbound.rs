@@ -23,7 +23,10 @@ struct Ready<'p> {
     started: std::time::Instant,
 }
 
-pub(super) async fn handle(inner: &Inner, pod: &Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
+/// The task's future itself, like `outbound::handle` (a wrapping block would keep a copy of
+/// the arguments for the connection's whole life).
+pub(super) async fn handle(inner: Arc<Inner>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
+    let (inner, pod) = (&*inner, &pod);
     // Boxed: checks and the connect are freed before the relay starts.
     let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
     finish(inner, r.record, r.client, r.upstream, r.started, &r.registration.closed).await;

@@ -211,8 +211,7 @@ impl Proxy {
                             Direction::Outbound => {
                                 tracker.spawn(outbound::handle(inner, pod, stream, peer, local))
                             }
-                            Direction::Inbound => tracker
-                                .spawn(async move { inbound::handle(&inner, &pod, stream, peer).await }),
+                            Direction::Inbound => tracker.spawn(inbound::handle(inner, pod, stream, peer)),
                             Direction::Hbone => unreachable!("HBONE listeners are served above"),
                         };
                     }

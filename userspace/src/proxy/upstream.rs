@@ -44,7 +44,7 @@ pub async fn deliver(
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     match tokio::time::timeout(timeout, stream.writable()).await {
         Ok(ready) => ready?,
-        Err(_) => return Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+        Err(_) => return Err(timed_out(dst)),
     }
     // Writable also when the connect failed: the socket's error says which.
     if let Some(e) = stream.take_error()? {
@@ -66,6 +66,10 @@ async fn connect_socket(sock: Socket, dst: SocketAddr, timeout: Duration) -> io:
     let sock = TcpSocket::from_std_stream(sock.into());
     match tokio::time::timeout(timeout, sock.connect(dst)).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))),
+        Err(_) => Err(timed_out(dst)),
     }
+}
+
+fn timed_out(dst: SocketAddr) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, format!("connect to {dst} timed out"))
 }

@@ -14,11 +14,10 @@ pub mod event;
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
-
-use std::os::fd::AsFd;
 
 use ambit_common::{trace as k, AF_INET};
 use anyhow::Context as _;

@@ -24,6 +24,11 @@ fn perf_report(data: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::write(out, &report.stdout).with_context(|| format!("writing {}", out.display()))
 }
 
+/// `config`'s proxies as `perf -p` takes them.
+fn pid_list(topo: &Topology<'_>, config: Config) -> String {
+    topo.proxy_pids(config).iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
 /// Records both of `config`'s proxies while `work` runs; `secs`: how long to record.
 fn record(
     topo: &Topology<'_>,
@@ -35,9 +40,9 @@ fn record(
     let dir = crate::root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let data = dir.join(format!("perf-{name}.data"));
-    let pids: Vec<String> = topo.proxy_pids(config).iter().map(u32::to_string).collect();
+    let pids = pid_list(topo, config);
     let mut perf = Command::new("perf")
-        .args(["record", "-q", "-e", "cpu-clock", "-F", "8000", "-p", &pids.join(","), "-o"])
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "8000", "-p", &pids, "-o"])
         .arg(&data)
         .args(["--", "sleep", &format!("{secs}")])
         .spawn()
@@ -54,9 +59,9 @@ fn record(
     Ok(format!("{summary}; profile in {}", txt.display()))
 }
 
-/// Counts the scheduler's work in `config`'s proxies while `work` runs: `perf stat` of
-/// context switches, CPU migrations and wakeups. Latency at low rates is mostly the hops
-/// between threads, which a CPU profile does not show.
+/// Counts what `config`'s proxies spend per operation while `work` runs (it returns how many
+/// operations it made): `perf stat` of CPU time, context switches and system calls. At low
+/// rates latency is each hop's CPU time and wakeups, which a CPU profile spreads thin.
 fn sched_counts(
     topo: &Topology<'_>,
     config: Config,
@@ -64,17 +69,9 @@ fn sched_counts(
     secs: f64,
     work: impl FnOnce() -> anyhow::Result<u64>,
 ) -> anyhow::Result<String> {
-    let pids: Vec<String> = topo.proxy_pids(config).iter().map(u32::to_string).collect();
+    let pids = pid_list(topo, config);
     let perf = Command::new("perf")
-        .args([
-            "stat",
-            "-x",
-            ",",
-            "-e",
-            "task-clock,context-switches,raw_syscalls:sys_enter",
-            "-p",
-            &pids.join(","),
-        ])
+        .args(["stat", "-x", ",", "-e", "task-clock,context-switches,raw_syscalls:sys_enter", "-p", &pids])
         .args(["--", "sleep", &format!("{secs}")])
         .stderr(std::process::Stdio::piped())
         .spawn()
