@@ -183,7 +183,7 @@ impl HboneClient {
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
         let socket_cookie = crate::inpod::netns::socket_cookie(&tcp).ok();
-        let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
+        let tcp = super::read_buffer::ReadBuffered::new(tcp, super::TLS_READ_BUFFER);
         let tls_config =
             crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;
         let connector = tokio_rustls::TlsConnector::from(tls_config);

@@ -121,7 +121,7 @@ async fn connection(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY on an HBONE connection");
     }
-    let tcp = tokio::io::BufReader::with_capacity(super::TLS_READ_BUFFER, tcp);
+    let tcp = super::read_buffer::ReadBuffered::new(tcp, super::TLS_READ_BUFFER);
     let tls = match tokio::time::timeout(s.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
