@@ -329,7 +329,7 @@ async fn finish(
     client: tokio::net::TcpStream,
     upstream: tokio::net::TcpStream,
     started: std::time::Instant,
-    close: &CancellationToken,
+    close: &authorize::Revocation,
 ) {
     let open = inner.opened(&record);
     let transfer = relay::relay(client, upstream, &open.counters, Some(close)).await;

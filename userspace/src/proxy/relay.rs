@@ -72,7 +72,7 @@ pub async fn relay(
     mut client: TcpStream,
     mut upstream: TcpStream,
     counters: &RelayCounters,
-    close: Option<&tokio_util::sync::CancellationToken>,
+    close: Option<&super::authorize::Revocation>,
 ) -> Transfer {
     let (mut sent, mut received) = (0u64, 0u64);
     let mut error = None;
@@ -83,7 +83,7 @@ pub async fn relay(
         let down = copy(&mut up_r, &mut client_w, &counters.response, &mut received);
         let closed = async {
             match close {
-                Some(c) => c.cancelled().await,
+                Some(c) => c.revoked().await,
                 None => std::future::pending().await,
             }
         };

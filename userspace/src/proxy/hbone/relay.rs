@@ -17,12 +17,12 @@ use std::{
 use bytes::{Buf, Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{io::AsyncWrite, net::TcpStream};
-use tokio_util::{io::poll_read_buf, sync::WaitForCancellationFuture};
+use tokio_util::io::poll_read_buf;
 
 use super::{BULK_READ_CHUNK, READ_CHUNK};
 use crate::{
     metrics::ByteCounter,
-    proxy::{relay::linger_zero, Transfer},
+    proxy::{authorize::Revocation, relay::linger_zero, Transfer},
 };
 
 fn h2_io(e: h2::Error) -> io::Error {
@@ -54,8 +54,7 @@ pin_project_lite::pin_project! {
         // The stream ended: the socket's write side is shut down next.
         down_eof: bool,
         down_done: bool,
-        #[pin]
-        close: Option<WaitForCancellationFuture<'a>>,
+        close: Option<&'a Revocation>,
     }
 }
 
@@ -70,7 +69,7 @@ pub fn relay<'a>(
     send: SendStream<Bytes>,
     recv: RecvStream,
     (to_tunnel, from_tunnel): (&'a ByteCounter, &'a ByteCounter),
-    close: Option<&'a tokio_util::sync::CancellationToken>,
+    close: Option<&'a Revocation>,
 ) -> Relay<'a> {
     Relay {
         tcp,
@@ -86,7 +85,7 @@ pub fn relay<'a>(
         up_bulk: false,
         down_eof: false,
         down_done: false,
-        close: close.map(|c| c.cancelled()),
+        close,
     }
 }
 
@@ -94,10 +93,10 @@ impl Future for Relay<'_> {
     type Output = Transfer;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Transfer> {
-        let mut this = self.project();
+        let this = self.project();
         let mut result = Ok(());
-        if let Some(close) = this.close.as_mut().as_pin_mut() {
-            if close.poll(cx).is_ready() {
+        if let Some(close) = this.close {
+            if close.poll_revoked(cx).is_ready() {
                 result = Err(crate::proxy::relay::revoked());
             }
         }
