@@ -198,6 +198,7 @@ impl PodManager {
             namespace: spec.namespace.clone(),
             name: spec.name.clone(),
             service_account: spec.service_account.clone(),
+            identity_uri: identity.as_ref().map(|i| i.to_string().into()),
             identity: identity.clone(),
             app,
             ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),

@@ -22,11 +22,25 @@ use crate::{
     state::MeshState,
 };
 
+/// An HBONE connection's verified peer, shared by the streams it carries.
+#[derive(Debug)]
+pub struct VerifiedPeer {
+    pub peer: Peer,
+    /// The identity as a URI (access log, metrics).
+    pub uri: Arc<str>,
+}
+
+impl VerifiedPeer {
+    pub fn new(identity: crate::identity::Identity) -> Self {
+        VerifiedPeer { uri: identity.to_string().into(), peer: Peer::new(identity) }
+    }
+}
+
 /// What a connection is judged by.
 #[derive(Clone, Debug)]
 pub struct Subject {
     /// The verified peer (HBONE), `None` in plaintext.
-    pub peer: Option<Peer>,
+    pub peer: Option<Arc<VerifiedPeer>>,
     /// The original client (the tunnel's `forwarded` source for HBONE).
     pub src: SocketAddr,
     /// The local workload's address and port.
@@ -36,13 +50,13 @@ pub struct Subject {
 
 impl Subject {
     fn record<'a>(&'a self, pod: &'a PodCtx) -> ConnRecord<'a> {
-        ConnRecord::inbound(pod, self.src, Some(self.dst), self.peer.as_ref().map(|p| &p.identity), self.mtls)
+        ConnRecord::inbound(pod, self.src, Some(self.dst), self.peer.as_ref().map(|p| &p.uri), self.mtls)
     }
 }
 
 fn decide(state: &MeshState, pod: &PodCtx, s: &Subject) -> Decision {
     let conn = Conn {
-        src: s.peer.as_ref(),
+        src: s.peer.as_ref().map(|p| &p.peer),
         src_ip: addr::canonical(s.src.ip()),
         dst_ip: addr::canonical(s.dst.ip()),
         dst_port: s.dst.port(),

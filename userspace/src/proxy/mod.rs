@@ -36,6 +36,8 @@ pub struct PodCtx {
     pub service_account: String,
     /// Its SPIFFE identity, when the mesh has a CA (mTLS); `None` without one.
     pub identity: Option<Identity>,
+    /// `identity` as a URI, formatted once: every connection's record names it.
+    pub identity_uri: Option<Arc<str>>,
     /// `app.kubernetes.io/name` or `app` label, else the pod name (telemetry).
     pub app: String,
     /// Canonical (IPv4-mapped addresses as IPv4).

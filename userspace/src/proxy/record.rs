@@ -1,6 +1,8 @@
 //! What the proxy says about one connection — the access-log line, the refusal, the metrics'
 //! labels — gathered in one record.
 
+use std::sync::Arc;
+
 use crate::{
     identity::Identity,
     inpod::Direction,
@@ -17,8 +19,9 @@ pub struct ConnRecord<'a> {
     /// Where the connection comes from, as the network sees it.
     pub src: std::net::SocketAddr,
     pub dst: Option<std::net::SocketAddr>,
-    pub src_identity: Option<String>,
-    pub dst_identity: Option<String>,
+    /// Shared, not copied: an open connection keeps its record until it closes.
+    pub src_identity: Option<Arc<str>>,
+    pub dst_identity: Option<Arc<str>>,
     /// The service the destination was chosen for, when the client dialled a service address.
     pub dst_service: Option<String>,
     /// Whether it travelled (or arrived) over mutual TLS.
@@ -35,7 +38,7 @@ impl<'a> ConnRecord<'a> {
             pod,
             src,
             dst,
-            src_identity: pod.identity.as_ref().map(ToString::to_string),
+            src_identity: pod.identity_uri.clone(),
             dst_identity: None,
             dst_service: None,
             mtls: false,
@@ -47,7 +50,7 @@ impl<'a> ConnRecord<'a> {
         pod: &'a PodCtx,
         src: std::net::SocketAddr,
         dst: Option<std::net::SocketAddr>,
-        peer: Option<&Identity>,
+        peer: Option<&Arc<str>>,
         mtls: bool,
     ) -> Self {
         ConnRecord {
@@ -55,8 +58,8 @@ impl<'a> ConnRecord<'a> {
             pod,
             src,
             dst,
-            src_identity: peer.map(ToString::to_string),
-            dst_identity: pod.identity.as_ref().map(ToString::to_string),
+            src_identity: peer.cloned(),
+            dst_identity: pod.identity_uri.clone(),
             dst_service: None,
             mtls,
             leg: None,

@@ -20,12 +20,10 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    authz::Peer,
     capture::addr,
-    identity::Identity,
     inpod::Direction,
     proxy::{
-        authorize::{self, Subject},
+        authorize::{self, Subject, VerifiedPeer},
         ConnRecord, Inner, PodCtx,
     },
 };
@@ -139,7 +137,7 @@ async fn connection(
             return;
         }
     };
-    let peer_identity = crate::tls::peer_identity(tls.get_ref().1);
+    let peer_identity = crate::tls::peer_identity(tls.get_ref().1).map(|i| Arc::new(VerifiedPeer::new(i)));
     let handshake = h2::server::Builder::new()
         .initial_window_size(s.stream_window)
         .initial_connection_window_size(s.connection_window)
@@ -155,7 +153,7 @@ async fn connection(
             return;
         }
         Err(_) => {
-            let record = ConnRecord::inbound(&pod, peer, Some(local), peer_identity.as_ref(), true);
+            let record = ConnRecord::inbound(&pod, peer, Some(local), peer_uri(&peer_identity), true);
             inner.failed(&record, "hbone_http2_timeout", "the HTTP/2 preface did not arrive in time");
             return;
         }
@@ -192,6 +190,10 @@ fn answer(respond: &mut SendResponse<Bytes>, status: StatusCode) {
     }
 }
 
+fn peer_uri(peer: &Option<Arc<VerifiedPeer>>) -> Option<&Arc<str>> {
+    peer.as_ref().map(|p| &p.uri)
+}
+
 /// The original client's address from `forwarded: for="..."`, if the header carries one.
 fn forwarded_for(value: Option<&[u8]>) -> Option<std::net::IpAddr> {
     let v = std::str::from_utf8(value?).ok()?;
@@ -222,7 +224,7 @@ struct TunnelArgs {
     pod: Arc<PodCtx>,
     /// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
     conn: (SocketAddr, SocketAddr, Option<u64>),
-    peer_identity: Option<Identity>,
+    peer_identity: Option<Arc<VerifiedPeer>>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
 }
@@ -268,7 +270,7 @@ async fn set_up<'p>(
     let src = forwarded_for(forwarded).map_or(peer, |ip| SocketAddr::new(ip, peer.port()));
     let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: &'static str, detail: &str| {
         answer(&mut respond, status);
-        inner.failed(&ConnRecord::inbound(pod, src, dst, peer_identity.as_ref(), true), reason, detail);
+        inner.failed(&ConnRecord::inbound(pod, src, dst, peer_uri(&peer_identity), true), reason, detail);
         None
     };
     let dst = match connect_target(req.method(), req.uri().authority().map(http::uri::Authority::as_str)) {
@@ -287,11 +289,11 @@ async fn set_up<'p>(
             "the target is one of the proxy's own ports",
         );
     }
-    let subject = Subject { peer: peer_identity.clone().map(Peer::new), src, dst, mtls: true };
+    let subject = Subject { peer: peer_identity.clone(), src, dst, mtls: true };
     if authorize::check(inner, pod, &subject).is_err() {
         // Logged and counted by the check.
         answer(&mut respond, StatusCode::UNAUTHORIZED);
-        let record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
+        let record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
         inner.metrics.connection_failed(
             Direction::Inbound,
             pod,
@@ -301,7 +303,7 @@ async fn set_up<'p>(
         return None;
     }
     let registration = inner.open.register(pod.clone(), subject);
-    let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_identity.as_ref(), true);
+    let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
     // The HBONE connection's socket carries it over the network.
     record.leg = leg;
     let upstream = match inner.deliver(&record, dst).await {
