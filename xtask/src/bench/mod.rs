@@ -306,8 +306,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("--rounds must be at least 1");
     }
     let profile = if args.debug { "debug" } else { "release" };
-    crate::build(!args.debug)?;
-    std::env::set_var("AMBIT_BIN_DIR", crate::root().join("target").join(profile));
+    // Experiments: measure binaries built elsewhere (other profile settings) as they are.
+    if let Some(dir) = std::env::var_os("AMBIT_BENCH_BIN_DIR") {
+        std::env::set_var("AMBIT_BIN_DIR", dir);
+    } else {
+        crate::build(!args.debug)?;
+        std::env::set_var("AMBIT_BIN_DIR", crate::root().join("target").join(profile));
+    }
     let p = Progress { started: Instant::now() };
     p.say(&format!("building the bed ({profile} build, {} rounds)", args.rounds));
     let bed = Bed::new("bench");
