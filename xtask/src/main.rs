@@ -64,6 +64,9 @@ enum Cmd {
     /// Hold 10,000 idle tunnelled connections for minutes: memory sampled, every connection
     /// checked alive at the end (release build, results in target/soak/).
     Soak(bench::soak::SoakArgs),
+    /// Profile which functions ambit runs (callgrind, the bench's workloads) and list them in
+    /// userspace/link-order.txt, which release builds lay out together (less resident code).
+    LinkOrder,
 }
 
 pub fn root() -> PathBuf {
@@ -179,6 +182,10 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Soak(args) => {
             ensure_setup()?;
             bench::soak::run(args)
+        }
+        Cmd::LinkOrder => {
+            ensure_setup()?;
+            bench::link_order::run()
         }
     }
 }

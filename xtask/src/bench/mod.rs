@@ -2,6 +2,7 @@
 //! (../shared/reference/perf-method.md): alternating rounds, medians with min–max, ratios as
 //! the headline, results in `target/bench/` (markdown and JSON).
 
+pub mod link_order;
 mod load;
 mod profile;
 mod report;
@@ -314,6 +315,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::env::set_var("AMBIT_BIN_DIR", crate::root().join("target").join(profile));
     }
     let p = Progress { started: Instant::now() };
+    if !args.debug {
+        // Release builds lay these out together; names the build lacks are not placed.
+        let binary = ambit_testbed::exec::workspace_bin("ambit");
+        let (found, listed) = link_order::coverage(&binary)?;
+        p.say(&format!(
+            "{found} of the {listed} functions in {} are in {} (fewer: run `cargo xtask link-order`)",
+            link_order::FILE,
+            binary.display()
+        ));
+    }
     p.say(&format!("building the bed ({profile} build, {} rounds)", args.rounds));
     let bed = Bed::new("bench");
     let topo = Topology::build(&bed)?;
