@@ -253,14 +253,14 @@ impl Inner {
                 workload: known(&source.workload),
                 identity: known(&source.principal),
                 service: None,
-                address: Some(record.src.to_string()),
+                address: None,
             };
             (t.clone(), peer)
         });
-        let cookie = pod.netns.cookie();
+        let (cookie, client) = (pod.netns.cookie(), record.src);
         upstream::deliver(&pod.netns, dst, s.mark, s.connect_timeout, move |local| {
             if let Some((tracer, peer)) = hint {
-                tracer.hint(cookie, local.port(), crate::trace::Hint { peer });
+                tracer.hint(cookie, local.port(), peer, client);
             }
         })
         .await

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The other end of the socket, as far as the mesh knows it.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Peer {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,

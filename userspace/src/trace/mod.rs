@@ -12,7 +12,7 @@ mod cli;
 pub mod event;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
     sync::{Arc, Mutex},
@@ -53,10 +53,58 @@ struct Sockets {
 }
 
 /// Who is at the other end of a socket the proxy made to deliver an inbound connection (the
-/// kernel only sees the proxy there): registered by the proxy before it connects.
-#[derive(Clone, Debug)]
-pub struct Hint {
-    pub peer: Peer,
+/// kernel only sees the proxy there): registered by the proxy before it connects, kept while
+/// the socket is open. Every open inbound connection has one, so the part its client shares
+/// with the client's other connections (namespace, workload, identity) is stored once.
+struct Hint {
+    peer: Arc<Peer>,
+    /// The client's own address (the peer's `address` in events).
+    address: SocketAddr,
+}
+
+/// Delivery hints by (netns cookie, the delivering socket's local port), and the distinct
+/// peers they name.
+#[derive(Default)]
+struct Hints {
+    by_socket: HashMap<(u64, u16), Hint>,
+    peers: HashSet<Arc<Peer>>,
+}
+
+impl Hints {
+    fn insert(&mut self, key: (u64, u16), peer: Peer, address: SocketAddr) {
+        let peer = match self.peers.get(&peer) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Arc::new(peer);
+                self.peers.insert(shared.clone());
+                shared
+            }
+        };
+        if let Some(old) = self.by_socket.insert(key, Hint { peer, address }) {
+            self.release(old);
+        }
+    }
+
+    fn remove(&mut self, key: (u64, u16)) {
+        if let Some(old) = self.by_socket.remove(&key) {
+            self.release(old);
+        }
+    }
+
+    /// The peer as an event names it. Under the lock: the shared peers' counts only change
+    /// here, so `release` can tell the last user.
+    fn peer(&self, key: (u64, u16)) -> Option<Peer> {
+        self.by_socket
+            .get(&key)
+            .map(|h| Peer { address: Some(h.address.to_string()), ..Peer::clone(&h.peer) })
+    }
+
+    fn release(&mut self, hint: Hint) {
+        // The set's reference and this one: no other hint names this peer.
+        if Arc::strong_count(&hint.peer) == 2 {
+            self.peers.remove(&hint.peer);
+        }
+    }
 }
 
 struct Inner {
@@ -66,7 +114,7 @@ struct Inner {
     state: Arc<StateStore>,
     sockets: Mutex<Sockets>,
     /// (netns cookie, the delivering socket's local port) → the original client.
-    hints: Mutex<HashMap<(u64, u16), Hint>>,
+    hints: Mutex<Hints>,
     tx: broadcast::Sender<Arc<Event>>,
     rtt: HistogramVec,
     retransmits: IntCounterVec,
@@ -164,7 +212,7 @@ impl Tracer {
             pods,
             state,
             sockets: Mutex::new(Sockets::default()),
-            hints: Mutex::new(HashMap::new()),
+            hints: Mutex::new(Hints::default()),
             tx,
             rtt,
             retransmits,
@@ -252,8 +300,14 @@ impl Tracer {
 
     /// Names the client behind a socket the proxy is about to connect from `local_port` in
     /// the pod's netns to deliver an inbound connection; dropped when that socket closes.
-    pub fn hint(&self, netns_cookie: u64, local_port: u16, hint: Hint) {
-        self.0.hints.lock().unwrap_or_else(|p| p.into_inner()).insert((netns_cookie, local_port), hint);
+    /// `peer`'s `address` is ignored: `address` is the client's.
+    pub fn hint(&self, netns_cookie: u64, local_port: u16, peer: Peer, address: SocketAddr) {
+        let peer = Peer { address: None, ..peer };
+        self.0.hints.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            (netns_cookie, local_port),
+            peer,
+            address,
+        );
     }
 
     fn handle(&self, raw: &k::TraceEvent) {
@@ -316,11 +370,10 @@ impl Tracer {
             ("app", true) if same_host => Some(remote.port()),
             _ => None,
         };
-        let hint = hint_port.and_then(|p| {
-            i.hints.lock().unwrap_or_else(|e| e.into_inner()).get(&(raw.netns_cookie, p)).cloned()
-        });
+        let hint = hint_port
+            .and_then(|p| i.hints.lock().unwrap_or_else(|e| e.into_inner()).peer((raw.netns_cookie, p)));
         let peer = match hint {
-            Some(h) => h.peer,
+            Some(peer) => peer,
             None => {
                 let addr = orig.unwrap_or(remote);
                 let service = state.service_by_vip(addr.ip()).map(|s| s.key.clone());
@@ -380,7 +433,7 @@ impl Tracer {
         let i = &self.0;
         let closing = matches!(raw.kind, k::EV_CLOSE | k::EV_RESET);
         if closing && leg == "delivery" {
-            i.hints.lock().unwrap_or_else(|p| p.into_inner()).remove(&(raw.netns_cookie, raw.local_port));
+            i.hints.lock().unwrap_or_else(|p| p.into_inner()).remove((raw.netns_cookie, raw.local_port));
         }
         if !crosses {
             return;
@@ -419,5 +472,37 @@ impl Tracer {
         } else {
             i.retransmits.with_label_values(&labels).inc_by(u64::from(raw.segments.max(1)));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(ns: &str) -> Peer {
+        Peer { namespace: Some(ns.into()), workload: Some("client".into()), ..Peer::default() }
+    }
+
+    #[test]
+    fn hints_share_a_peer_and_forget_it_with_its_last_socket() {
+        let mut h = Hints::default();
+        let (a, b): (SocketAddr, SocketAddr) =
+            ("10.0.0.1:4000".parse().unwrap(), "10.0.0.1:4001".parse().unwrap());
+        h.insert((1, 100), client("x"), a);
+        h.insert((1, 101), client("x"), b);
+        h.insert((2, 100), client("y"), a);
+        assert_eq!(h.peers.len(), 2, "one copy per distinct peer");
+        let seen = h.peer((1, 101)).expect("hinted");
+        assert_eq!(seen, Peer { address: Some(b.to_string()), ..client("x") });
+        h.remove((1, 100));
+        assert_eq!(h.peers.len(), 2, "x is still named by (1, 101)");
+        h.remove((1, 101));
+        h.remove((2, 100));
+        assert!(h.peers.is_empty() && h.by_socket.is_empty());
+        assert_eq!(h.peer((1, 101)), None);
+        // A port reused before its close was seen: the old hint's peer is released.
+        h.insert((3, 1), client("x"), a);
+        h.insert((3, 1), client("y"), a);
+        assert_eq!(h.peers.len(), 1);
     }
 }
