@@ -211,7 +211,9 @@ impl Proxy {
                         // and each idle connection keeps its task.
                         match direction {
                             Direction::Outbound => {
-                                tracker.spawn(outbound::handle(inner, pod, stream, peer, local))
+                                let client = stream;
+                                let accepted = outbound::Accepted { inner, pod, client, peer, local };
+                                tracker.spawn(outbound::handle(Box::new(accepted)))
                             }
                             Direction::Inbound => tracker.spawn(inbound::handle(inner, pod, stream, peer)),
                             Direction::Hbone => unreachable!("HBONE listeners are served above"),

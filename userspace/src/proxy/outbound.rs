@@ -32,16 +32,26 @@ struct Ready<'p> {
     started: Instant,
 }
 
-/// `local`: the listener's address, which is the accepted socket's local address. This is
-/// the task's future itself (no wrapping block): a wrapper would keep its own copy of the
-/// arguments for the connection's whole life.
-pub(super) async fn handle(
-    inner: Arc<Inner>,
-    pod: Arc<PodCtx>,
-    client: TcpStream,
-    peer: SocketAddr,
-    local: SocketAddr,
-) {
+/// A connection as accepted on a pod's outbound listener.
+pub(super) struct Accepted {
+    pub inner: Arc<Inner>,
+    pub pod: Arc<PodCtx>,
+    pub client: TcpStream,
+    pub peer: SocketAddr,
+    /// The listener's address, which is the accepted socket's local address.
+    pub local: SocketAddr,
+}
+
+/// The task's future itself (no wrapping block). One boxed argument: an async fn keeps its
+/// arguments' slots for its whole life, even after they were moved out, so separate
+/// arguments (a socket and two addresses) would size every connection's task for them.
+pub(super) async fn handle(accepted: Box<Accepted>) {
+    // Moved out in a block of its own: the box is freed at the end of the scope that owns
+    // it, which would otherwise be the connection's whole life.
+    let Accepted { inner, pod, client, peer, local } = {
+        let accepted = accepted;
+        *accepted
+    };
     let (inner, pod) = (&*inner, &*pod);
     // Boxed: routing, connecting and handshakes are freed before the relay starts instead
     // of sizing the task for the connection's whole life.
