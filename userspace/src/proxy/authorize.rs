@@ -131,25 +131,32 @@ impl Revocation {
     }
 }
 
+/// One allocation per open connection, shared by the table and the connection's task.
 struct Entry {
     pod: Arc<PodCtx>,
     subject: Subject,
-    close: Arc<Revocation>,
+    close: Revocation,
 }
 
 /// The inbound connections open right now, by id.
 #[derive(Default)]
 pub struct OpenConnections {
     next: AtomicU64,
-    entries: Mutex<HashMap<u64, Entry>>,
+    entries: Mutex<HashMap<u64, Arc<Entry>>>,
 }
 
-/// An open connection's place in the table; leaving it (drop) unregisters it. `closed` is
-/// revoked when a re-check denies the connection.
+/// An open connection's place in the table; leaving it (drop) unregisters it.
 pub struct Registration<'a> {
     table: &'a OpenConnections,
     id: u64,
-    pub closed: Arc<Revocation>,
+    entry: Arc<Entry>,
+}
+
+impl Registration<'_> {
+    /// Revoked when a re-check denies the connection.
+    pub fn closed(&self) -> &Revocation {
+        &self.entry.close
+    }
 }
 
 impl Drop for Registration<'_> {
@@ -161,12 +168,9 @@ impl Drop for Registration<'_> {
 impl OpenConnections {
     pub fn register(&self, pod: Arc<PodCtx>, subject: Subject) -> Registration<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let close = Arc::new(Revocation::default());
-        self.entries
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, Entry { pod, subject, close: close.clone() });
-        Registration { table: self, id, closed: close }
+        let entry = Arc::new(Entry { pod, subject, close: Revocation::default() });
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry.clone());
+        Registration { table: self, id, entry }
     }
 
     pub fn len(&self) -> usize {
@@ -181,7 +185,7 @@ impl OpenConnections {
     /// Returns how many were closed.
     fn recheck(&self, inner: &Inner) -> usize {
         // Decide under the state's read lock, act after releasing both locks.
-        let denied: Vec<(Arc<PodCtx>, Subject, Decision, Arc<Revocation>)> = {
+        let denied: Vec<(Arc<Entry>, Decision)> = {
             let state = inner.state.read();
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             entries
@@ -189,11 +193,12 @@ impl OpenConnections {
                 .filter(|e| !e.close.is_revoked())
                 .filter_map(|e| {
                     let d = decide(&state, &e.pod, &e.subject);
-                    (!d.allowed()).then(|| (e.pod.clone(), e.subject.clone(), d, e.close.clone()))
+                    (!d.allowed()).then(|| (e.clone(), d))
                 })
                 .collect()
         };
-        for (pod, subject, decision, close) in &denied {
+        for (entry, decision) in &denied {
+            let Entry { pod, subject, close } = &**entry;
             report(
                 inner,
                 pod,

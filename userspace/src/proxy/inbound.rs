@@ -29,7 +29,7 @@ pub(super) async fn handle(inner: Arc<Inner>, pod: Arc<PodCtx>, client: TcpStrea
     let (inner, pod) = (&*inner, &pod);
     // Boxed: checks and the connect are freed before the relay starts.
     let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
-    finish(inner, r.record, r.client, r.upstream, r.started, &r.registration.closed).await;
+    finish(inner, r.record, r.client, r.upstream, r.started, r.registration.closed()).await;
 }
 
 /// Checks, authorizes and connects; `None` when refused (counted, logged and reset here).

@@ -250,7 +250,7 @@ async fn tunnel(args: Box<TunnelArgs>) {
     let counters = &s.open.counters;
     // The application's side of the tunnel sends the response and receives the request.
     let directions = (&counters.response, &counters.request);
-    let transfer = super::relay(s.upstream, s.send, s.body, directions, Some(&s.registration.closed)).await;
+    let transfer = super::relay(s.upstream, s.send, s.body, directions, Some(s.registration.closed())).await;
     // As the other directions report it: sent is the request (what the tunnel delivered).
     let transfer =
         crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
