@@ -55,20 +55,30 @@ pub(super) async fn handle(accepted: Box<Accepted>) {
     let (inner, pod) = (&*inner, &*pod);
     // Boxed: routing, connecting and handshakes are freed before the relay starts instead
     // of sizing the task for the connection's whole life.
-    let Some(r) = Box::pin(set_up(inner, pod, client, peer, local)).await else { return };
-    let open = inner.opened(&r.record);
+    // Taken apart, as is the tunnel below: a partly moved struct keeps its whole slot in the
+    // task while the relay runs, so the socket and stream halves the relay took would be
+    // kept twice (160 bytes per connection).
+    let Some(Ready { record, client, leg, started }) =
+        Box::pin(set_up(inner, pod, client, peer, local)).await
+    else {
+        return;
+    };
+    let open = inner.opened(&record);
     let counters = &open.counters;
-    let transfer = match r.leg {
+    let transfer = match leg {
         // Boxed too: the plain relay's future is almost four times the tunnel's, and a task
         // is sized for its largest state; unboxed, every tunnelled connection (the common
         // case) would carry it.
-        Leg::Plain(upstream) => Box::pin(super::relay::relay(r.client, upstream, counters, None)).await,
+        Leg::Plain(upstream) => Box::pin(super::relay::relay(client, upstream, counters, None)).await,
         Leg::Tunnel(t) => {
+            let (send, recv, lease) = t.into_parts();
             let directions = (&counters.request, &counters.response);
-            super::hbone::relay(r.client, t.send, t.recv, directions, None).await
+            let transfer = super::hbone::relay(client, send, recv, directions, None).await;
+            drop(lease);
+            transfer
         }
     };
-    inner.closed(&r.record, &open, &transfer, r.started);
+    inner.closed(&record, &open, &transfer, started);
 }
 
 /// Refuses (see [`refuse`]): no relay follows.

@@ -73,6 +73,14 @@ pub struct Tunnel {
     _lease: Lease,
 }
 
+impl Tunnel {
+    /// The stream's halves and the lease that keeps its connection's stream count: a
+    /// relay moves the halves and holds the lease, so nothing else of the tunnel stays.
+    pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Lease) {
+        (self.send, self.recv, self._lease)
+    }
+}
+
 pub struct HboneClient {
     pool: Arc<Pool>,
     settings: HboneSettings,
