@@ -67,17 +67,16 @@ impl TunnelError {
 pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
-    pub conn_id: u64,
     /// `SO_COOKIE` of the pooled connection's TCP socket.
     pub socket_cookie: Option<u64>,
-    _lease: Lease,
+    lease: Lease,
 }
 
 impl Tunnel {
     /// The stream's halves and the lease that keeps its connection's stream count: a
     /// relay moves the halves and holds the lease, so nothing else of the tunnel stays.
     pub fn into_parts(self) -> (SendStream<Bytes>, RecvStream, Lease) {
-        (self.send, self.recv, self._lease)
+        (self.send, self.recv, self.lease)
     }
 }
 
@@ -144,7 +143,7 @@ impl HboneClient {
             match self.connect_stream(&lease, pod, src_ip, dst, hbone).await {
                 Ok((send, recv)) => {
                     let socket_cookie = lease.socket_cookie();
-                    return Ok(Tunnel { send, recv, conn_id: lease.conn_id(), socket_cookie, _lease: lease });
+                    return Ok(Tunnel { send, recv, socket_cookie, lease });
                 }
                 Err(e @ TunnelError::H2 { .. }) => last = Some(e),
                 Err(e) => return Err(e),

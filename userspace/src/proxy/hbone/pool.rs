@@ -70,10 +70,6 @@ impl Lease {
         self.conn.send.clone()
     }
 
-    pub fn conn_id(&self) -> u64 {
-        self.conn.id
-    }
-
     pub fn socket_cookie(&self) -> Option<u64> {
         self.conn.socket_cookie
     }
