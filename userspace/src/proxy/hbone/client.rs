@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 
 use super::{
@@ -258,8 +258,34 @@ fn baggage(pod: &PodCtx) -> String {
 }
 
 /// A new W3C trace context (sampled).
-fn traceparent() -> String {
+/// A new trace per tunnel, marked never-indexed for HPACK: a value no later request repeats
+/// would only evict the ones that do repeat (authority, forwarded, baggage) from both ends'
+/// header tables, and keep ~4 KiB of dead values in each per pooled connection.
+fn traceparent() -> HeaderValue {
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
-    format!("00-{trace:032x}-{span:016x}-01")
+    let mut value = HeaderValue::try_from(format!("00-{trace:032x}-{span:016x}-01"))
+        .expect("hex digits and dashes are a valid header value");
+    value.set_sensitive(true);
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_a_fresh_w3c_context_kept_out_of_header_tables() {
+        let (a, b) = (traceparent(), traceparent());
+        assert!(a.is_sensitive(), "a per-tunnel value must not be HPACK-indexed");
+        let text = a.to_str().unwrap();
+        let parts: Vec<&str> = text.split('-').collect();
+        assert_eq!(parts.len(), 4, "{text}");
+        assert_eq!((parts[0], parts[3]), ("00", "01"), "{text}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{text}");
+        assert!(parts[1..3]
+            .iter()
+            .all(|p| p.bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())));
+        assert_ne!(a, b, "each tunnel starts its own trace");
+    }
 }
