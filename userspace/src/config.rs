@@ -160,8 +160,11 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
     pub cert_validity: Duration,
 
-    /// HBONE: tunnels per pooled connection before another is opened.
-    #[arg(long, env = "AMBIT_HBONE_MAX_STREAMS", default_value_t = 100)]
+    /// HBONE: tunnels per pooled connection before another is opened (inbound: streams a
+    /// peer may have open on one connection). A power of two: HTTP/2 keeps a connection's
+    /// streams in a table that doubles as it grows, so 100 would leave 28 of 128 slots
+    /// (~330 bytes each) unused on a full connection.
+    #[arg(long, env = "AMBIT_HBONE_MAX_STREAMS", default_value_t = 128)]
     pub hbone_max_streams: u32,
 
     /// HBONE: connections per peer (source and destination identity and address) that

@@ -58,7 +58,7 @@ impl Default for HboneSettings {
             stream_window: 4 << 20,
             connection_window: 16 << 20,
             max_frame_size: 1 << 20,
-            max_streams: 100,
+            max_streams: 128,
             spread: 2,
             idle_timeout: Duration::from_secs(300),
             ping_interval: Duration::from_secs(10),
