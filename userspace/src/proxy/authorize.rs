@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
         Arc, Mutex, Weak,
     },
     task::{Context, Poll},
@@ -138,17 +138,21 @@ struct Entry {
     close: Revocation,
 }
 
-/// The inbound connections open right now, by id.
+/// The inbound connections open right now, by their entry's address: the table holds the
+/// entry, so no other open connection can have it (and a separate id would cost every
+/// connection's task 8 bytes).
 #[derive(Default)]
 pub struct OpenConnections {
-    next: AtomicU64,
-    entries: Mutex<HashMap<u64, Arc<Entry>>>,
+    entries: Mutex<HashMap<usize, Arc<Entry>>>,
+}
+
+fn key(entry: &Arc<Entry>) -> usize {
+    Arc::as_ptr(entry) as usize
 }
 
 /// An open connection's place in the table; leaving it (drop) unregisters it.
 pub struct Registration<'a> {
     table: &'a OpenConnections,
-    id: u64,
     entry: Arc<Entry>,
 }
 
@@ -161,16 +165,15 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.table.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+        self.table.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&key(&self.entry));
     }
 }
 
 impl OpenConnections {
     pub fn register(&self, pod: Arc<PodCtx>, subject: Subject) -> Registration<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = Arc::new(Entry { pod, subject, close: Revocation::default() });
-        self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(id, entry.clone());
-        Registration { table: self, id, entry }
+        self.entries.lock().unwrap_or_else(|p| p.into_inner()).insert(key(&entry), entry.clone());
+        Registration { table: self, entry }
     }
 
     pub fn len(&self) -> usize {
