@@ -105,9 +105,12 @@ pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
 }
 
 /// Reads `SO_COOKIE`: the socket's own cookie, as the eBPF programs see it
-/// (`bpf_get_socket_cookie`), which is how kernel trace events find their connection.
-pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    u64_sockopt(sock, libc::SO_COOKIE)
+/// (`bpf_get_socket_cookie`), which is how kernel trace events find their connection. The
+/// kernel numbers sockets from 1, so a cookie is never zero (and an `Option` of one costs
+/// no more than the cookie).
+pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<std::num::NonZeroU64> {
+    std::num::NonZeroU64::new(u64_sockopt(sock, libc::SO_COOKIE)?)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_COOKIE returned 0"))
 }
 
 fn is_netns_fd(file: &File) -> io::Result<bool> {

@@ -213,7 +213,9 @@ impl Proxy {
                             Direction::Outbound => {
                                 let client = stream;
                                 let accepted = outbound::Accepted { inner, pod, client, peer, local };
-                                tracker.spawn(outbound::handle(Box::new(accepted)))
+                                let task = outbound::handle(Box::new(accepted));
+                                debug_assert_task_size(std::mem::size_of_val(&task));
+                                tracker.spawn(task)
                             }
                             Direction::Inbound => tracker.spawn(inbound::handle(inner, pod, stream, peer)),
                             Direction::Hbone => unreachable!("HBONE listeners are served above"),
@@ -278,7 +280,7 @@ impl Inner {
     }
 
     fn leg_stats(&self, record: &ConnRecord<'_>) -> Option<crate::trace::LegStats> {
-        self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg(cookie))
+        self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg(cookie.get()))
     }
 
     /// A relayed connection ended: metrics and the access-log line, with what the kernel
@@ -292,7 +294,7 @@ impl Inner {
     ) {
         self.metrics.connection_closed(&open.counters);
         // At the end, events the reader has not drained yet count too.
-        let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie));
+        let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie.get()));
         let kernel = match now {
             Some(now) => crate::telemetry::Kernel {
                 rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),
@@ -311,6 +313,21 @@ struct Opened {
     /// With the labels, shared by the connections of one label set.
     counters: RelayCounters,
     retransmits_before: Option<u32>,
+}
+
+/// The largest future of a connection's task that still fits tokio's 512-byte task
+/// allocation (tokio adds 112 bytes around it and aligns to 128). Every idle connection
+/// keeps its task, so one field more across this line costs each of them 128 bytes: debug
+/// builds (the tests) check it where the tasks are spawned.
+const CONNECTION_FUTURE_MAX: usize = 400;
+
+#[track_caller]
+pub(crate) fn debug_assert_task_size(bytes: usize) {
+    debug_assert!(
+        bytes <= CONNECTION_FUTURE_MAX,
+        "a connection's future is {bytes} bytes, over {CONNECTION_FUTURE_MAX}: its task would take \
+         tokio's next 128-byte allocation step (see `-Zprint-type-sizes` for what it holds)"
+    );
 }
 
 /// Refuses a captured connection: counted, logged, and closed with a reset.

@@ -8,6 +8,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Instant};
 
+use futures::future::Either;
 use tokio::net::TcpStream;
 
 use super::{refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
@@ -52,32 +53,37 @@ pub(super) async fn handle(accepted: Box<Accepted>) {
         let accepted = accepted;
         *accepted
     };
-    let (inner, pod) = (&*inner, &*pod);
     // Boxed: routing, connecting and handshakes are freed before the relay starts instead
     // of sizing the task for the connection's whole life.
-    // Taken apart, as is the tunnel below: a partly moved struct keeps its whole slot in the
-    // task while the relay runs, so the socket and stream halves the relay took would be
-    // kept twice (160 bytes per connection).
     let Some(Ready { record, client, leg, started }) =
-        Box::pin(set_up(inner, pod, client, peer, local)).await
+        Box::pin(set_up(&inner, &pod, client, peer, local)).await
     else {
         return;
     };
     let open = inner.opened(&record);
     let counters = &open.counters;
-    let transfer = match leg {
-        // Boxed too: the plain relay's future is almost four times the tunnel's, and a task
-        // is sized for its largest state; unboxed, every tunnelled connection (the common
-        // case) would carry it.
-        Leg::Plain(upstream) => Box::pin(super::relay::relay(client, upstream, counters, None)).await,
-        Leg::Tunnel(t) => {
-            let (send, recv, lease) = t.into_parts();
-            let directions = (&counters.request, &counters.response);
-            let transfer = super::hbone::relay(client, send, recv, directions, None).await;
-            drop(lease);
-            transfer
+    // The far side is taken apart in a block that ends before the relay runs: a local
+    // matched by parts keeps its whole slot in the task until its scope ends, so the socket
+    // and stream halves the relay took would be kept twice.
+    let (transfer, lease) = {
+        let (client, leg) = (client, leg);
+        match leg {
+            // Boxed: the plain relay's future is almost four times the tunnel's, and a task
+            // is sized for its largest state; unboxed, every tunnelled connection (the
+            // common case) would carry it.
+            Leg::Plain(upstream) => {
+                (Either::Left(Box::pin(super::relay::relay(client, upstream, counters, None))), None)
+            }
+            Leg::Tunnel(t) => {
+                let (send, recv, lease) = t.into_parts();
+                let end = super::hbone::End::Connecting;
+                (Either::Right(super::hbone::relay(client, send, recv, counters, end, None)), Some(lease))
+            }
         }
     };
+    let transfer = transfer.await;
+    // The tunnel's place in its pooled connection is given back once its bytes are done.
+    drop(lease);
     inner.closed(&record, &open, &transfer, started);
 }
 
@@ -136,6 +142,7 @@ async fn set_up<'p>(
     let route = inner.state.read().route(dst);
     match route {
         Route::Workload { workload, target, service } => {
+            let service = service.map(String::into_boxed_str);
             let mtls = workload.tunnel == Tunnel::Hbone && inner.identities.enabled();
             match (mtls, pod.identity.as_ref()) {
                 (true, Some(src_identity)) => {
@@ -150,7 +157,7 @@ async fn set_up<'p>(
         }
         Route::NoEndpoint { service, reason } => {
             let mut record = ConnRecord::outbound(pod, peer, Some(dst));
-            record.dst_service = Some(service.clone());
+            record.dst_service = Some(service.as_str().into());
             refused(inner, &record, client, reason, &format!("service {service} has no endpoint for {dst}"))
         }
         Route::NotSynced => {
@@ -187,7 +194,7 @@ async fn passthrough<'p>(
     client: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    service: Option<String>,
+    service: Option<Box<str>>,
     started: Instant,
 ) -> Option<Ready<'p>> {
     let s = &inner.settings;

@@ -1,7 +1,7 @@
 //! What the proxy says about one connection — the access-log line, the refusal, the metrics'
 //! labels — gathered in one record.
 
-use std::sync::Arc;
+use std::{num::NonZeroU64, sync::Arc};
 
 use crate::{
     identity::Identity,
@@ -23,12 +23,12 @@ pub struct ConnRecord<'a> {
     pub src_identity: Option<Arc<str>>,
     pub dst_identity: Option<Arc<str>>,
     /// The service the destination was chosen for, when the client dialled a service address.
-    pub dst_service: Option<String>,
+    pub dst_service: Option<Box<str>>,
     /// Whether it travelled (or arrived) over mutual TLS.
     pub mtls: bool,
     /// `SO_COOKIE` of the socket that carries it over the network (the upstream, the
     /// accepted client, or the HBONE connection), for the kernel's figures.
-    pub leg: Option<u64>,
+    pub leg: Option<NonZeroU64>,
 }
 
 impl<'a> ConnRecord<'a> {

@@ -79,8 +79,8 @@ pub async fn relay(
     {
         let (mut client_r, mut client_w) = client.split();
         let (mut up_r, mut up_w) = upstream.split();
-        let up = copy(&mut client_r, &mut up_w, &counters.request, &mut sent);
-        let down = copy(&mut up_r, &mut client_w, &counters.response, &mut received);
+        let up = copy(&mut client_r, &mut up_w, counters.request(), &mut sent);
+        let down = copy(&mut up_r, &mut client_w, counters.response(), &mut received);
         let closed = async {
             match close {
                 Some(c) => c.revoked().await,

@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    num::NonZeroU64,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -68,7 +69,7 @@ pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     /// `SO_COOKIE` of the pooled connection's TCP socket.
-    pub socket_cookie: Option<u64>,
+    pub socket_cookie: Option<NonZeroU64>,
     lease: Lease,
 }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use relay::relay;
+pub use relay::{relay, End};
 
 /// HTTP/2 and pool parameters; the defaults are ztunnel's.
 #[derive(Clone, Debug, Serialize)]

@@ -21,7 +21,7 @@ use tokio_util::io::poll_read_buf;
 
 use super::{BULK_READ_CHUNK, READ_CHUNK};
 use crate::{
-    metrics::ByteCounter,
+    metrics::{ByteCounter, RelayCounters},
     proxy::{authorize::Revocation, relay::linger_zero, Transfer},
 };
 
@@ -40,8 +40,9 @@ pin_project_lite::pin_project! {
         tcp: TcpStream,
         send: SendStream<Bytes>,
         recv: RecvStream,
-        to_tunnel: &'a ByteCounter,
-        from_tunnel: &'a ByteCounter,
+        // One reference and the end, not one per direction: every idle tunnel keeps this.
+        counters: &'a RelayCounters,
+        end: End,
         // Read from the socket, not yet given to the stream (flow control).
         up: Bytes,
         // Received from the stream, not yet written to the socket.
@@ -58,25 +59,35 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Which end of the tunnel a relay is, for its byte counters.
+#[derive(Clone, Copy, Debug)]
+pub enum End {
+    /// Sent the CONNECT: the socket's bytes are the request.
+    Connecting,
+    /// Answered it: the socket's bytes are the response.
+    Answering,
+}
+
 /// Relays between `tcp` and the CONNECT stream (`send`, `recv`) until both directions
 /// ended: TCP → stream with HTTP/2 flow control and END_STREAM at EOF, stream → TCP
 /// releasing flow-control credit as bytes are written and a FIN at its end. A failure on
 /// one side resets the other (RST_STREAM on the tunnel, TCP reset on the socket), as does
-/// `close` firing (authorization revoked). `sent` and `to_tunnel` count TCP → tunnel,
-/// `received` and `from_tunnel` tunnel → TCP.
+/// `close` firing (authorization revoked). The transfer's `sent` is TCP → tunnel and
+/// `received` tunnel → TCP; `end` says which of `counters`' directions each is.
 pub fn relay<'a>(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
-    (to_tunnel, from_tunnel): (&'a ByteCounter, &'a ByteCounter),
+    counters: &'a RelayCounters,
+    end: End,
     close: Option<&'a Revocation>,
 ) -> Relay<'a> {
     Relay {
         tcp,
         send,
         recv,
-        to_tunnel,
-        from_tunnel,
+        counters,
+        end,
         up: Bytes::new(),
         down: Bytes::new(),
         sent: 0,
@@ -94,6 +105,10 @@ impl Future for Relay<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Transfer> {
         let this = self.project();
+        let (to_tunnel, from_tunnel) = match this.end {
+            End::Connecting => (this.counters.request(), this.counters.response()),
+            End::Answering => (this.counters.response(), this.counters.request()),
+        };
         let mut result = Ok(());
         if let Some(close) = this.close {
             if close.poll_revoked(cx).is_ready() {
@@ -102,7 +117,7 @@ impl Future for Relay<'_> {
         }
         if result.is_ok() && !*this.up_done {
             let up = (this.up, this.up_bulk);
-            match poll_up(this.tcp, this.send, up, this.to_tunnel, this.sent, cx) {
+            match poll_up(this.tcp, this.send, up, to_tunnel, this.sent, cx) {
                 Poll::Ready(Ok(())) => *this.up_done = true,
                 Poll::Ready(Err(e)) => result = Err(e),
                 Poll::Pending => {}
@@ -110,7 +125,7 @@ impl Future for Relay<'_> {
         }
         if result.is_ok() && !*this.down_done {
             let down = (this.down, this.down_eof);
-            match poll_down(this.tcp, this.recv, down, this.from_tunnel, this.received, cx) {
+            match poll_down(this.tcp, this.recv, down, from_tunnel, this.received, cx) {
                 Poll::Ready(Ok(())) => *this.down_done = true,
                 Poll::Ready(Err(e)) => result = Err(e),
                 Poll::Pending => {}

@@ -173,7 +173,9 @@ async fn connection(
                     req,
                     respond,
                 });
-                tracker.spawn(tunnel(args));
+                let task = tunnel(args);
+                crate::proxy::debug_assert_task_size(std::mem::size_of_val(&task));
+                tracker.spawn(task);
             }
             Err(e) => {
                 tracing::debug!(pod = %pod.key(), %peer, error = %e, "HBONE connection ended");
@@ -223,7 +225,7 @@ struct TunnelArgs {
     inner: Arc<Inner>,
     pod: Arc<PodCtx>,
     /// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
-    conn: (SocketAddr, SocketAddr, Option<u64>),
+    conn: (SocketAddr, SocketAddr, Option<std::num::NonZeroU64>),
     peer_identity: Option<Arc<VerifiedPeer>>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
@@ -246,15 +248,22 @@ async fn tunnel(args: Box<TunnelArgs>) {
     let (inner, pod) = (args.inner.clone(), args.pod.clone());
     // Boxed: the setup's state (request head, TLS identities, the connect) is freed before
     // the relay starts instead of sizing the task for the tunnel's whole life.
-    let Some(s) = Box::pin(set_up(&inner, &pod, args)).await else { return };
-    let counters = &s.open.counters;
+    // Taken apart into locals: a struct whose socket and stream halves were moved into the
+    // relay would keep its whole slot in the task while the relay holds them too.
+    let Some(Served { record, registration, open, upstream, send, body, started }) =
+        Box::pin(set_up(&inner, &pod, args)).await
+    else {
+        return;
+    };
+    let counters = &open.counters;
     // The application's side of the tunnel sends the response and receives the request.
-    let directions = (&counters.response, &counters.request);
-    let transfer = super::relay(s.upstream, s.send, s.body, directions, Some(s.registration.closed())).await;
+    let transfer =
+        super::relay(upstream, send, body, counters, super::End::Answering, Some(registration.closed()))
+            .await;
     // As the other directions report it: sent is the request (what the tunnel delivered).
     let transfer =
         crate::proxy::Transfer { sent: transfer.received, received: transfer.sent, error: transfer.error };
-    inner.closed(&s.record, &s.open, &transfer, s.started);
+    inner.closed(&record, &open, &transfer, started);
 }
 
 /// Checks the CONNECT, authorizes it, connects to the application and answers 200; `None`
