@@ -258,10 +258,10 @@ fn baggage(pod: &PodCtx) -> String {
     format!("k8s.namespace.name={},k8s.pod.name={},service.name={}", pod.namespace, pod.name, pod.app_name())
 }
 
-/// A new W3C trace context (sampled).
-/// A new trace per tunnel, marked never-indexed for HPACK: a value no later request repeats
-/// would only evict the ones that do repeat (authority, forwarded, baggage) from both ends'
-/// header tables, and keep ~4 KiB of dead values in each per pooled connection.
+/// A new W3C trace context (sampled) per tunnel, marked never-indexed for HPACK: a value no
+/// later request repeats would only evict the ones that do repeat (authority, forwarded,
+/// baggage) from both ends' header tables, and keep ~4 KiB of dead values in each per
+/// pooled connection.
 fn traceparent() -> HeaderValue {
     let trace: u128 = rand::random::<u128>().max(1);
     let span: u64 = rand::random::<u64>().max(1);
