@@ -259,12 +259,15 @@ impl Inner {
                 service: None,
                 address: None,
             };
-            (t.clone(), peer)
+            (t, peer)
         });
         let (cookie, client) = (pod.netns.cookie(), record.src);
-        upstream::deliver(&pod.netns, dst, s.mark, s.connect_timeout, move |local| {
-            if let Some((tracer, peer)) = hint {
-                tracer.hint(cookie, local.port(), peer, client);
+        upstream::deliver(&pod.netns, dst, s.mark, s.connect_timeout, move || {
+            let delivering = hint.map(|(tracer, peer)| tracer.delivering(cookie, peer, client));
+            move |local: std::net::SocketAddr| {
+                if let Some(d) = delivering {
+                    d.connected(local.port());
+                }
             }
         })
         .await

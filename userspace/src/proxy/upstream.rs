@@ -14,33 +14,25 @@ pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duratio
 }
 
 /// Connects to the pod's own application to deliver an inbound connection, from the
-/// destination's own address. `before` is told the socket's local address as soon as the
-/// SYN is on its way (before the connection exists), so kernel events of it can be
-/// attributed to the client it serves.
+/// destination's own address. `announce` is called just before the connect and returns what
+/// is told the socket's local address right after it, with no await in between: kernel
+/// events of the socket are attributed to the client it serves, and over loopback the
+/// handshake may be done before the connect returns (see `trace::Tracer::delivering`).
 ///
 /// The port is chosen by the connect, not by a bind to port 0 (`IP_BIND_ADDRESS_NO_PORT`):
 /// a bind must find a port no other socket holds, TIME_WAIT ones included, and under a
 /// stream of short connections to one pod that search grew until every connection cost
 /// milliseconds of kernel time (and would end in EADDRINUSE). The connect only needs the
 /// 4-tuple to be unique.
-pub async fn deliver(
+pub async fn deliver<A: FnOnce(SocketAddr)>(
     netns: &Netns,
     dst: SocketAddr,
     mark: u32,
     timeout: Duration,
-    before: impl FnOnce(SocketAddr),
+    announce: impl FnOnce() -> A,
 ) -> io::Result<TcpStream> {
     let sock = socket(netns, dst, mark)?;
-    nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-    sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
-    match sock.connect(&dst.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e),
-    }
-    if let Some(local) = sock.local_addr()?.as_socket() {
-        before(local);
-    }
+    start_delivery(&sock, dst, announce)?;
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     match tokio::time::timeout(timeout, stream.writable()).await {
         Ok(ready) => ready?,
@@ -51,6 +43,27 @@ pub async fn deliver(
         return Err(e);
     }
     Ok(stream)
+}
+
+/// The non-blocking connect of [`deliver`], announced. Not async: what `announce` returns
+/// may hold a lock that must not be held across an await.
+fn start_delivery<A: FnOnce(SocketAddr)>(
+    sock: &Socket,
+    dst: SocketAddr,
+    announce: impl FnOnce() -> A,
+) -> io::Result<()> {
+    nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
+    sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+    let connected = announce();
+    match sock.connect(&dst.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(local) = sock.local_addr()?.as_socket() {
+        connected(local);
+    }
+    Ok(())
 }
 
 fn socket(netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket> {

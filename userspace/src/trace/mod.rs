@@ -15,7 +15,7 @@ use std::{
     collections::{HashMap, HashSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, RwLock, RwLockReadGuard},
     time::{Duration, Instant},
 };
 
@@ -115,6 +115,11 @@ struct Inner {
     sockets: Mutex<Sockets>,
     /// (netns cookie, the delivering socket's local port) → the original client.
     hints: Mutex<Hints>,
+    /// Held (shared) by each delivery from its `connect` until its hint is in: the kernel
+    /// assigns the port during `connect`, and over loopback the whole handshake may be in the
+    /// ring buffer before the proxy knows the port. A reader that finds no hint for a
+    /// delivery's socket takes it exclusively, which waits those deliveries out.
+    delivering: RwLock<()>,
     tx: broadcast::Sender<Arc<Event>>,
     rtt: HistogramVec,
     retransmits: IntCounterVec,
@@ -128,6 +133,24 @@ struct Inner {
 /// The tracing outlets; cheap to clone.
 #[derive(Clone)]
 pub struct Tracer(Arc<Inner>);
+
+/// A delivery between its `connect` and its hint (see [`Tracer::delivering`]). Not `Send`:
+/// it must not be held across an await.
+pub struct Delivering<'a> {
+    _held: RwLockReadGuard<'a, ()>,
+    hints: &'a Mutex<Hints>,
+    netns_cookie: u64,
+    peer: Peer,
+    client: SocketAddr,
+}
+
+impl Delivering<'_> {
+    /// The delivering socket has its port: name the client behind it.
+    pub fn connected(self, local_port: u16) {
+        let Delivering { _held, hints, netns_cookie, peer, client } = self;
+        hints.lock().unwrap_or_else(|p| p.into_inner()).insert((netns_cookie, local_port), peer, client);
+    }
+}
 
 const PAIR: [&str; 4] = [
     "source_workload",
@@ -213,6 +236,7 @@ impl Tracer {
             state,
             sockets: Mutex::new(Sockets::default()),
             hints: Mutex::new(Hints::default()),
+            delivering: RwLock::new(()),
             tx,
             rtt,
             retransmits,
@@ -298,16 +322,29 @@ impl Tracer {
         })
     }
 
-    /// Names the client behind a socket the proxy is about to connect from `local_port` in
-    /// the pod's netns to deliver an inbound connection; dropped when that socket closes.
-    /// `peer`'s `address` is ignored: `address` is the client's.
-    pub fn hint(&self, netns_cookie: u64, local_port: u16, peer: Peer, address: SocketAddr) {
-        let peer = Peer { address: None, ..peer };
-        self.0.hints.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            (netns_cookie, local_port),
-            peer,
-            address,
-        );
+    /// Starts delivering an inbound connection from `client` (`peer`'s `address` is ignored)
+    /// into the pod of `netns_cookie`: call before the delivering socket's `connect`, and
+    /// [`Delivering::connected`] right after it, without awaiting in between. Events of the
+    /// socket (and of the pod's accepted one) then name the client until the socket closes.
+    pub fn delivering(&self, netns_cookie: u64, peer: Peer, client: SocketAddr) -> Delivering<'_> {
+        Delivering {
+            _held: self.0.delivering.read().unwrap_or_else(|p| p.into_inner()),
+            hints: &self.0.hints,
+            netns_cookie,
+            peer: Peer { address: None, ..peer },
+            client,
+        }
+    }
+
+    /// The hint naming the client behind a delivery's socket. A miss may be a delivery whose
+    /// `connect` has not returned yet: wait for those, then look again.
+    fn hint_for(&self, key: (u64, u16)) -> Option<Peer> {
+        let i = &self.0;
+        let lookup = || i.hints.lock().unwrap_or_else(|e| e.into_inner()).peer(key);
+        lookup().or_else(|| {
+            drop(i.delivering.write().unwrap_or_else(|e| e.into_inner()));
+            lookup()
+        })
     }
 
     fn handle(&self, raw: &k::TraceEvent) {
@@ -360,9 +397,6 @@ impl Tracer {
             (raw.orig_port != 0).then(|| SocketAddr::new(ip(raw.orig_family, &raw.orig), raw.orig_port));
         let passive = raw.passive != 0;
         let same_host = remote.ip() == local.ip();
-        let pod = i.pods.get(raw.netns_cookie);
-        let state = i.state.read();
-        let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
         // Who is at the other end: the client a delivery serves (both the proxy's socket and
         // the pod's accepted one), else whatever the mesh has at the address dialled.
         let hint_port = match (leg, passive) {
@@ -370,8 +404,11 @@ impl Tracer {
             ("app", true) if same_host => Some(remote.port()),
             _ => None,
         };
-        let hint = hint_port
-            .and_then(|p| i.hints.lock().unwrap_or_else(|e| e.into_inner()).peer((raw.netns_cookie, p)));
+        // Before taking the state: a miss may wait for deliveries in flight.
+        let hint = hint_port.and_then(|p| self.hint_for((raw.netns_cookie, p)));
+        let pod = i.pods.get(raw.netns_cookie);
+        let state = i.state.read();
+        let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
         let peer = match hint {
             Some(peer) => peer,
             None => {
@@ -504,5 +541,26 @@ mod tests {
         h.insert((3, 1), client("x"), a);
         h.insert((3, 1), client("y"), a);
         assert_eq!(h.peers.len(), 1);
+    }
+
+    #[test]
+    fn a_miss_waits_for_the_delivery_still_between_its_connect_and_its_hint() {
+        let tracer = Tracer::new("n", 15008, Arc::default(), Arc::default(), &Metrics::new());
+        let client_addr: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        let (in_connect, go) = (std::sync::Barrier::new(2), Duration::from_millis(100));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let d = tracer.delivering(7, client("x"), client_addr);
+                in_connect.wait();
+                // The events are being read while the connect has not returned.
+                std::thread::sleep(go);
+                d.connected(4242);
+            });
+            in_connect.wait();
+            let seen = tracer.hint_for((7, 4242));
+            assert_eq!(seen, Some(Peer { address: Some(client_addr.to_string()), ..client("x") }));
+        });
+        // No delivery in flight: a miss is a miss, at once.
+        assert_eq!(tracer.hint_for((7, 4243)), None);
     }
 }
