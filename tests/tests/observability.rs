@@ -235,6 +235,15 @@ fn ambit_trace_shows_a_connection_s_life_attributed_to_its_workloads() {
         assert_eq!(e["peer"]["address"].as_str().map(|addr| addr.starts_with(&client_ip)), Some(true), "{e}");
     }
     assert!(eventually(T, || server_closed(&t2)), "{}", t2.output());
+    // So is the proxy's delivering socket, to its last event (whichever end closes first).
+    let delivery_closed = || {
+        events(&t2).iter().any(|e| {
+            e["leg"] == "delivery"
+                && e["peer"]["identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+                && matches!(e["kind"].as_str(), Some("close" | "reset"))
+        })
+    };
+    assert!(eventually(T, delivery_closed), "{}", t2.output());
 
     // The human-readable form, filtered to connects of pods' own sockets.
     // (The application's socket is the captured one: bound to loopback, where the connect

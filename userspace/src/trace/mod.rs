@@ -53,13 +53,17 @@ struct Sockets {
 }
 
 /// Who is at the other end of a socket the proxy made to deliver an inbound connection (the
-/// kernel only sees the proxy there): registered by the proxy before it connects, kept while
-/// the socket is open. Every open inbound connection has one, so the part its client shares
-/// with the client's other connections (namespace, workload, identity) is stored once.
+/// kernel only sees the proxy there): registered by the proxy around its connect, kept while
+/// that socket or the pod's end of it (the accepted socket) is open, whichever closes last.
+/// Every open inbound connection has one, so the part its client shares with the client's
+/// other connections (namespace, workload, identity) is stored once.
 struct Hint {
     peer: Arc<Peer>,
     /// The client's own address (the peer's `address` in events).
     address: SocketAddr,
+    /// Sockets of the pair seen open and not yet closed: the delivering one, and the
+    /// accepted one once established.
+    open: u8,
 }
 
 /// Delivery hints by (netns cookie, the delivering socket's local port), and the distinct
@@ -80,14 +84,25 @@ impl Hints {
                 shared
             }
         };
-        if let Some(old) = self.by_socket.insert(key, Hint { peer, address }) {
+        if let Some(old) = self.by_socket.insert(key, Hint { peer, address, open: 1 }) {
             self.release(old);
         }
     }
 
-    fn remove(&mut self, key: (u64, u16)) {
-        if let Some(old) = self.by_socket.remove(&key) {
-            self.release(old);
+    /// The pod accepted the delivery: the hint now also lasts for the accepted socket.
+    /// `false` when there is no hint (yet).
+    fn adopt(&mut self, key: (u64, u16)) -> bool {
+        self.by_socket.get_mut(&key).map(|h| h.open = h.open.saturating_add(1)).is_some()
+    }
+
+    /// One socket of the pair closed; the hint goes with the last.
+    fn close(&mut self, key: (u64, u16)) {
+        let Some(h) = self.by_socket.get_mut(&key) else { return };
+        h.open = h.open.saturating_sub(1);
+        if h.open == 0 {
+            if let Some(old) = self.by_socket.remove(&key) {
+                self.release(old);
+            }
         }
     }
 
@@ -336,15 +351,34 @@ impl Tracer {
         }
     }
 
-    /// The hint naming the client behind a delivery's socket. A miss may be a delivery whose
-    /// `connect` has not returned yet: wait for those, then look again.
-    fn hint_for(&self, key: (u64, u16)) -> Option<Peer> {
+    /// `f` on the hints, again after waiting for the deliveries in flight if it found
+    /// nothing (`None`, `false`): a miss may be a delivery whose `connect` has not returned.
+    fn with_hints<T: Default + PartialEq>(&self, f: impl Fn(&mut Hints) -> T) -> T {
         let i = &self.0;
-        let lookup = || i.hints.lock().unwrap_or_else(|e| e.into_inner()).peer(key);
-        lookup().or_else(|| {
-            drop(i.delivering.write().unwrap_or_else(|e| e.into_inner()));
-            lookup()
-        })
+        let attempt = || f(&mut i.hints.lock().unwrap_or_else(|e| e.into_inner()));
+        let found = attempt();
+        if found != T::default() {
+            return found;
+        }
+        drop(i.delivering.write().unwrap_or_else(|e| e.into_inner()));
+        attempt()
+    }
+
+    /// The hint naming the client behind a delivery's socket, or the pod's accepted end of it.
+    fn hint_for(&self, key: (u64, u16)) -> Option<Peer> {
+        self.with_hints(|h| h.peer(key))
+    }
+
+    /// The delivery hint a socket's event belongs to: (netns cookie, the delivering socket's
+    /// port). The proxy's delivering socket by its local port, the pod's accepted end of it
+    /// (passive, both ends on one address) by its remote port.
+    fn hint_key(raw: &k::TraceEvent, leg: &str) -> Option<(u64, u16)> {
+        let same_host = raw.local == raw.remote;
+        match leg {
+            "delivery" => Some((raw.netns_cookie, raw.local_port)),
+            "app" if raw.passive != 0 && same_host => Some((raw.netns_cookie, raw.remote_port)),
+            _ => None,
+        }
     }
 
     fn handle(&self, raw: &k::TraceEvent) {
@@ -353,21 +387,29 @@ impl Tracer {
         i.events.with_label_values(&[kind]).inc();
         let leg = self.leg_of(raw);
         let crosses = matches!(leg, "tunnel" | "upstream" | "inbound");
-        self.account(raw, leg, crosses);
+        self.account(raw, crosses);
+        let hint = Self::hint_key(raw, leg);
+        if let (Some(key), k::EV_ESTABLISHED, true) = (hint, raw.kind, raw.passive != 0) {
+            // Not a delivery (a pod dialling its own address) when there is none.
+            let _delivered = self.with_hints(|h| h.adopt(key));
+        }
         // Attribution (state lookups, strings) only when someone uses it: a subscriber, or
         // the per-pair metrics.
         let pair_metric = crosses && matches!(raw.kind, k::EV_RTT | k::EV_RETRANSMIT);
         let subscribed = i.tx.receiver_count() > 0;
-        if !pair_metric && !subscribed {
-            return;
+        if pair_metric || subscribed {
+            let event = self.attribute(raw, kind, leg);
+            if pair_metric {
+                self.pair_metrics(raw, &event);
+            }
+            if subscribed {
+                // A subscriber may have gone since: not an error.
+                let _gone = i.tx.send(Arc::new(event));
+            }
         }
-        let event = self.attribute(raw, kind, leg);
-        if pair_metric {
-            self.pair_metrics(raw, &event);
-        }
-        if subscribed {
-            // A subscriber may have gone since: not an error.
-            let _gone = i.tx.send(Arc::new(event));
+        // After the attribution: a socket's last event still names the client.
+        if let (Some(key), k::EV_CLOSE | k::EV_RESET) = (hint, raw.kind) {
+            i.hints.lock().unwrap_or_else(|p| p.into_inner()).close(key);
         }
     }
 
@@ -396,16 +438,10 @@ impl Tracer {
         let orig =
             (raw.orig_port != 0).then(|| SocketAddr::new(ip(raw.orig_family, &raw.orig), raw.orig_port));
         let passive = raw.passive != 0;
-        let same_host = remote.ip() == local.ip();
         // Who is at the other end: the client a delivery serves (both the proxy's socket and
         // the pod's accepted one), else whatever the mesh has at the address dialled.
-        let hint_port = match (leg, passive) {
-            ("delivery", _) => Some(local.port()),
-            ("app", true) if same_host => Some(remote.port()),
-            _ => None,
-        };
         // Before taking the state: a miss may wait for deliveries in flight.
-        let hint = hint_port.and_then(|p| self.hint_for((raw.netns_cookie, p)));
+        let hint = Self::hint_key(raw, leg).and_then(|key| self.hint_for(key));
         let pod = i.pods.get(raw.netns_cookie);
         let state = i.state.read();
         let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
@@ -464,14 +500,10 @@ impl Tracer {
         }
     }
 
-    /// Per-socket figures for the access log (sockets that cross the network only), and the
-    /// end of delivery hints.
-    fn account(&self, raw: &k::TraceEvent, leg: &str, crosses: bool) {
+    /// Per-socket figures for the access log (sockets that cross the network only).
+    fn account(&self, raw: &k::TraceEvent, crosses: bool) {
         let i = &self.0;
         let closing = matches!(raw.kind, k::EV_CLOSE | k::EV_RESET);
-        if closing && leg == "delivery" {
-            i.hints.lock().unwrap_or_else(|p| p.into_inner()).remove((raw.netns_cookie, raw.local_port));
-        }
         if !crosses {
             return;
         }
@@ -531,10 +563,10 @@ mod tests {
         assert_eq!(h.peers.len(), 2, "one copy per distinct peer");
         let seen = h.peer((1, 101)).expect("hinted");
         assert_eq!(seen, Peer { address: Some(b.to_string()), ..client("x") });
-        h.remove((1, 100));
+        h.close((1, 100));
         assert_eq!(h.peers.len(), 2, "x is still named by (1, 101)");
-        h.remove((1, 101));
-        h.remove((2, 100));
+        h.close((1, 101));
+        h.close((2, 100));
         assert!(h.peers.is_empty() && h.by_socket.is_empty());
         assert_eq!(h.peer((1, 101)), None);
         // A port reused before its close was seen: the old hint's peer is released.
@@ -562,5 +594,54 @@ mod tests {
         });
         // No delivery in flight: a miss is a miss, at once.
         assert_eq!(tracer.hint_for((7, 4243)), None);
+    }
+
+    /// A socket event in the pod of netns 7 at 10.2.0.2: the proxy's delivering socket from
+    /// port 40000 to the application's 8080, or the application's accepted end of it.
+    fn delivery_event(kind: u16, accepted: bool) -> k::TraceEvent {
+        let mut ip = [0; 16];
+        ip[..4].copy_from_slice(&[10, 2, 0, 2]);
+        let (local_port, remote_port) = if accepted { (8080, 40000) } else { (40000, 8080) };
+        k::TraceEvent {
+            kind,
+            family: AF_INET,
+            netns_cookie: 7,
+            socket_cookie: if accepted { 2 } else { 1 },
+            local: ip,
+            remote: ip,
+            local_port,
+            remote_port,
+            passive: u8::from(accepted),
+            proxy: u8::from(!accepted),
+            ..k::TraceEvent::default()
+        }
+    }
+
+    #[test]
+    fn both_ends_of_a_delivery_name_the_client_until_the_last_one_closes() {
+        let tracer = Tracer::new("n", 15008, Arc::default(), Arc::default(), &Metrics::new());
+        let mut events = tracer.subscribe();
+        let client_addr: SocketAddr = "10.1.0.2:5000".parse().unwrap();
+        tracer.delivering(7, client("x"), client_addr).connected(40000);
+        // The proxy closes its end first (the client half-closed); the application's end
+        // closes after it.
+        for (kind, accepted) in [
+            (k::EV_CONNECT, false),
+            (k::EV_ESTABLISHED, false),
+            (k::EV_ESTABLISHED, true),
+            (k::EV_CLOSE, false),
+            (k::EV_CLOSE, true),
+        ] {
+            tracer.handle(&delivery_event(kind, accepted));
+            let e = events.try_recv().expect("an event per kernel event");
+            assert_eq!(
+                (e.kind.as_str(), e.leg.as_str(), e.peer.workload.as_deref()),
+                (kind_name(kind), if accepted { "app" } else { "delivery" }, Some("client")),
+                "{e:?}"
+            );
+            assert_eq!(e.peer.address, Some(client_addr.to_string()));
+        }
+        let hints = tracer.0.hints.lock().unwrap();
+        assert!(hints.by_socket.is_empty() && hints.peers.is_empty(), "gone with the last socket");
     }
 }
