@@ -297,7 +297,8 @@ fn packet_loss_raises_the_retransmits_of_exactly_that_workload_pair() {
     assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
 
     for _ in 0..2 {
-        send(&a, &format!("{}:9000", b.ipv4), 4_000_000);
+        // Twice as much over the lossy path: its count must stand out (below).
+        send(&a, &format!("{}:9000", b.ipv4), 8_000_000);
         send(&c, &format!("{}:9000", e.ipv4), 4_000_000);
         send(&c, &format!("{}:9000", d.ipv4), 4_000_000);
     }
@@ -314,13 +315,20 @@ fn packet_loss_raises_the_retransmits_of_exactly_that_workload_pair() {
         p1.metrics()
     );
     let scrape = p1.metrics();
-    assert_eq!(pair(&scrape, "c", "e"), 0, "c→e lost nothing:\n{scrape}");
-    assert_eq!(pair(&scrape, "c", "d"), 0, "c→d never left the node:\n{scrape}");
-    let retransmitting: Vec<&str> = scrape
+    // The injected loss shows on its pair and on no other. Unimpaired paths between
+    // namespaces still retransmit now and then: veth queues each packet on the sending CPU,
+    // so a sender that moves between CPUs mid-burst can reorder its own packets, and the
+    // receiver's duplicate ACKs trigger fast retransmits (seen: 17 and 45 segments on the
+    // same-node c→d tunnel, in c's netns by `nstat`). So "no other" means every other pair
+    // counts under a fifth of a→b's; a wrongly attributed count breaks it.
+    let injected = pair(&scrape, "a", "b");
+    let others: Vec<(&str, u64)> = scrape
         .lines()
-        .filter(|l| l.starts_with("ambit_tcp_retransmits_total{") && !l.ends_with(" 0"))
+        .filter(|l| l.starts_with("ambit_tcp_retransmits_total{"))
+        .filter(|l| !(l.contains("source_workload=\"a\"") && l.contains("destination_workload=\"b\"")))
+        .filter_map(|l| Some((l, l.rsplit_once(' ')?.1.parse::<f64>().ok()? as u64)))
         .collect();
-    assert_eq!(retransmitting.len(), 1, "exactly one pair retransmitted: {retransmitting:?}");
+    assert!(others.iter().all(|(_, n)| n * 5 < injected), "a→b: {injected}; others: {others:?}");
     // RTT was sampled for the pairs that crossed the network.
     assert!(
         labelled(&scrape, "ambit_tcp_rtt_seconds_count", &[("destination_workload", "e")]) > 0,
@@ -331,21 +339,22 @@ fn packet_loss_raises_the_retransmits_of_exactly_that_workload_pair() {
         .log()
         .lines()
         .filter(|l| l.contains(" access: ") && l.contains("dst_workload=b") && l.contains("rtt_us="))
-        .filter(|l| {
-            l.split("retransmits=")
-                .nth(1)
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .is_some_and(|n| n > 0)
-        })
+        .filter(|l| access_field(l, "retransmits").is_some_and(|n| n > 0))
         .count();
     assert!(with_retransmits >= 1, "{}", p1.log());
+    // c→e's lines carry the kernel's figures too, and little or nothing retransmitted.
     let clean = p1
         .log()
         .lines()
-        .filter(|l| l.contains(" access: ") && l.contains("dst_workload=e") && l.contains("retransmits=0"))
+        .filter(|l| l.contains(" access: ") && l.contains("dst_workload=e") && l.contains("rtt_us="))
+        .filter(|l| access_field(l, "retransmits").is_some_and(|n| n * 5 < injected))
         .count();
     assert_eq!(clean, 2, "{}", p1.log());
+}
+
+/// A numeric `key=value` field of an access-log line.
+fn access_field(line: &str, key: &str) -> Option<u64> {
+    line.split(&format!(" {key}=")).nth(1)?.split_whitespace().next()?.parse().ok()
 }
 
 #[test]
