@@ -27,6 +27,11 @@ fn direction(d: Direction) -> &'static str {
 
 /// One finished connection.
 pub fn access_log(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Duration, k: Kernel) {
+    // The strings below cost a few thousand instructions per connection: only for a line
+    // that is written.
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return;
+    }
     let error = t.error.as_ref().map(ToString::to_string);
     let dst = r.dst.map(|a| a.to_string());
     let rtt = k.rtt_us.map_or_else(|| "-".to_string(), |v| v.to_string());
