@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
-pub use istio::{Reporter, ServiceLabel, Side, TcpLabels};
+pub use istio::{Reporter, ServiceLabel, Side, SideCache, TcpLabels};
 
 use crate::{capture::KernelStats, inpod::Direction, proxy::PodCtx};
 
@@ -83,7 +83,12 @@ pub struct Metrics {
     active: IntGaugeVec,
     denied: IntCounterVec,
     istio: istio::IstioTcp,
-    resolved: std::sync::Mutex<std::collections::HashMap<ResolvedKey, Arc<Resolved>>>,
+    /// Every new connection looks its label set up here; keys are never attacker-chosen
+    /// beyond what the mesh state says, so a fast keyed hash does.
+    resolved:
+        std::sync::Mutex<std::collections::HashMap<ResolvedKey, Arc<Resolved>, foldhash::fast::RandomState>>,
+    /// Each workload's labels, made once per version of it.
+    pub sides: istio::SideCache,
     pub enrolled_pods: IntGauge,
 }
 
@@ -183,6 +188,7 @@ impl Metrics {
             denied,
             istio,
             resolved: Default::default(),
+            sides: Default::default(),
             enrolled_pods,
         }
     }

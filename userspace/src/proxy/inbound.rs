@@ -70,7 +70,7 @@ async fn set_up<'p>(
             record.direction,
             pod,
             "authorization_denied",
-            &record.labels(&inner.state.read()),
+            &record.labels(&inner.state.read(), &inner.metrics.sides),
         );
         relay::linger_zero(&client);
         return None;

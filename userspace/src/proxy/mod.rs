@@ -235,7 +235,7 @@ impl Proxy {
 impl Inner {
     /// Counts a connection that failed (with its metric labels) and logs it.
     fn failed(&self, record: &ConnRecord<'_>, reason: &str, detail: &str) {
-        let labels = record.labels(&self.state.read());
+        let labels = record.labels(&self.state.read(), &self.metrics.sides);
         self.metrics.connection_failed(record.direction, record.pod, reason, &labels);
         crate::telemetry::access_log_refused(record, &labels, reason, detail);
     }
@@ -250,7 +250,7 @@ impl Inner {
         let s = &self.settings;
         let pod = record.pod;
         let hint = self.tracer.as_ref().map(|t| {
-            let source = record.labels(&self.state.read()).source;
+            let source = record.labels(&self.state.read(), &self.metrics.sides).source;
             let known = |v: &str| (v != crate::metrics::istio::UNKNOWN).then(|| v.to_string());
             let peer = crate::trace::Peer {
                 namespace: known(&source.namespace),
@@ -276,7 +276,7 @@ impl Inner {
     /// A connection starts being relayed: its labels, byte counters, and where its network
     /// leg's retransmission count stands.
     fn opened(&self, record: &ConnRecord<'_>) -> Opened {
-        let labels = record.labels(&self.state.read());
+        let labels = record.labels(&self.state.read(), &self.metrics.sides);
         let counters = self.metrics.connection_opened(record.direction, record.pod, &labels);
         let retransmits_before = self.leg_stats(record).map(|l| l.retransmits);
         Opened { counters, retransmits_before }

@@ -6,7 +6,7 @@ use std::{num::NonZeroU64, sync::Arc};
 use crate::{
     identity::Identity,
     inpod::Direction,
-    metrics::{Reporter, ServiceLabel, Side, TcpLabels},
+    metrics::{Reporter, ServiceLabel, Side, SideCache, TcpLabels},
     state::MeshState,
 };
 
@@ -69,33 +69,38 @@ impl<'a> ConnRecord<'a> {
 
 impl ConnRecord<'_> {
     /// The local pod's side, with what the mesh says about its workload.
-    fn own_side(&self, state: &MeshState) -> Side {
+    fn own_side(&self, state: &MeshState, sides: &SideCache) -> Arc<Side> {
         let pod = self.pod;
         match pod.ips.iter().find_map(|ip| state.workload_by_ip(*ip)) {
-            Some(w) => Side::of_workload(&w),
-            None => Side {
+            Some(w) => sides.of_workload(&w),
+            None => Arc::new(Side {
                 workload: pod.name.clone(),
                 namespace: pod.namespace.clone(),
                 principal: pod.identity.as_ref().map_or_else(|| "unknown".into(), ToString::to_string),
                 app: pod.app.clone(),
                 ..Side::unknown()
-            },
+            }),
         }
     }
 
     /// The other end: the workload at `addr` if the mesh knows it, else what its identity says.
-    fn peer_side(state: &MeshState, addr: Option<std::net::SocketAddr>, identity: Option<&str>) -> Side {
+    fn peer_side(
+        state: &MeshState,
+        sides: &SideCache,
+        addr: Option<std::net::SocketAddr>,
+        identity: Option<&str>,
+    ) -> Arc<Side> {
         if let Some(w) = addr.and_then(|a| state.workload_by_ip(a.ip())) {
-            return Side::of_workload(&w);
+            return sides.of_workload(&w);
         }
-        match identity.and_then(|i| i.parse::<Identity>().ok()) {
+        Arc::new(match identity.and_then(|i| i.parse::<Identity>().ok()) {
             Some(id) => Side::of_identity(&id),
             None => Side::unknown(),
-        }
+        })
     }
 
     /// Istio's metric labels for this connection, as its reporter (this proxy) sees it.
-    pub fn labels(&self, state: &MeshState) -> TcpLabels {
+    pub fn labels(&self, state: &MeshState, sides: &SideCache) -> TcpLabels {
         let service = self.dst_service.as_deref().and_then(|key| {
             state.service(key).map(|s| ServiceLabel {
                 hostname: s.hostname.clone(),
@@ -106,15 +111,15 @@ impl ConnRecord<'_> {
         match self.direction {
             Direction::Outbound => TcpLabels {
                 reporter: Reporter::Source,
-                source: self.own_side(state),
-                destination: Self::peer_side(state, self.dst, self.dst_identity.as_deref()),
+                source: self.own_side(state, sides),
+                destination: Self::peer_side(state, sides, self.dst, self.dst_identity.as_deref()),
                 service,
                 mtls: self.mtls,
             },
             Direction::Inbound | Direction::Hbone => TcpLabels {
                 reporter: Reporter::Destination,
-                source: Self::peer_side(state, Some(self.src), self.src_identity.as_deref()),
-                destination: self.own_side(state),
+                source: Self::peer_side(state, sides, Some(self.src), self.src_identity.as_deref()),
+                destination: self.own_side(state, sides),
                 service,
                 mtls: self.mtls,
             },

@@ -307,7 +307,7 @@ async fn set_up<'p>(
             Direction::Inbound,
             pod,
             "authorization_denied",
-            &record.labels(&inner.state.read()),
+            &record.labels(&inner.state.read(), &inner.metrics.sides),
         );
         return None;
     }
