@@ -40,6 +40,8 @@ pub struct PodCtx {
     pub identity_uri: Option<Arc<str>>,
     /// `app.kubernetes.io/name` or `app` label, else the pod name (telemetry).
     pub app: String,
+    /// The W3C baggage its outbound tunnels carry ([`hbone::client::baggage`]), made once.
+    pub baggage: Option<http::HeaderValue>,
     /// Canonical (IPv4-mapped addresses as IPv4).
     pub ips: Vec<IpAddr>,
     pub netns: Arc<Netns>,
