@@ -67,6 +67,9 @@ enum Cmd {
     /// Profile which functions ambit runs (callgrind, the bench's workloads) and list them in
     /// userspace/link-order.txt, which release builds lay out together (less resident code).
     LinkOrder,
+    /// Count the instructions ambit spends per request and per new connection (callgrind,
+    /// both proxies, cross-node; profiles in target/bench/callgrind/).
+    Count,
 }
 
 pub fn root() -> PathBuf {
@@ -186,6 +189,10 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::LinkOrder => {
             ensure_setup()?;
             bench::link_order::run()
+        }
+        Cmd::Count => {
+            ensure_setup()?;
+            bench::count::run()
         }
     }
 }

@@ -56,7 +56,7 @@ pub fn run() -> anyhow::Result<()> {
             bail!("callgrind_control -d {pid}: {}", String::from_utf8_lossy(&status.stderr));
         }
     }
-    let profiles = wait_for_profiles(&out, &pids)?;
+    let profiles = wait_for_profiles(&out, &pids, 1)?;
     let defined = defined_functions(&binary)?;
     let mut cost: HashMap<String, u64> = HashMap::new();
     for file in &profiles {
@@ -88,7 +88,7 @@ pub fn run() -> anyhow::Result<()> {
 }
 
 /// A directory with the release binaries, where `ambit` runs `ambit node` under callgrind.
-fn wrapper_dir(bed: &Bed, release: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+pub(super) fn wrapper_dir(bed: &Bed, release: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let dir = bed.dir().join("bin");
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir_all(out)?;
@@ -146,10 +146,10 @@ fn twice(p: &Progress, what: &str, mut f: impl FnMut() -> anyhow::Result<()>) ->
     Ok(())
 }
 
-/// Callgrind writes `cg.<pid>.1` on a dump request; waits until each is complete.
-fn wait_for_profiles(dir: &Path, pids: &[u32]) -> anyhow::Result<Vec<PathBuf>> {
+/// Callgrind writes `cg.<pid>.<n>` on its n-th dump request; waits until each is complete.
+pub(super) fn wait_for_profiles(dir: &Path, pids: &[u32], n: u32) -> anyhow::Result<Vec<PathBuf>> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let files: Vec<PathBuf> = pids.iter().map(|p| dir.join(format!("cg.{p}.1"))).collect();
+    let files: Vec<PathBuf> = pids.iter().map(|p| dir.join(format!("cg.{p}.{n}"))).collect();
     loop {
         let complete = files
             .iter()

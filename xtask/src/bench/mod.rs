@@ -2,6 +2,7 @@
 //! (../shared/reference/perf-method.md): alternating rounds, medians with min–max, ratios as
 //! the headline, results in `target/bench/` (markdown and JSON).
 
+pub mod count;
 pub mod link_order;
 mod load;
 mod profile;
