@@ -94,8 +94,11 @@ impl Side {
 pub struct SideCache {
     /// Keyed by the workload's address. The `Weak` keeps that allocation from being reused
     /// while the entry exists, so an address match is the same (immutable) workload version.
-    sides: Mutex<HashMap<usize, (Weak<Workload>, Arc<Side>)>>,
+    sides: Mutex<HashMap<usize, CachedSide>>,
 }
+
+/// A workload version (held weakly) and its side.
+type CachedSide = (Weak<Workload>, Arc<Side>);
 
 /// Entries kept before the cache starts over (stale versions are dropped that way).
 const SIDE_CACHE_MAX: usize = 4096;
