@@ -51,10 +51,6 @@ impl PodCtx {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
-
-    pub fn app_name(&self) -> &str {
-        &self.app
-    }
 }
 
 #[derive(Clone, Debug)]

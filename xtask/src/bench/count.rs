@@ -10,12 +10,11 @@
 //! deterministic enough to compare two builds where the bench's timings are not. Profiles stay
 //! in `target/bench/callgrind/` for `callgrind_annotate`.
 
-use std::{process::Command, time::Instant};
+use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use super::{link_order, load, topology::Config, topology::Topology, Progress};
-use ambit_testbed::Bed;
 
 /// Requests per second and seconds of the counted request/response load (slow under
 /// callgrind, so a rate it keeps up with).
@@ -24,21 +23,9 @@ const RR_SECS: f64 = 10.0;
 const STORM_SECS: f64 = 5.0;
 
 pub fn run() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("count builds network namespaces and loads eBPF programs: run it as root");
-    }
-    for tool in ["valgrind", "callgrind_control"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.stdout.is_empty() {
-            bail!("{tool} not found (Debian package valgrind)");
-        }
-    }
-    crate::build(true)?;
-    let release = crate::root().join("target/release");
+    link_order::preflight("count", &["valgrind", "callgrind_control"])?;
+    let (bed, out) = link_order::callgrind_bed("count")?;
     let p = Progress { started: Instant::now() };
-    let bed = Bed::new("count");
-    let out = bed.dir().join("callgrind");
-    let bin_dir = link_order::wrapper_dir(&bed, &release, &out)?;
-    std::env::set_var("AMBIT_BIN_DIR", &bin_dir);
     p.say("building the bed, node proxies under callgrind (start-up takes a while)");
     let topo = Topology::build(&bed)?;
     let pids = topo.proxy_pids(Config::Ambit);
@@ -47,15 +34,15 @@ pub fn run() -> anyhow::Result<()> {
     load::latency(&pods.client, &pods.cross, 1, RR_RATE, 2.0)?;
     load::connrate(&pods.client, &pods.cross, 2.0, 2)?;
 
-    callgrind(&pids, "-z")?;
+    link_order::control(&pids, "-z")?;
     let rr = load::latency(&pods.client, &pods.cross, 1, RR_RATE, RR_SECS)?;
-    callgrind(&pids, "-d")?;
+    link_order::control(&pids, "-d")?;
     let rr_profiles = link_order::wait_for_profiles(&out, &pids, 1)?;
     p.say(&format!("{} requests counted", rr.requests));
 
-    callgrind(&pids, "-z")?;
+    link_order::control(&pids, "-z")?;
     let rate = load::connrate(&pods.client, &pods.cross, STORM_SECS, 2)?;
-    callgrind(&pids, "-d")?;
+    link_order::control(&pids, "-d")?;
     let storm_profiles = link_order::wait_for_profiles(&out, &pids, 2)?;
     let conns = (rate * STORM_SECS).round().max(1.0) as u64;
     p.say(&format!("about {conns} connections counted ({rate:.0}/s under callgrind)"));
@@ -87,16 +74,6 @@ pub fn run() -> anyhow::Result<()> {
     ));
     std::fs::write(keep.join("count.md"), &md)?;
     print!("{md}");
-    Ok(())
-}
-
-fn callgrind(pids: &[u32], flag: &str) -> anyhow::Result<()> {
-    for pid in pids {
-        let out = Command::new("callgrind_control").arg(flag).arg(pid.to_string()).output()?;
-        if !out.status.success() {
-            bail!("callgrind_control {flag} {pid}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
     Ok(())
 }
 

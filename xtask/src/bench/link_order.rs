@@ -30,32 +30,15 @@ use ambit_testbed::Bed;
 pub const FILE: &str = "userspace/link-order.txt";
 
 pub fn run() -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("link-order builds network namespaces and loads eBPF programs: run it as root");
-    }
-    for tool in ["valgrind", "callgrind_control", "nm"] {
-        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.stdout.is_empty() {
-            bail!("{tool} not found (Debian packages valgrind and binutils)");
-        }
-    }
-    crate::build(true)?;
-    let release = crate::root().join("target/release");
-    let binary = release.join("ambit");
+    preflight("link-order", &["valgrind", "callgrind_control", "nm"])?;
+    let (bed, out) = callgrind_bed("order")?;
+    let binary = crate::root().join("target/release/ambit");
     let p = Progress { started: Instant::now() };
-    let bed = Bed::new("order");
-    let out = bed.dir().join("callgrind");
-    let bin_dir = wrapper_dir(&bed, &release, &out)?;
-    std::env::set_var("AMBIT_BIN_DIR", &bin_dir);
     p.say("building the bed, node proxies under callgrind (start-up takes a while)");
     let topo = Topology::build(&bed)?;
     let pids = topo.proxy_pids(Config::Ambit);
     drive(&topo, &p)?;
-    for pid in &pids {
-        let status = Command::new("callgrind_control").arg("-d").arg(pid.to_string()).output()?;
-        if !status.status.success() {
-            bail!("callgrind_control -d {pid}: {}", String::from_utf8_lossy(&status.stderr));
-        }
-    }
+    control(&pids, "-d")?;
     let profiles = wait_for_profiles(&out, &pids, 1)?;
     let defined = defined_functions(&binary)?;
     let mut cost: HashMap<String, u64> = HashMap::new();
@@ -87,8 +70,44 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Root, and the tools a callgrind run needs, or an error naming what is missing.
+pub(super) fn preflight(what: &str, tools: &[&str]) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("{what} builds network namespaces and loads eBPF programs: run it as root");
+    }
+    for tool in tools {
+        if Command::new("sh").args(["-c", &format!("command -v {tool}")]).output()?.stdout.is_empty() {
+            bail!("{tool} not found (Debian packages valgrind and binutils)");
+        }
+    }
+    Ok(())
+}
+
+/// The release build, and a bed whose node proxies will run under callgrind (profiles in the
+/// returned directory) once the topology is built on it.
+pub(super) fn callgrind_bed(name: &str) -> anyhow::Result<(Bed, PathBuf)> {
+    crate::build(true)?;
+    let release = crate::root().join("target/release");
+    let bed = Bed::new(name);
+    let out = bed.dir().join("callgrind");
+    let bin_dir = wrapper_dir(&bed, &release, &out)?;
+    std::env::set_var("AMBIT_BIN_DIR", &bin_dir);
+    Ok((bed, out))
+}
+
+/// `callgrind_control <flag>` for each proxy: `-z` zeroes its counters, `-d` dumps a profile.
+pub(super) fn control(pids: &[u32], flag: &str) -> anyhow::Result<()> {
+    for pid in pids {
+        let out = Command::new("callgrind_control").arg(flag).arg(pid.to_string()).output()?;
+        if !out.status.success() {
+            bail!("callgrind_control {flag} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    Ok(())
+}
+
 /// A directory with the release binaries, where `ambit` runs `ambit node` under callgrind.
-pub(super) fn wrapper_dir(bed: &Bed, release: &Path, out: &Path) -> anyhow::Result<PathBuf> {
+fn wrapper_dir(bed: &Bed, release: &Path, out: &Path) -> anyhow::Result<PathBuf> {
     let dir = bed.dir().join("bin");
     std::fs::create_dir_all(&dir)?;
     std::fs::create_dir_all(out)?;
