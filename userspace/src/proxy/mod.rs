@@ -192,7 +192,13 @@ impl Proxy {
             loop {
                 let accepted = tokio::select! {
                     biased;
-                    () = stop.cancelled() => return,
+                    // Connects the hook rewrote before the pod left the maps may still wait in
+                    // the backlog, and closing the listener would reset them: serve those, then
+                    // stop.
+                    () = stop.cancelled() => match accept_queued(&listener) {
+                        Some(accepted) => Ok(accepted),
+                        None => return,
+                    },
                     accepted = listener.accept() => accepted,
                 };
                 match accepted {
@@ -228,6 +234,16 @@ impl Proxy {
             }
         }))
     }
+}
+
+/// A connection already waiting in `listener`'s backlog, without waiting for one (nor for the
+/// runtime to have seen the listener readable); `None` when there is none or accepting fails.
+fn accept_queued(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let (socket, peer) = socket2::SockRef::from(listener).accept().ok()?;
+    let peer = peer.as_socket()?;
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_nonblocking(true).ok()?;
+    tokio::net::TcpStream::from_std(stream).ok().map(|s| (s, peer))
 }
 
 impl Inner {
@@ -356,4 +372,25 @@ async fn finish(
     let open = inner.opened(&record);
     let transfer = relay::relay(client, upstream, &open.counters, Some(close)).await;
     inner.closed(&record, &open, &transfer, started);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_waiting_in_the_backlog_is_taken_without_waiting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(accept_queued(&listener).is_none(), "nothing queued: no wait, no connection");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut accepted, peer) = accept_queued(&listener).expect("the queued connection");
+        assert_eq!(peer, client.local_addr().unwrap());
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping", "the socket works with the runtime");
+        assert!(accept_queued(&listener).is_none());
+    }
 }
