@@ -1,7 +1,8 @@
 //! `cargo xtask bench --profile`: where ambit's proxies spend their CPU under a bulk transfer
 //! and under a connection storm — `perf record` (software clock, so it works without hardware
 //! counters) on both proxies while the workload runs, reported flat by symbol into
-//! `target/bench/profile-<workload>.txt`.
+//! `target/bench/profile-<workload>.txt`; and which system calls each proxy makes per new
+//! connection (`perf trace -s`), into `target/bench/syscalls-<config>.txt`.
 
 use std::{path::Path, process::Command, time::Duration};
 
@@ -92,6 +93,67 @@ fn sched_counts(
     Ok(format!("{config:?}, per {what}: {}", parts.join(", ")))
 }
 
+/// `perf trace -s` output (a table per thread) summed by system call name.
+fn syscall_totals(summary: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut totals = std::collections::BTreeMap::new();
+    for line in summary.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "   name   calls   errors   total   min   avg   max   stddev%"
+        if let (Some(name), Some(calls)) = (f.first(), f.get(1).and_then(|c| c.parse::<u64>().ok())) {
+            if f.len() >= 7 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                *totals.entry(name.to_string()).or_insert(0) += calls;
+            }
+        }
+    }
+    totals
+}
+
+/// System calls per new connection of each of `config`'s proxies during a storm, by name,
+/// into `target/bench/syscalls-<config>.txt`: where the proxies' kernel time comes from.
+fn syscalls_per_connection(
+    topo: &Topology<'_>,
+    config: Config,
+    pods: &super::topology::Pods,
+    secs: f64,
+) -> anyhow::Result<String> {
+    let pids = topo.proxy_pids(config);
+    let tracers = pids
+        .iter()
+        .map(|pid| {
+            Command::new("perf")
+                .args(["trace", "-s", "-p", &pid.to_string(), "--", "sleep", &format!("{secs}")])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .context("starting perf trace")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let n = connections(pods, secs)?.max(1);
+    let mut report = format!("# {config:?}: system calls per new connection ({n} connections)\n");
+    let mut sums = Vec::new();
+    for (pid, tracer) in pids.iter().zip(tracers) {
+        let out = tracer.wait_with_output().context("waiting for perf trace")?;
+        let totals = syscall_totals(&String::from_utf8_lossy(&out.stderr));
+        let mut by_count: Vec<_> = totals.iter().collect();
+        by_count.sort_by(|a, b| b.1.cmp(a.1));
+        let sum: u64 = totals.values().sum();
+        sums.push(format!("{:.1}", sum as f64 / n as f64));
+        report.push_str(&format!("\n## proxy pid {pid}: {:.1} in all\n", sum as f64 / n as f64));
+        for (name, calls) in by_count {
+            report.push_str(&format!("{name:>24} {:8.2}\n", *calls as f64 / n as f64));
+        }
+    }
+    let dir = crate::root().join("target/bench");
+    let file = dir.join(format!("syscalls-{}.txt", format!("{config:?}").to_lowercase()));
+    std::fs::write(&file, report).with_context(|| format!("writing {}", file.display()))?;
+    Ok(format!(
+        "{config:?}, system calls per new connection: {} (per proxy); in {}",
+        sums.join(" + "),
+        file.display()
+    ))
+}
+
 /// A connection storm of `secs` (less the start-up margin); how many connections it made.
 fn connections(pods: &super::topology::Pods, secs: f64) -> anyhow::Result<u64> {
     let rate = load::connrate(&pods.client, &pods.cross, secs - 0.5, 4)?;
@@ -129,6 +191,7 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
             Ok(load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?.requests)
         })?);
         out.push(sched_counts(topo, config, "new connection", secs, || connections(pods, secs))?);
+        out.push(syscalls_per_connection(topo, config, pods, secs)?);
     }
     Ok(out)
 }
