@@ -241,6 +241,46 @@ fn fifty_concurrent_connections_share_a_handful_of_hbone_connections() {
     assert_eq!(to_b[0]["dst_identity"], SERVER);
 }
 
+#[test]
+fn the_client_s_first_bytes_travel_with_the_connect() {
+    let bed = Bed::new("hbone-early");
+    let t = two_nodes(&bed);
+    let cp = ControlPlane::start(&bed, &t.cp, &t.mesh, &[&t.n1, &t.n2], &[]);
+    let p1 = cp.start_node(&t.n1, &t.mesh, &[]);
+    // b's 15008 is the test's own HBONE server, with b's identity, where n2's proxy would be:
+    // it waits up to 3 s for DATA before it answers a CONNECT.
+    let (cert, key) = certs::workload(bed.dir(), "b-server", SERVER, &cp.root_cert, &cp.root_key);
+    let bin = workspace_bin("hbone-peer");
+    let argv = [
+        bin.to_str().expect("utf-8"),
+        "[::]:15008",
+        "--cert",
+        cert.to_str().expect("utf-8"),
+        "--key",
+        key.to_str().expect("utf-8"),
+        "--wait-ms",
+        "3000",
+    ];
+    let mut peer = Proc::spawn(&bed, "hbone-peer-b", pod_command(&t.b, &argv));
+    peer.wait_for_output("listening", T).expect("the peer listens");
+
+    // curl writes its request as soon as it is connected: the request reaches the
+    // destination with the CONNECT, before the destination answered it.
+    let out = curl(&t.a, &format!("http://{}:7000/", t.b.ipv4));
+    assert_eq!(ok_body(&out), "ok\n", "{}", peer.output());
+    let early = format!("connect {}:7000 early ", t.b.ipv4);
+    let line = peer.output().lines().find(|l| l.starts_with(&early)).map(str::to_string);
+    let line = line.unwrap_or_else(|| panic!("no CONNECT seen:\n{}", peer.output()));
+    assert!(line.ends_with(": GET / HTTP/1.1") && !line.contains(" early 0:"), "{line}");
+    assert!(eventually(T, || mtls_lines(&p1, "outbound", CLIENT, SERVER) == 1), "{}", p1.log());
+
+    // A client that waits for the server to speak first sends nothing early: the tunnel
+    // opens all the same once the destination answers, and carries what follows.
+    let mut chat = Chat::open(&bed, &t.a, &format!("{}:7001", t.b.ipv4)).expect("chat connects");
+    peer.wait_for_output(&format!("connect {}:7001 early 0:", t.b.ipv4), T).expect("an empty CONNECT");
+    assert_eq!(chat.say("after the answer").expect("echo"), "after the answer");
+}
+
 /// Runs the HBONE probe from n1's namespace against `target`.
 fn probe(node: &Node, target: &str, authority: &str, extra: &[&str]) -> String {
     let bin = workspace_bin("hbone-probe");

@@ -75,9 +75,11 @@ pub(super) async fn handle(accepted: Box<Accepted>) {
                 (Either::Left(Box::pin(super::relay::relay(client, upstream, counters, None))), None)
             }
             Leg::Tunnel(t) => {
+                let early = t.early;
                 let (send, recv, lease) = t.into_parts();
                 let end = super::hbone::End::Connecting;
-                (Either::Right(super::hbone::relay(client, send, recv, counters, end, None)), Some(lease))
+                let relay = super::hbone::relay(client, send, recv, counters, end, None).sent_early(early);
+                (Either::Right(relay), Some(lease))
             }
         }
     };
@@ -225,7 +227,7 @@ async fn hbone<'p>(
     started: Instant,
 ) -> Option<Ready<'p>> {
     let peer = record.src;
-    let open = inner.hbone.open(pod, src_identity, dst, dst_identity, inner.settings.hbone_port);
+    let open = inner.hbone.open(pod, &client, src_identity, dst, dst_identity, inner.settings.hbone_port);
     let tunnel = match open.await {
         Ok(t) => t,
         Err(e) => return refused(inner, &record, client, e.reason(), &e.to_string()),

@@ -100,6 +100,19 @@ pub fn relay<'a>(
     }
 }
 
+impl Relay<'_> {
+    /// `n` bytes of the socket's already went out with the CONNECT: counted as sent.
+    pub fn sent_early(mut self, n: u64) -> Self {
+        self.sent += n;
+        let to_tunnel = match self.end {
+            End::Connecting => self.counters.request(),
+            End::Answering => self.counters.response(),
+        };
+        to_tunnel.add(n);
+        self
+    }
+}
+
 impl Future for Relay<'_> {
     type Output = Transfer;
 
