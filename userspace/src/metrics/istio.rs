@@ -40,8 +40,9 @@ pub const LABELS: [&str; 19] = [
 pub struct Side {
     pub workload: String,
     pub namespace: String,
-    /// `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
-    pub principal: String,
+    /// `spiffe://<trust domain>/ns/<ns>/sa/<sa>`; shared with the connection records that
+    /// name the workload's identity.
+    pub principal: Arc<str>,
     pub app: String,
     pub version: String,
     pub cluster: String,
@@ -73,7 +74,7 @@ impl Side {
         Side {
             workload: or_unknown(workload),
             namespace: or_unknown(&w.namespace),
-            principal: w.identity.to_string(),
+            principal: w.identity.to_string().into(),
             app: or_unknown(if w.canonical_name.is_empty() { workload } else { &w.canonical_name }),
             version: or_unknown(&w.canonical_revision),
             cluster: or_unknown(&w.cluster_id),
@@ -82,7 +83,7 @@ impl Side {
 
     /// A peer known only by its verified identity.
     pub fn of_identity(id: &Identity) -> Side {
-        Side { namespace: id.namespace.clone(), principal: id.to_string(), ..Side::unknown() }
+        Side { namespace: id.namespace.clone(), principal: id.to_string().into(), ..Side::unknown() }
     }
 }
 
@@ -259,7 +260,7 @@ mod tests {
         let a = workload("a", "v1");
         let first = cache.of_workload(&a);
         assert_eq!(*first, Side::of_workload(&a), "the cached side says what a fresh one says");
-        assert_eq!(first.principal, "spiffe://td/ns/demo/sa/sa");
+        assert_eq!(&*first.principal, "spiffe://td/ns/demo/sa/sa");
         assert!(Arc::ptr_eq(&first, &cache.of_workload(&a)), "the same version: the same side");
 
         // An xDS update replaces the workload: a new version, new labels.

@@ -149,7 +149,8 @@ async fn set_up<'p>(
             match (mtls, pod.identity.as_ref()) {
                 (true, Some(src_identity)) => {
                     let mut record = ConnRecord::outbound(pod, peer, Some(target));
-                    record.dst_identity = Some(workload.identity.to_string().into());
+                    // Formatted once per workload version, in the metrics' side cache.
+                    record.dst_identity = Some(inner.metrics.sides.of_workload(&workload).principal.clone());
                     record.dst_service = service;
                     record.mtls = true;
                     hbone(inner, pod, client, record, target, src_identity, &workload.identity, started).await

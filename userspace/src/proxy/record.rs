@@ -76,7 +76,7 @@ impl ConnRecord<'_> {
             None => Arc::new(Side {
                 workload: pod.name.clone(),
                 namespace: pod.namespace.clone(),
-                principal: pod.identity.as_ref().map_or_else(|| "unknown".into(), ToString::to_string),
+                principal: pod.identity_uri.clone().unwrap_or_else(|| "unknown".into()),
                 app: pod.app.clone(),
                 ..Side::unknown()
             }),

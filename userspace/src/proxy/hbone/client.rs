@@ -207,8 +207,8 @@ impl HboneClient {
         let mut send = lease.send_request().ready().await.map_err(before)?;
         let mut req = Request::builder()
             .method(Method::CONNECT)
-            .uri(dst.to_string())
-            .header("forwarded", format!("for=\"{}\"", forwarded_for(src_ip)));
+            .uri(authority(dst))
+            .header("forwarded", forwarded(src_ip));
         if let Some(baggage) = &pod.baggage {
             req = req.header("baggage", baggage.clone());
         }
@@ -300,12 +300,59 @@ enum Sent {
     Early,
 }
 
-fn forwarded_for(ip: IpAddr) -> String {
+/// `ip` as the CONNECT authority and `forwarded` write it: IPv4 dotted, IPv6 in brackets
+/// (RFC 7239, RFC 3986). IPv4 is written by hand: `Display` through `format!` cost about
+/// 2,000 instructions per tunnel for the two headers (callgrind).
+fn push_ip(out: &mut String, ip: IpAddr) {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        // RFC 7239: IPv6 in brackets.
-        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                push_decimal(out, u16::from(octet));
+            }
+        }
+        IpAddr::V6(v6) => {
+            use std::fmt::Write;
+            write!(out, "[{v6}]").expect("writing to a String does not fail");
+        }
     }
+}
+
+fn push_decimal(out: &mut String, v: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut v = v;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
+}
+
+/// `dst` as a CONNECT's authority: `ip:port`, IPv6 in brackets (what `SocketAddr` displays).
+fn authority(dst: SocketAddr) -> String {
+    let mut out = String::with_capacity(48);
+    push_ip(&mut out, dst.ip());
+    out.push(':');
+    push_decimal(&mut out, dst.port());
+    out
+}
+
+/// The `forwarded` header naming the source pod's address.
+fn forwarded(src: IpAddr) -> HeaderValue {
+    let mut out = String::with_capacity(56);
+    out.push_str("for=\"");
+    push_ip(&mut out, src);
+    out.push('"');
+    HeaderValue::try_from(out).expect("an address in quotes is a valid header value")
 }
 
 /// W3C baggage describing the source workload, with the keys ztunnel uses; `None` (no
@@ -371,6 +418,32 @@ mod tests {
             hex_into(&mut out, u128::MAX);
             String::from_utf8(out.to_vec()).unwrap()
         });
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them_with_v6_in_brackets() {
+        let cases: [(&str, &str); 5] = [
+            ("10.2.0.2:7000", "10.2.0.2"),
+            ("0.0.0.0:0", "0.0.0.0"),
+            ("255.255.255.255:65535", "255.255.255.255"),
+            ("[fd00:2::2]:8080", "fd00:2::2"),
+            ("[::ffff:10.0.0.1]:1", "::ffff:10.0.0.1"),
+        ];
+        for (addr, ip) in cases {
+            let sa: SocketAddr = addr.parse().unwrap();
+            assert_eq!(authority(sa), sa.to_string(), "{addr}");
+            let ip: IpAddr = ip.parse().unwrap();
+            let want = if ip.is_ipv4() { format!("for=\"{ip}\"") } else { format!("for=\"[{ip}]\"") };
+            assert_eq!(forwarded(ip), want.as_str(), "{ip}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_ipv4_authority_matches_display(a: u32, port: u16) {
+            let sa = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::from(a)), port);
+            proptest::prop_assert_eq!(authority(sa), sa.to_string());
+        }
     }
 
     #[test]
