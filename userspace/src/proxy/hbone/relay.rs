@@ -100,15 +100,21 @@ pub fn relay<'a>(
     }
 }
 
+impl End {
+    /// `counters`' directions as (socket → tunnel, tunnel → socket) for this end.
+    fn directions(self, counters: &RelayCounters) -> (&ByteCounter, &ByteCounter) {
+        match self {
+            End::Connecting => (counters.request(), counters.response()),
+            End::Answering => (counters.response(), counters.request()),
+        }
+    }
+}
+
 impl Relay<'_> {
     /// `n` bytes of the socket's already went out with the CONNECT: counted as sent.
     pub fn sent_early(mut self, n: u64) -> Self {
         self.sent += n;
-        let to_tunnel = match self.end {
-            End::Connecting => self.counters.request(),
-            End::Answering => self.counters.response(),
-        };
-        to_tunnel.add(n);
+        self.end.directions(self.counters).0.add(n);
         self
     }
 }
@@ -118,10 +124,7 @@ impl Future for Relay<'_> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Transfer> {
         let this = self.project();
-        let (to_tunnel, from_tunnel) = match this.end {
-            End::Connecting => (this.counters.request(), this.counters.response()),
-            End::Answering => (this.counters.response(), this.counters.request()),
-        };
+        let (to_tunnel, from_tunnel) = this.end.directions(this.counters);
         let mut result = Ok(());
         if let Some(close) = this.close {
             if close.poll_revoked(cx).is_ready() {
