@@ -187,6 +187,14 @@ pub fn run(topo: &Topology<'_>, secs: f64) -> anyhow::Result<Vec<String>> {
     topo.ambit_tracing(true)?;
     for config in [Config::Ambit, Config::Relay] {
         let pods = topo.pods(config);
+        // Wake-ups per MB tell a proxy that hands chunks between threads from one that
+        // does not, where CPU-seconds per GB alone drift with the machine's load.
+        for streams in [1, 4] {
+            out.push(sched_counts(topo, config, &format!("MB moved, {streams} stream(s)"), secs, || {
+                let (_, bytes) = load::iperf(&pods.client, &pods.cross, streams, secs - 0.5)?;
+                Ok(bytes / 1_000_000)
+            })?);
+        }
         out.push(sched_counts(topo, config, "request at 1000/s", secs, || {
             Ok(load::latency(&pods.client, &pods.cross, 1, 1000, secs - 0.5)?.requests)
         })?);
