@@ -239,13 +239,6 @@ fn fifty_concurrent_connections_share_a_handful_of_hbone_connections() {
     );
     assert_eq!(to_b[0]["src_identity"], CLIENT);
     assert_eq!(to_b[0]["dst_identity"], SERVER);
-    // Connections are dealt to the two data-path threads in turn, and each thread tunnels
-    // over connections of its own.
-    for shard in 0..2 {
-        let on_shard: u64 =
-            conns.iter().filter(|c| c["shard"] == shard).filter_map(|c| c["streams"].as_u64()).sum();
-        assert!(on_shard >= 10, "shard {shard} carries {on_shard} of the 50 tunnels: {dump}");
-    }
 }
 
 #[test]

@@ -247,9 +247,8 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_KERNEL_TRACING", default_value_t = true, action = clap::ArgAction::Set)]
     pub kernel_tracing: bool,
 
-    /// Threads that run the data path, each a single-threaded runtime with its own share of
-    /// the connections and its own HBONE connections. Default: 2, as ztunnel's workers.
-    /// xDS, certificates and the admin server run on one more thread.
+    /// Threads that run the proxy (tokio workers). Default: 2, as ztunnel: the data path is
+    /// rarely CPU-bound on more, and each extra thread costs wake-ups.
     #[arg(long, env = "AMBIT_WORKER_THREADS", default_value_t = 2)]
     pub worker_threads: usize,
 

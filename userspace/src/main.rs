@@ -58,12 +58,12 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ambit-worker")
-        .build()
-        .context("starting the async runtime")
+fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(n);
+    }
+    b.enable_all().thread_name("ambit-worker").build().context("starting the async runtime")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -72,19 +72,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Controlplane(args) => {
             telemetry::init(&args.log_level, args.log_format)?;
-            runtime()?.block_on(ambit::controlplane::run(*args))
+            runtime(None)?.block_on(ambit::controlplane::run(*args))
         }
         Command::Node(args) => {
             let format = args.log_format;
             let settings = config::NodeSettings::resolve(*args)?;
             telemetry::init(&settings.log_filter(), format)?;
-            // The data path runs on shard threads of its own (`proxy::shards`); this thread
-            // runs the rest: xDS, certificates, admin, the tracer's reader.
-            let control = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
-            control.block_on(node::run(settings))
+            runtime(Some(settings.worker_threads))?.block_on(node::run(settings))
         }
         Command::Trace(args) => ambit::trace::run(&args),
         Command::Probe { bpffs, cgroup, json } => {

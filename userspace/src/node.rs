@@ -124,8 +124,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     } else {
         None
     };
-    let shards =
-        crate::proxy::Shards::start(settings.worker_threads).context("starting the data-path threads")?;
     let proxy = Proxy::new(
         ProxySettings {
             mark: settings.proxy_mark,
@@ -142,7 +140,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             state: state.clone(),
             pods: pod_registry,
             tracer,
-            shards: shards.clone(),
         },
     );
     let mut pods = PodManager::new(
@@ -273,7 +270,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         "drained; exiting (capture state stays pinned)"
     );
     shutdown.cancel();
-    shards.shutdown();
     Ok(())
 }
 

@@ -25,12 +25,7 @@ struct Ready<'p> {
 
 /// The task's future itself, like `outbound::handle` (a wrapping block would keep a copy of
 /// the arguments for the connection's whole life).
-pub(super) async fn handle(
-    inner: Arc<Inner>,
-    pod: Arc<PodCtx>,
-    client: std::net::TcpStream,
-    peer: SocketAddr,
-) {
+pub(super) async fn handle(inner: Arc<Inner>, pod: Arc<PodCtx>, client: TcpStream, peer: SocketAddr) {
     let (inner, pod) = (&*inner, &pod);
     // Boxed: checks and the connect are freed before the relay starts.
     let Some(r) = Box::pin(set_up(inner, pod, client, peer)).await else { return };
@@ -41,10 +36,9 @@ pub(super) async fn handle(
 async fn set_up<'p>(
     inner: &'p Inner,
     pod: &'p Arc<PodCtx>,
-    client: std::net::TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
 ) -> Option<Ready<'p>> {
-    let client = super::register(client)?;
     let refuse = |record: &ConnRecord<'_>, client, reason, detail: &str| {
         refuse(inner, record, client, reason, detail);
         None

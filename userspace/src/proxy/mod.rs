@@ -7,12 +7,11 @@ mod inbound;
 mod outbound;
 mod record;
 mod relay;
-pub mod shards;
 mod upstream;
 
 use std::{io, net::IpAddr, sync::Arc, time::Duration};
 
-use tokio::task::JoinHandle;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -28,7 +27,6 @@ use crate::{
 
 pub use record::ConnRecord;
 pub use relay::Transfer;
-pub use shards::Shards;
 
 /// A pod as the data path sees it.
 #[derive(Debug)]
@@ -94,8 +92,6 @@ pub struct Inner {
     pods: Arc<PodRegistry>,
     /// Kernel-level tracing: per-socket figures for the access log; `None` when off.
     tracer: Option<Tracer>,
-    /// Where connections run.
-    shards: Shards,
 }
 
 /// What the proxy works with besides its settings.
@@ -106,7 +102,6 @@ pub struct ProxyDeps {
     pub state: Arc<StateStore>,
     pub pods: Arc<PodRegistry>,
     pub tracer: Option<Tracer>,
-    pub shards: Shards,
 }
 
 #[derive(Clone)]
@@ -117,13 +112,9 @@ pub struct Proxy {
 impl Proxy {
     /// Call inside the runtime (the HBONE pool starts its reaper).
     pub fn new(settings: ProxySettings, deps: ProxyDeps) -> Proxy {
-        let ProxyDeps { orig, metrics, identities, state, pods, tracer, shards } = deps;
-        let hbone = hbone::client::HboneClient::new(
-            settings.hbone.clone(),
-            identities.clone(),
-            settings.mark,
-            shards.clone(),
-        );
+        let ProxyDeps { orig, metrics, identities, state, pods, tracer } = deps;
+        let hbone =
+            hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
         let inner = Arc::new(Inner {
             settings,
             orig,
@@ -135,7 +126,6 @@ impl Proxy {
             open: authorize::OpenConnections::default(),
             pods,
             tracer,
-            shards,
         });
         authorize::spawn_rechecks(&inner);
         Proxy { inner }
@@ -185,85 +175,75 @@ impl Proxy {
         stop: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
         let direction = listener.direction;
-        let listener = std::net::TcpListener::from(listener.socket);
-        listener.set_nonblocking(true)?;
+        let listener = TcpListener::from_std(std::net::TcpListener::from(listener.socket))?;
         if direction == Direction::Hbone {
             let identity =
                 pod.identity.clone().ok_or_else(|| io::Error::other("HBONE listener without identity"))?;
             let tls =
                 crate::tls::server_config(&self.inner.identities, &identity).map_err(io::Error::other)?;
-            return hbone::server::serve(self.inner.clone(), pod, listener, tls, stop);
+            return Ok(hbone::server::serve(self.inner.clone(), pod, listener, tls, stop));
         }
         // Every connection accepted on an outbound listener has the listener's address as
         // its local one (the connect hook rewrote it to exactly that): asked once here, not
         // with a getsockname per connection.
         let local = listener.local_addr()?;
         let inner = self.inner.clone();
-        // The accept loop runs on a shard of its own; each connection goes to the next shard
-        // in turn.
-        self.inner.shards.enter(|shard| {
-            let listener = shards::register(listener)?;
-            Ok(shard.spawn(async move {
-                loop {
-                    let accepted = tokio::select! {
-                        biased;
-                        // Connects the hook rewrote before the pod left the maps may still wait
-                        // in the backlog, and closing the listener would reset them: serve
-                        // those, then stop.
-                        () = stop.cancelled() => match shards::accept(listener.get_ref()) {
-                            Ok(accepted) => Ok(accepted),
-                            Err(_) => return,
-                        },
-                        accepted = shards::accept_ready(&listener) => accepted,
-                    };
-                    match accepted {
-                        Ok((stream, peer)) => {
-                            // The proxy forwards what it reads at once: Nagle would only hold
-                            // small writes back (requests, responses) waiting for ACKs.
-                            if let Err(e) = stream.set_nodelay(true) {
-                                tracing::debug!(error = %e, "TCP_NODELAY on an accepted socket");
+        Ok(tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    biased;
+                    // Connects the hook rewrote before the pod left the maps may still wait in
+                    // the backlog, and closing the listener would reset them: serve those, then
+                    // stop.
+                    () = stop.cancelled() => match accept_queued(&listener) {
+                        Some(accepted) => Ok(accepted),
+                        None => return,
+                    },
+                    accepted = listener.accept() => accepted,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        // The proxy forwards what it reads at once: Nagle would only hold small
+                        // writes back (requests, responses) waiting for ACKs.
+                        if let Err(e) = stream.set_nodelay(true) {
+                            tracing::debug!(error = %e, "TCP_NODELAY on an accepted socket");
+                        }
+                        let inner = inner.clone();
+                        let tracker = inner.connections.clone();
+                        let pod = pod.clone();
+                        // One task type per direction: a task is sized for its largest state,
+                        // and each idle connection keeps its task.
+                        match direction {
+                            Direction::Outbound => {
+                                let client = stream;
+                                let accepted = outbound::Accepted { inner, pod, client, peer, local };
+                                let task = outbound::handle(Box::new(accepted));
+                                debug_assert_task_size(std::mem::size_of_val(&task));
+                                tracker.spawn(task)
                             }
-                            let inner = inner.clone();
-                            let tracker = inner.connections.clone();
-                            let shards = inner.shards.clone();
-                            let pod = pod.clone();
-                            // One task type per direction: a task is sized for its largest
-                            // state, and each idle connection keeps its task.
-                            match direction {
-                                Direction::Outbound => {
-                                    let client = stream;
-                                    let accepted = outbound::Accepted { inner, pod, client, peer, local };
-                                    let task = outbound::handle(Box::new(accepted));
-                                    debug_assert_task_size(std::mem::size_of_val(&task));
-                                    shards.spawn(tracker.track_future(task))
-                                }
-                                Direction::Inbound => shards
-                                    .spawn(tracker.track_future(inbound::handle(inner, pod, stream, peer))),
-                                Direction::Hbone => unreachable!("HBONE listeners are served above"),
-                            };
-                        }
-                        Err(e) => {
-                            // EMFILE and friends: back off instead of spinning on the error.
-                            tracing::warn!(pod = %pod.key(), ?direction, error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                            Direction::Inbound => tracker.spawn(inbound::handle(inner, pod, stream, peer)),
+                            Direction::Hbone => unreachable!("HBONE listeners are served above"),
+                        };
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning on the error.
+                        tracing::warn!(pod = %pod.key(), ?direction, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
-            }))
-        })
+            }
+        }))
     }
 }
 
-/// An accepted socket registered with the runtime the caller runs on; `None` (logged, the
-/// socket closed) when that fails.
-fn register(stream: std::net::TcpStream) -> Option<tokio::net::TcpStream> {
-    match tokio::net::TcpStream::from_std(stream) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "registering an accepted connection with the runtime");
-            None
-        }
-    }
+/// A connection already waiting in `listener`'s backlog, without waiting for one (nor for the
+/// runtime to have seen the listener readable); `None` when there is none or accepting fails.
+fn accept_queued(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let (socket, peer) = socket2::SockRef::from(listener).accept().ok()?;
+    let peer = peer.as_socket()?;
+    let stream = std::net::TcpStream::from(socket);
+    stream.set_nonblocking(true).ok()?;
+    tokio::net::TcpStream::from_std(stream).ok().map(|s| (s, peer))
 }
 
 impl Inner {
@@ -392,4 +372,25 @@ async fn finish(
     let open = inner.opened(&record);
     let transfer = relay::relay(client, upstream, &open.counters, Some(close)).await;
     inner.closed(&record, &open, &transfer, started);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_waiting_in_the_backlog_is_taken_without_waiting() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        assert!(accept_queued(&listener).is_none(), "nothing queued: no wait, no connection");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut accepted, peer) = accept_queued(&listener).expect("the queued connection");
+        assert_eq!(peer, client.local_addr().unwrap());
+        client.write_all(b"ping").await.unwrap();
+        let mut got = [0u8; 4];
+        accepted.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"ping", "the socket works with the runtime");
+        assert!(accept_queued(&listener).is_none());
+    }
 }

@@ -37,8 +37,7 @@ struct Ready<'p> {
 pub(super) struct Accepted {
     pub inner: Arc<Inner>,
     pub pod: Arc<PodCtx>,
-    /// Registered with the runtime by the shard that runs the connection.
-    pub client: std::net::TcpStream,
+    pub client: TcpStream,
     pub peer: SocketAddr,
     /// The listener's address, which is the accepted socket's local address.
     pub local: SocketAddr,
@@ -107,12 +106,11 @@ fn refused<'p>(
 async fn set_up<'p>(
     inner: &Inner,
     pod: &'p PodCtx,
-    client: std::net::TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Option<Ready<'p>> {
     let started = Instant::now();
-    let client = super::register(client)?;
     let dst = match inner.orig.take(&addr::conn_key(pod.netns.cookie(), peer, local)) {
         Ok(Some(orig)) => addr::orig_dst_addr(&orig),
         Ok(None) => None,

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     identity::{Identity, IdentityManager},
-    proxy::{upstream, PodCtx, Shards},
+    proxy::{upstream, PodCtx},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -116,20 +116,12 @@ pub struct HboneClient {
     settings: HboneSettings,
     identities: IdentityManager,
     mark: u32,
-    shards: Shards,
 }
 
 impl HboneClient {
-    /// Starts the pool's reaper; call inside the runtime. `settings.spread` is shared out
-    /// among the `shards`, each of which opens its own connections.
-    pub fn new(
-        settings: HboneSettings,
-        identities: IdentityManager,
-        mark: u32,
-        shards: Shards,
-    ) -> HboneClient {
-        let spread = settings.spread.div_ceil(shards.len() as u32);
-        let pool = Arc::new(Pool::new(settings.max_streams, spread, settings.idle_timeout));
+    /// Starts the pool's reaper; call inside the runtime.
+    pub fn new(settings: HboneSettings, identities: IdentityManager, mark: u32) -> HboneClient {
+        let pool = Arc::new(Pool::new(settings.max_streams, settings.spread, settings.idle_timeout));
         let weak = Arc::downgrade(&pool);
         let every = (settings.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
         tokio::spawn(async move {
@@ -142,7 +134,7 @@ impl HboneClient {
                 }
             }
         });
-        HboneClient { pool, settings, identities, mark, shards }
+        HboneClient { pool, settings, identities, mark }
     }
 
     pub fn dump(&self) -> Vec<PoolDump> {
@@ -247,8 +239,6 @@ impl HboneClient {
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
         let socket_cookie = crate::inpod::netns::socket_cookie(&tcp).ok();
-        // A same-node destination is served by this process: it serves that end on this shard.
-        let origin = tcp.local_addr().ok().map(|local| self.shards.note_origin(local));
         let tcp = super::read_buffer::ReadBuffered::new(tcp, super::TLS_READ_BUFFER);
         let tls_config =
             crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;
@@ -275,7 +265,6 @@ impl HboneClient {
                 tracing::debug!(peer = %hbone, error = %e, "HBONE connection ended");
             }
             done.store(true, Ordering::Release);
-            drop(origin);
         });
         if let Some(mut ping) = ping {
             let (interval, timeout) = (s.ping_interval, s.ping_timeout);

@@ -1,7 +1,6 @@
 //! Pooled HBONE connections. One key is (source identity, destination identity, source IP,
-//! destination IP); each connection carries up to `max_streams` tunnels, all from the data-path
-//! shard that opened it (its driver runs there: tunnels and connection wake each other without
-//! crossing threads); a key's connections are opened one at a time, so a burst of tunnels shares connections instead of opening one
+//! destination IP); each connection carries up to `max_streams` tunnels; a key's connections
+//! are opened one at a time, so a burst of tunnels shares connections instead of opening one
 //! each. Idle connections close after `idle_timeout`; dead ones (PING timeout, peer gone) are
 //! dropped as soon as noticed.
 
@@ -33,8 +32,6 @@ pub struct PoolKey {
 /// One HTTP/2 connection of the pool.
 pub struct Conn {
     pub id: u64,
-    /// The shard whose tunnels it carries.
-    shard: usize,
     send: SendRequest<Bytes>,
     streams: AtomicUsize,
     /// Set by the connection's driver task when the connection ends.
@@ -50,7 +47,6 @@ impl Conn {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Conn {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
-            shard: crate::proxy::shards::current().unwrap_or(0),
             send,
             streams: AtomicUsize::new(0),
             closed,
@@ -62,10 +58,6 @@ impl Conn {
 
     fn usable(&self, max_streams: usize) -> bool {
         !self.closed.load(Ordering::Acquire) && self.streams.load(Ordering::Acquire) < max_streams
-    }
-
-    fn open_on(&self, shard: usize) -> bool {
-        self.shard == shard && !self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -102,14 +94,12 @@ pub struct PoolDump {
 #[derive(Debug, Serialize)]
 pub struct ConnDump {
     pub id: u64,
-    pub shard: usize,
     pub streams: usize,
     pub age_s: u64,
 }
 
 pub struct Pool {
     max_streams: usize,
-    /// Per shard.
     spread: usize,
     idle_timeout: Duration,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
@@ -128,16 +118,15 @@ impl Pool {
         }
     }
 
-    /// The calling shard's least busy usable connection for `key` — unless it is busy and
-    /// the shard has fewer than `spread` open: then a new one should be (`None`).
+    /// The least busy usable connection for `key` — unless it is busy and fewer than
+    /// `spread` connections are open: then a new one should be (`None`).
     fn try_lease(&self, key: &PoolKey) -> Option<Lease> {
-        let shard = crate::proxy::shards::current().unwrap_or(0);
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get(key)?;
-        let open = list.iter().filter(|c| c.open_on(shard)).count();
+        let open = list.iter().filter(|c| !c.closed.load(Ordering::Acquire)).count();
         let conn = list
             .iter()
-            .filter(|c| c.shard == shard && c.usable(self.max_streams))
+            .filter(|c| c.usable(self.max_streams))
             .min_by_key(|c| c.streams.load(Ordering::Acquire))?
             .clone();
         if conn.streams.load(Ordering::Acquire) > 0 && open < self.spread {
@@ -208,7 +197,6 @@ impl Pool {
                     .filter(|c| !c.closed.load(Ordering::Acquire))
                     .map(|c| ConnDump {
                         id: c.id,
-                        shard: c.shard,
                         streams: c.streams.load(Ordering::Acquire),
                         age_s: c.created.elapsed().as_secs(),
                     })

@@ -16,7 +16,7 @@ use std::{
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
 use http::{Method, Request, Response, StatusCode};
-use tokio::task::JoinHandle;
+use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -63,53 +63,45 @@ impl Drop for PeerSlot {
     }
 }
 
-/// Accepts HBONE connections for `pod` until `stop`, on a shard; each connection (its
-/// handshake and every stream it carries) runs on the next shard in turn.
+/// Accepts HBONE connections for `pod` until `stop`; connections accepted live on.
 pub fn serve(
     inner: Arc<Inner>,
     pod: Arc<PodCtx>,
-    listener: std::net::TcpListener,
+    listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     stop: CancellationToken,
-) -> std::io::Result<JoinHandle<()>> {
+) -> JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let peers = Arc::new(PeerConnections::default());
-    let shards = inner.shards.clone();
-    let dealer = shards.clone();
-    shards.enter(|shard| {
-        let listener = crate::proxy::shards::register(listener)?;
-        Ok(shard.spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    biased;
-                    () = stop.cancelled() => return,
-                    a = crate::proxy::shards::accept_ready(&listener) => a,
-                };
-                match accepted {
-                    Ok((tcp, peer)) => {
-                        let max = inner.settings.hbone.max_connections_per_peer;
-                        let Some(slot) = peers.admit(peer.ip(), max) else {
-                            let record = ConnRecord::inbound(&pod, peer, tcp.local_addr().ok(), None, false);
-                            let detail =
-                                format!("{} has {max} HBONE connections open to this pod already", peer.ip());
-                            inner.failed(&record, "hbone_peer_limit", &detail);
-                            continue;
-                        };
-                        let (inner, pod, acceptor) = (inner.clone(), pod.clone(), acceptor.clone());
-                        let tracker = inner.connections.clone();
-                        let task = tracker.track_future(async move {
-                            connection(&inner, pod, acceptor, tcp, peer).await;
-                            drop(slot);
-                        });
-                        dealer.spawn_accepted(peer, task);
-                    }
-                    Err(e) => {
-                        tracing::warn!(pod = %pod.key(), error = %e, "HBONE accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let max = inner.settings.hbone.max_connections_per_peer;
+                    let Some(slot) = peers.admit(peer.ip(), max) else {
+                        let record = ConnRecord::inbound(&pod, peer, tcp.local_addr().ok(), None, false);
+                        let detail =
+                            format!("{} has {max} HBONE connections open to this pod already", peer.ip());
+                        inner.failed(&record, "hbone_peer_limit", &detail);
+                        continue;
+                    };
+                    let (inner, pod, acceptor) = (inner.clone(), pod.clone(), acceptor.clone());
+                    inner.connections.clone().spawn(async move {
+                        connection(&inner, pod, acceptor, tcp, peer).await;
+                        drop(slot);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %pod.key(), error = %e, "HBONE accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
-        }))
+        }
     })
 }
 
@@ -117,11 +109,10 @@ async fn connection(
     inner: &Arc<Inner>,
     pod: Arc<PodCtx>,
     acceptor: tokio_rustls::TlsAcceptor,
-    tcp: std::net::TcpStream,
+    tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
     let s = &inner.settings.hbone;
-    let Some(tcp) = crate::proxy::register(tcp) else { return };
     let Ok(local) = tcp.local_addr() else { return };
     let leg = crate::inpod::netns::socket_cookie(&tcp).ok();
     // HEADERS frames and small records must not wait for ACKs (Nagle).
@@ -184,7 +175,6 @@ async fn connection(
                 });
                 let task = tunnel(args);
                 crate::proxy::debug_assert_task_size(std::mem::size_of_val(&task));
-                // On this shard, with the connection's task.
                 tracker.spawn(task);
             }
             Err(e) => {
