@@ -161,7 +161,7 @@ fn istio_metrics_count_what_was_sent_per_reporter_and_pass_promtool() {
         "dst_namespace=demo",
         "bytes_sent=1000000",
     ];
-    assert_eq!(access_lines(&p1, &line), 3, "{}", p1.log());
+    assert!(eventually(T, || access_lines(&p1, &line) == 3), "{}", p1.log());
 }
 
 #[test]
