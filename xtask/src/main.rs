@@ -180,6 +180,9 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Bench(args) => {
             ensure_setup()?;
+            if args.profile {
+                setup::ensure_packages(setup::PROFILING)?;
+            }
             bench::run(args)
         }
         Cmd::Soak(args) => {
@@ -188,10 +191,12 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::LinkOrder => {
             ensure_setup()?;
+            setup::ensure_packages(setup::PROFILING)?;
             bench::link_order::run()
         }
         Cmd::Count => {
             ensure_setup()?;
+            setup::ensure_packages(setup::PROFILING)?;
             bench::count::run()
         }
     }

@@ -30,6 +30,13 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "unpacking 6.12's compressed modules"),
 ];
 
+/// Only for measuring (`bench --profile`, `count`, `link-order`): installed by those commands
+/// when missing, not by the build and the tests.
+pub const PROFILING: &[(&str, &str)] = &[
+    ("linux-perf", "perf record, stat and trace in `bench --profile`"),
+    ("valgrind", "callgrind instruction counts for `count` and `link-order`"),
+];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Validates the Kubernetes manifests offline (schemas of many Kubernetes versions inside).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
@@ -38,7 +45,11 @@ const LLVM: &str = "/usr/lib/llvm-22";
 const MIN_EBPF_RUSTC: (u32, u32) = (1, 96);
 
 fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
-    let names: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+    missing_of(PACKAGES)
+}
+
+fn missing_of(packages: &[(&'static str, &str)]) -> anyhow::Result<Vec<&'static str>> {
+    let names: Vec<&str> = packages.iter().map(|(p, _)| *p).collect();
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
         .args(&names)
@@ -132,19 +143,25 @@ pub fn is_complete() -> bool {
         && promtool_ok()
 }
 
-pub fn setup() -> anyhow::Result<()> {
-    let missing = missing_packages()?;
-    if !missing.is_empty() {
-        if !is_root() {
-            bail!("missing Debian packages {missing:?}: run `cargo xtask setup` as root");
-        }
-        eprintln!("xtask setup: installing {}", missing.join(" "));
-        run(Command::new("apt-get").args(["update", "-q"]))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+/// Installs those of `packages` that are missing (as root); nothing when all are there.
+pub fn ensure_packages(packages: &[(&'static str, &str)]) -> anyhow::Result<()> {
+    let missing = missing_of(packages)?;
+    if missing.is_empty() {
+        return Ok(());
     }
+    if !is_root() {
+        bail!("missing Debian packages {missing:?}: run this as root to have them installed");
+    }
+    eprintln!("xtask setup: installing {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+pub fn setup() -> anyhow::Result<()> {
+    ensure_packages(PACKAGES)?;
     match ebpf_rustc_version() {
         Some(v) if v >= MIN_EBPF_RUSTC => {}
         other => bail!(

@@ -36,8 +36,9 @@ pub struct BenchArgs {
     debug: bool,
     /// Instead of the rounds: profile ambit's proxies (perf, software clock) under a bulk
     /// transfer, a connection storm and fixed-rate requests; reports in target/bench/.
+    /// Installs linux-perf when missing.
     #[arg(long)]
-    profile: bool,
+    pub profile: bool,
 }
 
 const CONFIGS: [Config; 3] = [Config::Direct, Config::Relay, Config::Ambit];
