@@ -44,11 +44,7 @@ const LLVM: &str = "/usr/lib/llvm-22";
 /// rustc-web older than this cannot build aya-ebpf 0.2.
 const MIN_EBPF_RUSTC: (u32, u32) = (1, 96);
 
-fn missing_packages() -> anyhow::Result<Vec<&'static str>> {
-    missing_of(PACKAGES)
-}
-
-fn missing_of(packages: &[(&'static str, &str)]) -> anyhow::Result<Vec<&'static str>> {
+fn missing_packages(packages: &[(&'static str, &str)]) -> anyhow::Result<Vec<&'static str>> {
     let names: Vec<&str> = packages.iter().map(|(p, _)| *p).collect();
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${db:Status-Abbrev}\n"])
@@ -137,7 +133,7 @@ fn kubernetes_validate_ok() -> bool {
 
 /// Whether everything is in place (no output, no changes).
 pub fn is_complete() -> bool {
-    missing_packages().is_ok_and(|m| m.is_empty())
+    missing_packages(PACKAGES).is_ok_and(|m| m.is_empty())
         && bpf_linker_ok()
         && kubernetes_validate_ok()
         && promtool_ok()
@@ -145,7 +141,7 @@ pub fn is_complete() -> bool {
 
 /// Installs those of `packages` that are missing (as root); nothing when all are there.
 pub fn ensure_packages(packages: &[(&'static str, &str)]) -> anyhow::Result<()> {
-    let missing = missing_of(packages)?;
+    let missing = missing_packages(packages)?;
     if missing.is_empty() {
         return Ok(());
     }
