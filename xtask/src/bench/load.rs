@@ -104,6 +104,23 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ns / 1e9)
 }
 
+/// The whole machine's CPU time so far, from `/proc/stat`: (busy seconds, available seconds),
+/// all CPUs together. Busy is user, system, interrupts and softirqs — every process's
+/// share, the iperf3 ends' and the kernel's network processing included; available adds
+/// idle time (time the hypervisor gave to other guests, `steal`, is in neither).
+pub fn machine_cpu_seconds() -> anyhow::Result<(f64, f64)> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = text.lines().find(|l| l.starts_with("cpu ")).context("no cpu line in /proc/stat")?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).map(|x| x.parse().unwrap_or(0.0)).collect();
+    if v.len() < 7 {
+        bail!("/proc/stat: short cpu line: {line}");
+    }
+    // user nice system idle iowait irq softirq [steal ...], in USER_HZ (100 on Linux).
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6];
+    let idle = v[3] + v[4];
+    Ok((busy / 100.0, (busy + idle) / 100.0))
+}
+
 /// Resident memory of a process, in bytes.
 pub fn rss_bytes(pid: u32) -> anyhow::Result<f64> {
     status_bytes(pid, "VmRSS:")

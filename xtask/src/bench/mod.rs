@@ -41,7 +41,7 @@ pub struct BenchArgs {
     pub profile: bool,
 }
 
-const CONFIGS: [Config; 3] = [Config::Direct, Config::Relay, Config::Ambit];
+const CONFIGS: [Config; 4] = [Config::Direct, Config::Relay, Config::Splice, Config::Ambit];
 const LAT_CONNS: [u32; 3] = [1, 4, 16];
 const LAT_RATE: u32 = 1000;
 const LAT_SECS: f64 = 2.0;
@@ -77,14 +77,22 @@ fn measure(
     let name = c.name();
     for streams in [1u32, 4] {
         let before = cpu(topo, c)?;
+        let (busy0, avail0) = load::machine_cpu_seconds()?;
         let (gbps, bytes) = load::iperf(&pods.client, server, streams, args.secs)?;
+        let (busy1, avail1) = load::machine_cpu_seconds()?;
         let cpu_s = cpu(topo, c)? - before;
         s.add(&format!("{scope}.throughput_{streams}"), name, gbps);
+        let gb = bytes as f64 / 1e9;
         if c != Config::Direct && bytes > 0 {
-            s.add(&format!("{scope}.cpu_per_gb_{streams}"), name, cpu_s / (bytes as f64 / 1e9));
+            s.add(&format!("{scope}.cpu_per_gb_{streams}"), name, cpu_s / gb);
+        }
+        let (busy, avail) = (busy1 - busy0, avail1 - avail0);
+        if bytes > 0 && avail > 0.0 {
+            s.add(&format!("{scope}.machine_cpu_per_gb_{streams}"), name, busy / gb);
+            s.add(&format!("{scope}.machine_busy_{streams}"), name, 100.0 * busy / avail);
         }
         p.say(&format!(
-            "{scope} {name}: iperf3 {streams} stream(s) {gbps:.2} Gbit/s, proxies {cpu_s:.2} CPU-s"
+            "{scope} {name}: iperf3 {streams} stream(s) {gbps:.2} Gbit/s, proxies {cpu_s:.2} CPU-s, machine {busy:.2} of {avail:.2} CPU-s busy"
         ));
     }
     for conns in LAT_CONNS {
@@ -96,6 +104,11 @@ fn measure(
             "{scope} {name}: {LAT_RATE} req/s over {conns} connection(s): p50 {:.0} µs, p99 {:.0} µs ({} requests)",
             l.p50, l.p99, l.requests
         ));
+    }
+    // The splice relay is a floor for what a proxy hop costs per byte and per request; its
+    // connections are the relay's.
+    if c == Config::Splice {
+        return Ok(());
     }
     let rate = load::connrate(&pods.client, server, CONN_SECS, CONN_PARALLEL)?;
     s.add(&format!("{scope}.connections_per_s"), name, rate);
@@ -146,7 +159,7 @@ fn added(s: &mut Samples) {
     for f in figures {
         let m = s.0[&f].clone();
         let Some(direct) = m.get("direct") else { continue };
-        for series in ["ambit", "relay"] {
+        for series in ["ambit", "relay", "splice"] {
             for (x, d) in m.get(series).into_iter().flatten().zip(direct) {
                 s.add(&f, &format!("{series}_added"), x - d);
             }
@@ -163,13 +176,22 @@ fn rows() -> Vec<Row> {
                 figure: format!("{scope}.throughput_{streams}"),
                 unit: "Gbit/s",
                 digits: 2,
-                ratios: vec![
-                    ("ambit/direct", "ambit", "direct"),
-                    ("relay/direct", "relay", "direct"),
-                    ("ambit/relay", "ambit", "relay"),
-                ],
+                ratios: if scope == "cross" {
+                    vec![
+                        ("ambit/direct", "ambit", "direct"),
+                        ("relay/direct", "relay", "direct"),
+                        ("splice/direct", "splice", "direct"),
+                        ("ambit/relay", "ambit", "relay"),
+                    ]
+                } else {
+                    vec![
+                        ("ambit/direct", "ambit", "direct"),
+                        ("relay/direct", "relay", "direct"),
+                        ("ambit/relay", "ambit", "relay"),
+                    ]
+                },
                 series: if scope == "cross" {
-                    vec!["ambit", "relay", "direct", "ambit_notrace"]
+                    vec!["ambit", "relay", "direct", "splice", "ambit_notrace"]
                 } else {
                     vec!["ambit", "relay", "direct"]
                 },
@@ -183,7 +205,11 @@ fn rows() -> Vec<Row> {
                     unit: "µs",
                     digits: 0,
                     ratios: vec![],
-                    series: vec!["ambit_added", "relay_added", "direct"],
+                    series: if scope == "cross" {
+                        vec!["ambit_added", "relay_added", "splice_added", "direct"]
+                    } else {
+                        vec!["ambit_added", "relay_added", "direct"]
+                    },
                 });
             }
         }
@@ -202,7 +228,34 @@ fn rows() -> Vec<Row> {
                 unit: "CPU-s/GB",
                 digits: 3,
                 ratios: vec![("ambit/relay", "ambit", "relay")],
-                series: vec!["ambit", "relay"],
+                series: if scope == "cross" {
+                    vec!["ambit", "relay", "splice"]
+                } else {
+                    vec!["ambit", "relay"]
+                },
+            });
+        }
+        for streams in [1, 4] {
+            let series = if scope == "cross" {
+                vec!["ambit", "relay", "direct", "splice"]
+            } else {
+                vec!["ambit", "relay", "direct"]
+            };
+            rows.push(Row {
+                label: format!("{label} whole machine CPU, {streams} stream(s)"),
+                figure: format!("{scope}.machine_cpu_per_gb_{streams}"),
+                unit: "CPU-s/GB",
+                digits: 3,
+                ratios: vec![("ambit/direct", "ambit", "direct")],
+                series: series.clone(),
+            });
+            rows.push(Row {
+                label: format!("{label} whole machine busy, {streams} stream(s)"),
+                figure: format!("{scope}.machine_busy_{streams}"),
+                unit: "% of all CPUs",
+                digits: 0,
+                ratios: vec![],
+                series,
             });
         }
     }
@@ -369,6 +422,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             (0..CONFIGS.len()).map(|i| CONFIGS[(i + round as usize) % CONFIGS.len()]).collect();
         for scope in ["cross", "same"] {
             for &c in &order {
+                if c == Config::Splice && scope == "same" {
+                    continue;
+                }
                 measure(&topo, c, scope, &args, &mut s, &p)?;
             }
         }
@@ -390,7 +446,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         "elapsed_s": elapsed,
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        "note": "cross-node: client pod on node A, server pod on node B (veth, MTU 1500); ambit: eBPF capture + HBONE mTLS, access log off (--log-level warn), kernel tracing on unless 'notrace'; relay: userspace relay per node behind iptables REDIRECT, plaintext; direct: no proxy.",
+        "note": "cross-node: client pod on node A, server pod on node B (veth, MTU 1500); ambit: eBPF capture + HBONE mTLS, access log off (--log-level warn), kernel tracing on unless 'notrace'; relay: userspace relay per node behind iptables REDIRECT, plaintext; splice: the same relay moving bytes with splice(2), no userspace copy (a floor: throughput, CPU and latency, cross-node); direct: no proxy. Whole machine: /proc/stat busy time during the iperf3 run, both ends and every proxy included.",
     });
     let targets = targets(&s);
     let md = report::markdown(&s, &rows(), &targets, &meta);

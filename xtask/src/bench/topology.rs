@@ -6,6 +6,8 @@
 //! - `direct`: nothing in the way;
 //! - `relay`: a plain userspace relay per node with its listeners in the pods' namespaces,
 //!   fed by iptables REDIRECT there;
+//! - `splice`: the same relay moving bytes with `splice(2)`, no userspace copy: the floor of
+//!   what a proxy that terminates TCP costs (cross-node, no connection rate);
 //! - `ambit`: the pods' namespace is enrolled: eBPF capture and HBONE mTLS between proxies.
 
 use std::time::Duration;
@@ -29,6 +31,7 @@ const PROXY_MARK: &str = "0x539";
 pub enum Config {
     Direct,
     Relay,
+    Splice,
     Ambit,
 }
 
@@ -37,6 +40,7 @@ impl Config {
         match self {
             Config::Direct => "direct",
             Config::Relay => "relay",
+            Config::Splice => "splice",
             Config::Ambit => "ambit",
         }
     }
@@ -57,11 +61,14 @@ pub struct Topology<'b> {
     pub b: Node,
     pub direct: Pods,
     pub relay: Pods,
+    pub splice: Pods,
     pub ambit: Pods,
     pub ambit_a: Ambit<'b>,
     pub ambit_b: Ambit<'b>,
     pub relay_a: Proc<'b>,
     pub relay_b: Proc<'b>,
+    pub splice_a: Proc<'b>,
+    pub splice_b: Proc<'b>,
     _cp: ControlPlane<'b>,
     _servers: Vec<Proc<'b>>,
 }
@@ -155,12 +162,17 @@ fn iptables_capture(pod: &Pod) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn relay<'b>(bed: &'b Bed, node: &Node, pods: &[&Pod]) -> anyhow::Result<Proc<'b>> {
+fn relay<'b>(bed: &'b Bed, node: &Node, pods: &[&Pod], splice: bool) -> anyhow::Result<Proc<'b>> {
     let bin = workspace_bin("bench-relay");
     let paths: Vec<String> = pods.iter().map(|p| p.netns_path().display().to_string()).collect();
-    let mut argv = vec![bin.to_str().expect("utf-8"), PROXY_MARK];
+    let mut argv = vec![bin.to_str().expect("utf-8")];
+    if splice {
+        argv.push("--splice");
+    }
+    argv.push(PROXY_MARK);
     argv.extend(paths.iter().map(String::as_str));
-    let mut p = Proc::spawn(bed, &format!("relay-{}", node.name), node_command(node, &argv));
+    let name = format!("{}-{}", if splice { "splice" } else { "relay" }, node.name);
+    let mut p = Proc::spawn(bed, &name, node_command(node, &argv));
     p.wait_for_output("relaying", T).context("bench-relay starts")?;
     Ok(p)
 }
@@ -173,16 +185,21 @@ impl<'b> Topology<'b> {
         bed.link(&cp_node, &b);
         let direct = pods(bed, &a, &b, "d")?;
         let relay_pods = pods(bed, &a, &b, "r")?;
+        let splice_pods = pods(bed, &a, &b, "p")?;
         let ambit_pods = pods(bed, &a, &b, "m")?;
         let mut srv = Vec::new();
-        for p in [&direct, &relay_pods, &ambit_pods] {
+        for p in [&direct, &relay_pods, &splice_pods, &ambit_pods] {
             srv.extend(servers(bed, p)?);
         }
-        for p in [&relay_pods.client, &relay_pods.cross, &relay_pods.same] {
-            iptables_capture(p)?;
+        for p in [&relay_pods, &splice_pods] {
+            for pod in [&p.client, &p.cross, &p.same] {
+                iptables_capture(pod)?;
+            }
         }
-        let relay_a = relay(bed, &a, &[&relay_pods.client, &relay_pods.same])?;
-        let relay_b = relay(bed, &b, &[&relay_pods.cross])?;
+        let relay_a = relay(bed, &a, &[&relay_pods.client, &relay_pods.same], false)?;
+        let relay_b = relay(bed, &b, &[&relay_pods.cross], false)?;
+        let splice_a = relay(bed, &a, &[&splice_pods.client, &splice_pods.same], true)?;
+        let splice_b = relay(bed, &b, &[&splice_pods.cross], true)?;
         let mesh = bed.dir().join("mesh.yaml");
         write_mesh(
             &mesh,
@@ -212,11 +229,14 @@ impl<'b> Topology<'b> {
             b,
             direct,
             relay: relay_pods,
+            splice: splice_pods,
             ambit: ambit_pods,
             ambit_a,
             ambit_b,
             relay_a,
             relay_b,
+            splice_a,
+            splice_b,
             _cp: cp,
             _servers: srv,
         })
@@ -226,6 +246,7 @@ impl<'b> Topology<'b> {
         match c {
             Config::Direct => &self.direct,
             Config::Relay => &self.relay,
+            Config::Splice => &self.splice,
             Config::Ambit => &self.ambit,
         }
     }
@@ -235,6 +256,7 @@ impl<'b> Topology<'b> {
         match c {
             Config::Direct => vec![],
             Config::Relay => vec![self.relay_a.pid(), self.relay_b.pid()],
+            Config::Splice => vec![self.splice_a.pid(), self.splice_b.pid()],
             Config::Ambit => vec![self.ambit_a.proc.pid(), self.ambit_b.proc.pid()],
         }
     }
