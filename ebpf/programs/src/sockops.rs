@@ -46,7 +46,10 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
             }
         }
         BPF_SOCK_OPS_RTT_CB => trace::on_rtt(ctx),
-        BPF_SOCK_OPS_RETRANS_CB => trace::on_retransmit(ctx, ctx.arg(1)),
+        // Args: first sequence number, segments, the transmit's result. A failed attempt
+        // (qdisc busy, no memory) put nothing on the wire and the kernel tries again; its
+        // own counters and tracepoint count only the ones that went out, and so do we.
+        BPF_SOCK_OPS_RETRANS_CB if ctx.arg(2) == 0 => trace::on_retransmit(ctx, ctx.arg(1)),
         _ => {}
     }
     DONE

@@ -336,7 +336,7 @@ pub fn on_rtt(ctx: &SockOpsContext) {
     emit(ctx, what(EV_RTT, BPF_TCP_ESTABLISHED, BPF_TCP_ESTABLISHED), cookie, &t);
 }
 
-/// `RETRANS_CB` (args: first sequence number, segments, the transmit's result).
+/// `RETRANS_CB` of a retransmission that went out (`segments` of it).
 pub fn on_retransmit(ctx: &SockOpsContext, segments: u32) {
     let cookie = socket_cookie(ctx);
     let Some(t) = traced(cookie) else { return };
