@@ -24,6 +24,7 @@ pub mod node;
 pub mod pb;
 pub mod probe;
 pub mod proxy;
+pub mod sparse;
 pub mod state;
 pub mod telemetry;
 pub mod tls;

@@ -19,6 +19,7 @@ use super::{ConnRecord, Inner, PodCtx};
 use crate::{
     authz::{self, Conn, Decision, Denial, Peer},
     capture::addr,
+    sparse::ShrinkIfSparse as _,
     state::MeshState,
 };
 
@@ -165,7 +166,9 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.table.entries.lock().unwrap_or_else(|p| p.into_inner()).remove(&key(&self.entry));
+        let mut entries = self.table.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries.remove(&key(&self.entry));
+        entries.shrink_if_sparse();
     }
 }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use cli::{run, TraceArgs};
 pub use event::{Event, Filter, Peer};
 
-use crate::{inpod::PodRegistry, metrics::Metrics, state::StateStore};
+use crate::{inpod::PodRegistry, metrics::Metrics, sparse::ShrinkIfSparse as _, state::StateStore};
 
 /// Events a slow `/trace` subscriber may fall behind by before it loses some.
 const STREAM_BACKLOG: usize = 4096;
@@ -103,6 +103,7 @@ impl Hints {
             if let Some(old) = self.by_socket.remove(&key) {
                 self.release(old);
             }
+            self.by_socket.shrink_if_sparse();
         }
     }
 
@@ -118,6 +119,7 @@ impl Hints {
         // The set's reference and this one: no other hint names this peer.
         if Arc::strong_count(&hint.peer) == 2 {
             self.peers.remove(&hint.peer);
+            self.peers.shrink_if_sparse();
         }
     }
 }
@@ -523,6 +525,8 @@ impl Tracer {
                 sockets.closed.pop_front();
                 sockets.stats.remove(&cookie);
             }
+            sockets.stats.shrink_if_sparse();
+            sockets.closed.shrink_if_sparse();
         }
     }
 

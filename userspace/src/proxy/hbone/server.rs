@@ -26,6 +26,7 @@ use crate::{
         authorize::{self, Subject, VerifiedPeer},
         ConnRecord, Inner, PodCtx,
     },
+    sparse::ShrinkIfSparse as _,
 };
 
 /// Open connections per peer address on one pod's listener: one peer cannot hold all the
@@ -58,6 +59,7 @@ impl Drop for PeerSlot {
             *n -= 1;
             if *n == 0 {
                 m.remove(&self.ip);
+                m.shrink_if_sparse();
             }
         }
     }
