@@ -16,6 +16,7 @@ pub mod capture;
 pub mod config;
 pub mod controlplane;
 pub mod enroll;
+pub mod heap;
 pub mod identity;
 pub mod inpod;
 pub mod meshfile;

@@ -58,6 +58,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    crate::heap::spawn_trimmer(shutdown.clone());
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [

@@ -150,6 +150,13 @@ fn memory(topo: &Topology<'_>, c: Config, n: u32, s: &mut Samples, p: &Progress)
     ));
     // The connections close when the holder goes; wait until the proxies let them go.
     std::thread::sleep(Duration::from_secs(2));
+    // What the burst left behind: tables sized for it, memory the allocator kept — once
+    // ambit's heap trimmer has looked (every 10 s).
+    std::thread::sleep(Duration::from_secs(11));
+    let released: Vec<f64> = pids.iter().map(|p| load::rss_bytes(*p)).collect::<Result<_, _>>()?;
+    let kept: f64 = before.iter().zip(&released).map(|(b, r)| (r - b) / 1048576.0).sum();
+    s.add("memory.kept_after_close_mib", c.name(), kept);
+    p.say(&format!("{}: after they closed, both proxies keep {kept:.2} MiB more than before", c.name()));
     Ok(())
 }
 
@@ -273,6 +280,14 @@ fn rows() -> Vec<Row> {
             series: vec!["ambit", "relay"],
         });
     }
+    rows.push(Row {
+        label: "memory kept after the idle connections closed, both proxies".into(),
+        figure: "memory.kept_after_close_mib".into(),
+        unit: "MiB",
+        digits: 2,
+        ratios: vec![],
+        series: vec!["ambit", "relay"],
+    });
     for (f, l) in [
         ("memory.idle_rss_mib", "idle RSS per proxy"),
         ("memory.idle_rss_private_mib", "idle RSS per proxy: private (heap, stacks)"),
