@@ -177,6 +177,11 @@ fn added(s: &mut Samples) {
 fn rows() -> Vec<Row> {
     let mut rows = Vec::new();
     for (scope, label) in [("cross", "cross-node"), ("same", "same node")] {
+        // The splice floor runs cross-node only.
+        let series = |all: &[&'static str], cross_only: &[&'static str]| -> Vec<&'static str> {
+            let extra = if scope == "cross" { cross_only } else { &[] };
+            all.iter().chain(extra).copied().collect()
+        };
         for streams in [1, 4] {
             rows.push(Row {
                 label: format!("{label} throughput, {streams} stream(s)"),
@@ -197,11 +202,7 @@ fn rows() -> Vec<Row> {
                         ("ambit/relay", "ambit", "relay"),
                     ]
                 },
-                series: if scope == "cross" {
-                    vec!["ambit", "relay", "direct", "splice", "ambit_notrace"]
-                } else {
-                    vec!["ambit", "relay", "direct"]
-                },
+                series: series(&["ambit", "relay", "direct"], &["splice", "ambit_notrace"]),
             });
         }
         for conns in LAT_CONNS {
@@ -212,11 +213,7 @@ fn rows() -> Vec<Row> {
                     unit: "µs",
                     digits: 0,
                     ratios: vec![],
-                    series: if scope == "cross" {
-                        vec!["ambit_added", "relay_added", "splice_added", "direct"]
-                    } else {
-                        vec!["ambit_added", "relay_added", "direct"]
-                    },
+                    series: series(&["ambit_added", "relay_added", "direct"], &["splice_added"]),
                 });
             }
         }
@@ -235,26 +232,18 @@ fn rows() -> Vec<Row> {
                 unit: "CPU-s/GB",
                 digits: 3,
                 ratios: vec![("ambit/relay", "ambit", "relay")],
-                series: if scope == "cross" {
-                    vec!["ambit", "relay", "splice"]
-                } else {
-                    vec!["ambit", "relay"]
-                },
+                series: series(&["ambit", "relay"], &["splice"]),
             });
         }
         for streams in [1, 4] {
-            let series = if scope == "cross" {
-                vec!["ambit", "relay", "direct", "splice"]
-            } else {
-                vec!["ambit", "relay", "direct"]
-            };
+            let machine = series(&["ambit", "relay", "direct"], &["splice"]);
             rows.push(Row {
                 label: format!("{label} whole machine CPU, {streams} stream(s)"),
                 figure: format!("{scope}.machine_cpu_per_gb_{streams}"),
                 unit: "CPU-s/GB",
                 digits: 3,
                 ratios: vec![("ambit/direct", "ambit", "direct")],
-                series: series.clone(),
+                series: machine.clone(),
             });
             rows.push(Row {
                 label: format!("{label} whole machine busy, {streams} stream(s)"),
@@ -262,7 +251,7 @@ fn rows() -> Vec<Row> {
                 unit: "% of all CPUs",
                 digits: 0,
                 ratios: vec![],
-                series,
+                series: machine,
             });
         }
     }
