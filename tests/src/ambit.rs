@@ -60,6 +60,8 @@ impl<'b> Ambit<'b> {
             &node.name,
             "--cgroup",
             &bed.cgroup().display().to_string(),
+            "--kubelet-cgroup",
+            &node.kubelet_cgroup.display().to_string(),
             "--bpffs",
             &bed.bpffs().display().to_string(),
             "--instance",

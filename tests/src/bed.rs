@@ -55,9 +55,12 @@ pub struct Node {
     pub name: String,
     pub index: u32,
     pub netns: String,
-    /// cgroup of the node's own processes (the proxy, kubelet-style clients): a child of the
+    /// cgroup of the node's own processes (the proxy, host-network clients): a child of the
     /// run's cgroup, so the capture programs see them as they see everything on a real node.
     pub cgroup: PathBuf,
+    /// The kubelet's cgroup (a child of `cgroup`): its connections to enrolled pods are
+    /// health probes, the only ones from the node that reach an application uncaptured.
+    pub kubelet_cgroup: PathBuf,
     pods: Arc<Mutex<u32>>,
 }
 
@@ -209,6 +212,7 @@ impl Bed {
         };
         let netns = format!("{PREFIX}{}-{name}", &self.id[1..]);
         let cgroup = self.cgroup.join(format!("node-{name}"));
+        let kubelet_cgroup = cgroup.join("kubelet");
         let r = (|| -> anyhow::Result<()> {
             self.add_netns(&netns)?;
             let ip = |args: &[&str]| -> anyhow::Result<String> {
@@ -223,11 +227,14 @@ impl Bed {
             sysctl(&netns, "net.ipv4.ip_forward", "1")?;
             fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
             self.state().cgroups.push(cgroup.clone());
+            fs::create_dir(&kubelet_cgroup)
+                .with_context(|| format!("creating cgroup {}", kubelet_cgroup.display()))?;
+            self.state().cgroups.push(kubelet_cgroup.clone());
             sysctl(&netns, "net.ipv6.conf.all.forwarding", "1")?;
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("creating node {name}: {e:#}"));
-        Node { name: name.to_string(), index, netns, cgroup, pods: Arc::new(Mutex::new(1)) }
+        Node { name: name.to_string(), index, netns, cgroup, kubelet_cgroup, pods: Arc::new(Mutex::new(1)) }
     }
 
     /// Creates a pod on `node`: netns, veth to the bridge, dual-stack addresses, routes, and

@@ -33,10 +33,16 @@ pub fn pod_command(pod: &Pod, argv: &[&str]) -> Command {
     in_cgroup_and_netns(&pod.cgroup, &pod.netns_path(), argv)
 }
 
-/// A command that runs on `node`: in the node's netns and cgroup (like the node proxy, or
-/// kubelet).
+/// A command that runs on `node`: in the node's netns and cgroup (like the node proxy, or a
+/// host-network pod).
 pub fn node_command(node: &Node, argv: &[&str]) -> Command {
     in_cgroup_and_netns(&node.cgroup, &node.netns_path(), argv)
+}
+
+/// A command that runs as the node's kubelet: in the node's netns and the kubelet's cgroup,
+/// where its connections to enrolled pods count as health probes.
+pub fn kubelet_command(node: &Node, argv: &[&str]) -> Command {
+    in_cgroup_and_netns(&node.kubelet_cgroup, &node.netns_path(), argv)
 }
 
 /// Runs a command to completion with a deadline; kills it if the deadline passes.

@@ -10,7 +10,7 @@ use ambit_testbed::{
     ambit::write_mesh,
     bed::sh,
     eventually,
-    exec::node_command,
+    exec::kubelet_command,
     mesh::{Mesh, AMBIENT},
     pod_command, run_with_timeout, Ambit, Bed,
 };
@@ -84,7 +84,7 @@ fn kernel_logs_are_forwarded_when_asked_for() {
 }
 
 #[test]
-fn kubelet_style_connections_from_the_node_are_not_captured() {
+fn kubelet_probes_from_the_node_are_not_captured() {
     let bed = Bed::new("kubelet");
     let node = bed.node("n1");
     let b = bed.pod(&node, "b");
@@ -94,14 +94,15 @@ fn kubelet_style_connections_from_the_node_are_not_captured() {
     let server = http_server(&bed, &b, "probe ok\n");
 
     for url in [format!("http://{}:8080/", b.ipv4), format!("http://[{}]:8080/", b.ipv6)] {
-        let cmd = node_command(&node, &["curl", "-sS", "--max-time", "5", &url]);
+        let cmd = kubelet_command(&node, &["curl", "-sS", "--max-time", "5", &url]);
         let out = run_with_timeout(cmd, T).expect("curl runs");
         assert_eq!(ok_body(&out), "probe ok\n", "{url}");
     }
-    // Straight to the application: the proxy saw nothing, the kernel counted two bypasses,
-    // and the server saw the node's own addresses as the source.
+    // Straight to the application: the proxy saw nothing, the kernel recorded and let
+    // through two probes, and the server saw the node's own addresses as the source.
     assert_eq!(counter(&ambit, "ambit_proxy_connections_opened_total", "inbound", "demo", "b"), 0);
-    assert_eq!(kernel(&ambit, "inbound_node_bypass"), 2);
+    assert_eq!(kernel(&ambit, "kubelet_probe_recorded"), 2);
+    assert_eq!(kernel(&ambit, "inbound_kubelet_probe"), 2);
     assert_eq!(kernel(&ambit, "inbound_assigned"), 0);
     let log = server.output();
     assert!(log.contains(&format!("::ffff:{} ", node.bridge_ipv4())), "{log}");

@@ -26,8 +26,6 @@ use crate::{
 
 /// How often enrolment of pods that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
-/// How often discovered node addresses are refreshed.
-const NODE_ADDR_REFRESH: Duration = Duration::from_secs(30);
 
 pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     tracing::info!(
@@ -36,6 +34,21 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         "starting ambit node"
     );
     raise_fd_limit();
+    match (&settings.kubelet_cgroup, &settings.kubelet_cgroup_found) {
+        (Some(dir), found) => tracing::info!(
+            cgroup = %dir.display(),
+            ?found,
+            "kubelet health probes from this cgroup reach enrolled pods uncaptured; nothing else from the node does"
+        ),
+        (None, config::kubelet::Found::Disabled) => tracing::info!(
+            "--kubelet-cgroup none: kubelet health probes are captured like any client from the node"
+        ),
+        (None, _) => tracing::warn!(
+            "no kubelet found (no process named kubelet under --proc-dir, no system.slice/kubelet.service): \
+             its health probes to enrolled pods are captured like any client from the node, and refused under \
+             STRICT mTLS; set --kubelet-cgroup"
+        ),
+    }
     let shutdown = CancellationToken::new();
     // The pod source first: an invalid mesh file (or Kubernetes configuration) stops the
     // start before the kernel is touched.
@@ -153,7 +166,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             hbone: settings.hbone_port,
         },
     );
-    refresh_node_addresses(&settings, &mut pods)?;
 
     // Workloads and services: from the control plane over xDS, or from the mesh file.
     let (synced_tx, synced) = tokio::sync::watch::channel(settings.xds.is_none());
@@ -218,7 +230,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let mut retry = tokio::time::interval(RETRY);
     // Certificates arrive and rotate on their own: refresh the dump and readiness.
     let mut refresh = tokio::time::interval(Duration::from_secs(1));
-    let mut addr_refresh = tokio::time::interval(NODE_ADDR_REFRESH);
     loop {
         tokio::select! {
             changed = meshes.changed() => {
@@ -235,11 +246,6 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             _ = retry.tick(), if pods.has_failures() => {
                 let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name, rules);
                 pods.reconcile(&desired).await;
-            }
-            _ = addr_refresh.tick(), if settings.node_addresses.is_empty() => {
-                if let Err(e) = refresh_node_addresses(&settings, &mut pods) {
-                    tracing::warn!(error = %e, "refreshing node addresses");
-                }
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
@@ -302,17 +308,6 @@ fn lacks_privilege(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn refresh_node_addresses(settings: &NodeSettings, pods: &mut PodManager) -> anyhow::Result<()> {
-    let addrs = if settings.node_addresses.is_empty() {
-        config::discover_node_addresses()?
-    } else {
-        settings.node_addresses.clone()
-    };
-    pods.capture_mut().set_node_addrs(&addrs).context("updating node addresses")?;
-    tracing::debug!(?addrs, "node addresses (not captured inbound)");
-    Ok(())
-}
-
 /// Offline mode: the mesh file's workloads and services, through the same translation the
 /// control plane serves.
 fn apply_mesh(state: &StateStore, mesh: &crate::meshfile::Mesh, trust_domain: &str) {
@@ -354,19 +349,13 @@ impl View<'_> {
         self.metrics.enrolled_pods.set(enrolled.len() as i64);
         let maps = pods.capture().maps();
         let listeners = maps.listeners().map(|l| l.len()).unwrap_or(0);
-        let node_addrs: Vec<_> = maps
-            .node_addrs()
-            .unwrap_or_default()
-            .iter()
-            .filter_map(crate::capture::addr::ip_from_key)
-            .collect();
         self.admin.set_dump(serde_json::json!({
             "settings": self.settings,
             "capture": {
                 "pin_dir": pods.capture().pin_dir(),
                 "adoption": self.adoption,
                 "registered_listeners": listeners,
-                "node_addresses": node_addrs,
+                "kubelet_probes_open": maps.probes_count(),
                 "pending_connects": maps.pending_count(),
                 "unaccepted_original_destinations": self.proxy.pending_records(),
             },

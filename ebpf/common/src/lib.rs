@@ -72,6 +72,8 @@ mod pod_impls {
     // SAFETY: as above.
     unsafe impl aya::Pod for super::maps::ConnKey {}
     // SAFETY: as above.
+    unsafe impl aya::Pod for super::maps::FlowKey {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::maps::OrigDst {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::maps::PendingConnect {}

@@ -12,9 +12,11 @@ pub const MAP_CONFIG: &str = "AMBIT_CONFIG";
 pub const MAP_ENROLLED: &str = "AMBIT_ENROLLED";
 /// `HashMap<IpKey, u64 netns cookie>`: enrolled pods by IP, for the inbound TC program.
 pub const MAP_POD_IPS: &str = "AMBIT_POD_IPS";
-/// `HashMap<IpKey, u8>`: the node's own addresses; inbound connections from them (kubelet
-/// probes) are not captured.
-pub const MAP_NODE_ADDRS: &str = "AMBIT_NODE_ADDRS";
+/// `LruHashMap<FlowKey, u64 socket cookie>`: connections the kubelet is opening to enrolled
+/// pods (health probes), recorded by the sock_ops program attached to the kubelet's cgroup
+/// only. The inbound program lets exactly these SYNs through to the application; every other
+/// connection from the node (host-network processes, traffic SNATed to the node) is captured.
+pub const MAP_PROBES: &str = "AMBIT_PROBES";
 /// `SockHash<ListenerKey>`: the proxy's in-pod listeners. An entry disappears by itself when the
 /// proxy closes the socket (or dies), which is how the programs know no proxy is there.
 pub const MAP_LISTENERS: &str = "AMBIT_LISTENERS";
@@ -32,7 +34,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_POD_IPS,
-    MAP_NODE_ADDRS,
+    MAP_PROBES,
     MAP_LISTENERS,
     MAP_PENDING,
     MAP_ORIG_DST,
@@ -51,7 +53,9 @@ pub const MAX_LISTENERS: u32 = MAX_PODS * 4;
 /// Captured connections between connect and accept. LRU: under a flood the oldest unaccepted
 /// records are evicted rather than new connects failing.
 pub const MAX_PENDING: u32 = 65_536;
-pub const MAX_NODE_ADDRS: u32 = 64;
+/// Kubelet probe connections open at once, node-wide (a few per pod at most; LRU: the oldest
+/// record goes first, and its probe is then captured like any other client).
+pub const MAX_PROBES: u32 = 8192;
 
 /// `Config::flags`: when no proxy listener is there, let connections of enrolled pods through
 /// uncaptured instead of refusing them.
@@ -102,6 +106,20 @@ pub struct ListenerKey {
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<ListenerKey>() == 16);
+
+/// A TCP connection as the SYN that opens it carries it: client and server address and port.
+/// Addresses as in [`IpKey`] (IPv4-mapped IPv6 as IPv4), ports in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub family: u16,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub _pad: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// Where a captured connection was going.
 #[repr(C)]

@@ -21,8 +21,9 @@ pub const SOCKOPS_RECORDED: u32 = 6;
 pub const SOCKOPS_RECORD_FAILED: u32 = 7;
 /// Inbound SYN assigned to the in-pod inbound listener.
 pub const INBOUND_ASSIGNED: u32 = 8;
-/// Inbound SYN from one of the node's own addresses (kubelet probe): not captured.
-pub const INBOUND_NODE_BYPASS: u32 = 9;
+/// Inbound SYN of a connection the kubelet opened (a health probe, recorded by the kubelet's
+/// sock_ops program): passed to the application, not captured.
+pub const INBOUND_KUBELET_PROBE: u32 = 9;
 /// Inbound SYN to a port the proxy serves itself (HBONE): not captured.
 pub const INBOUND_PROXY_PORT: u32 = 10;
 /// No inbound listener (no proxy) and fail-open: passed to the application uncaptured.
@@ -39,8 +40,33 @@ pub const TRACE_EVENT_LOST: u32 = 15;
 /// A socket not traced: the traced-sockets map refused it.
 pub const TRACE_SOCKET_FAILED: u32 = 16;
 
+// Every frame the inbound program sees ends in exactly one of the counters 8–13 and 17–23.
+// Indices are only ever appended: a pinned counter map outlives upgrades.
+
+/// A TCP segment that does not open a connection: passed. The stack delivers it only to a
+/// connection that exists already (a listener completes no handshake whose SYN it never saw).
+pub const INBOUND_PASS_SEGMENT: u32 = 17;
+/// UDP, ICMP, ICMPv6 or IGMP: passed (the mesh carries TCP, as Istio's does).
+pub const INBOUND_PASS_DATAGRAM: u32 = 18;
+/// ARP: passed (address resolution, nothing an application reads).
+pub const INBOUND_PASS_ARP: u32 = 19;
+/// An IP or TCP header that is truncated or invalid: dropped.
+pub const INBOUND_DROP_MALFORMED: u32 = 20;
+/// A fragment of TCP, or of a protocol the program cannot see behind: dropped (TCP never
+/// needs fragmentation, and a fragment's ports cannot be classified).
+pub const INBOUND_DROP_FRAGMENT: u32 = 21;
+/// Another link-layer or IP protocol (tunnels, ESP, AH, SCTP, VLAN tags...): dropped.
+pub const INBOUND_DROP_PROTOCOL: u32 = 22;
+/// A SYN to an address of the pod that the mesh does not cover (IPv6 link-local, a secondary
+/// address): dropped, as capture cannot apply the pod's policy to it.
+pub const INBOUND_DROP_UNCOVERED: u32 = 23;
+/// The kubelet's sock_ops program recorded a probe connection to an enrolled pod.
+pub const KUBELET_PROBE_RECORDED: u32 = 24;
+/// ... and could not (map full or error): that probe is captured like any other client.
+pub const KUBELET_PROBE_RECORD_FAILED: u32 = 25;
+
 /// Number of counters; the array's size.
-pub const COUNT: u32 = 17;
+pub const COUNT: u32 = 26;
 
 /// Names of the counters, indexed like the constants; what metrics and dumps call them.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -53,7 +79,7 @@ pub const NAMES: [&str; COUNT as usize] = [
     "sockops_recorded",
     "sockops_record_failed",
     "inbound_assigned",
-    "inbound_node_bypass",
+    "inbound_kubelet_probe",
     "inbound_proxy_port",
     "inbound_fail_open",
     "inbound_fail_closed",
@@ -61,4 +87,13 @@ pub const NAMES: [&str; COUNT as usize] = [
     "trace_event",
     "trace_event_lost",
     "trace_socket_failed",
+    "inbound_pass_segment",
+    "inbound_pass_datagram",
+    "inbound_pass_arp",
+    "inbound_drop_malformed",
+    "inbound_drop_fragment",
+    "inbound_drop_protocol",
+    "inbound_drop_uncovered",
+    "kubelet_probe_recorded",
+    "kubelet_probe_record_failed",
 ];

@@ -8,7 +8,10 @@
 //!   It also traces enrolled pods' TCP sockets (connect, established, state changes, RTT,
 //!   retransmits, close or reset) into the `AMBIT_EVENTS` ring buffer.
 //! - `ambit_tc_ingress` (TC ingress on the pod's `eth0`, inside the pod's netns): SYNs for the
-//!   pod's ports are assigned to the proxy's in-pod inbound listener.
+//!   pod's ports are assigned to the proxy's in-pod inbound listener; what cannot be
+//!   classified is dropped.
+//! - `ambit_kubelet_ops` (sock_ops on the kubelet's cgroup only): records the connections the
+//!   kubelet opens to enrolled pods (health probes), which the inbound program lets through.
 //!
 //! Enrolment, listeners and settings live in maps the proxy fills (see `ambit_common::maps`).
 #![no_std]
@@ -16,7 +19,9 @@
 
 mod connect;
 mod ctx;
+mod kubelet;
 mod maps;
+mod sock;
 mod sockops;
 mod tc;
 mod trace;
@@ -39,6 +44,11 @@ pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
 #[sock_ops]
 pub fn ambit_sock_ops(ctx: SockOpsContext) -> u32 {
     sockops::handle(&ctx)
+}
+
+#[sock_ops]
+pub fn ambit_kubelet_ops(ctx: SockOpsContext) -> u32 {
+    kubelet::handle(&ctx)
 }
 
 #[classifier]

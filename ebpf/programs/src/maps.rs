@@ -3,8 +3,8 @@
 
 use ambit_common::{
     maps::{
-        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS, MAX_NODE_ADDRS,
-        MAX_PENDING, MAX_PODS, MAX_POD_IPS,
+        Config, ConnKey, FlowKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS, MAX_PENDING,
+        MAX_PODS, MAX_POD_IPS, MAX_PROBES,
     },
     stats,
     trace::{TracedSock, EVENTS_BYTES, MAX_TRACED},
@@ -24,8 +24,8 @@ pub static ENROLLED: HashMap<u64, PodEntry> = HashMap::pinned(MAX_PODS, 0);
 #[map(name = "AMBIT_POD_IPS")]
 pub static POD_IPS: HashMap<IpKey, u64> = HashMap::pinned(MAX_POD_IPS, 0);
 
-#[map(name = "AMBIT_NODE_ADDRS")]
-pub static NODE_ADDRS: HashMap<IpKey, u8> = HashMap::pinned(MAX_NODE_ADDRS, 0);
+#[map(name = "AMBIT_PROBES")]
+pub static PROBES: LruHashMap<FlowKey, u64> = LruHashMap::pinned(MAX_PROBES, 0);
 
 #[map(name = "AMBIT_LISTENERS")]
 pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_LISTENERS, 0);

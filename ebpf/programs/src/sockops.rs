@@ -6,7 +6,7 @@
 //! proxy will see it after accept(). At `TCP_CLOSE` both records go, so nothing outlives the
 //! connection even when the proxy never accepted it.
 
-use ambit_common::{maps::ConnKey, stats, AF_INET, AF_INET6};
+use ambit_common::{maps::ConnKey, stats};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RETRANS_CB,
@@ -26,7 +26,6 @@ use crate::{
 /// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is the
 /// conventional "handled".
 const DONE: u32 = 1;
-const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
 pub fn handle(ctx: &SockOpsContext) -> u32 {
     let Some(cfg) = crate::maps::config() else { return DONE };
@@ -55,31 +54,6 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
     DONE
 }
 
-/// The remote port field holds the big-endian port in its upper half on little-endian
-/// kernels of some versions and in its lower half on others; the other half is zero.
-#[inline(always)]
-fn remote_port(raw: u32) -> u16 {
-    let be = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
-    u16::from_be(be)
-}
-
-#[inline(always)]
-fn words_to_bytes(w: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    out[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    out[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    out[12..16].copy_from_slice(&w[3].to_ne_bytes());
-    out
-}
-
-#[inline(always)]
-fn v4_bytes(w: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&w.to_ne_bytes());
-    out
-}
-
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the helper takes the program context and only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
@@ -87,22 +61,10 @@ fn on_connect(ctx: &SockOpsContext) {
         // Not a captured connect: the common case for every other socket in the cgroup.
         return;
     };
-    let family = ctx.family();
-    let local_port = ctx.local_port() as u16;
-    let dst_port = remote_port(ctx.remote_port());
-    let (family, src, dst) = if family == u32::from(AF_INET) {
-        (AF_INET, v4_bytes(ctx.local_ip4()), v4_bytes(ctx.remote_ip4()))
-    } else {
-        let local = ctx.local_ip6();
-        let remote = ctx.remote_ip6();
-        if remote[0] == 0 && remote[1] == 0 && remote[2] == V4MAPPED_WORD2 {
-            // Dual-stack socket to ::ffff:127.0.0.1: the proxy accepts it on its IPv4
-            // listener and sees plain IPv4 addresses.
-            (AF_INET, v4_bytes(local[3]), v4_bytes(remote[3]))
-        } else {
-            (AF_INET6, words_to_bytes(local), words_to_bytes(remote))
-        }
-    };
+    // A dual-stack socket to ::ffff:127.0.0.1 is accepted on the proxy's IPv4 listener,
+    // which sees plain IPv4 addresses: the tuple is normalised the same way.
+    let t = crate::sock::tuple(ctx);
+    let (family, src, dst, local_port, dst_port) = (t.family, t.local, t.remote, t.local_port, t.remote_port);
     // SAFETY: `pending` comes from a successful lookup in an LRU hash; the element stays
     // valid for this program run (RCU), and only this socket's programs write it.
     let (netns_cookie, orig) = unsafe { ((*pending).netns_cookie, (*pending).orig) };

@@ -30,31 +30,7 @@ use aya_ebpf::{
 
 use crate::maps::{count, ENROLLED, EVENTS, PENDING, TRACED};
 
-const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-
-#[inline(always)]
-fn words(w: [u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&w[0].to_ne_bytes());
-    out[4..8].copy_from_slice(&w[1].to_ne_bytes());
-    out[8..12].copy_from_slice(&w[2].to_ne_bytes());
-    out[12..16].copy_from_slice(&w[3].to_ne_bytes());
-    out
-}
-
-#[inline(always)]
-fn v4(w: u32) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&w.to_ne_bytes());
-    out
-}
-
-/// The remote port is big-endian in one half of the field (which half varies by kernel).
-#[inline(always)]
-fn remote_port(raw: u32) -> u16 {
-    let be = if raw > 0xffff { (raw >> 16) as u16 } else { raw as u16 };
-    u16::from_be(be)
-}
+use crate::sock::{remote_port, v4, words, V4MAPPED_WORD2};
 
 /// The socket's mark, local port and (for the event) addresses and counters. Every context
 /// field is read with a volatile load, once: LLVM may otherwise merge context accesses across

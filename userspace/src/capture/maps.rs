@@ -2,7 +2,6 @@
 //! run) have the shape this binary expects.
 
 use std::{
-    collections::HashSet,
     io,
     mem::{size_of, MaybeUninit},
     net::IpAddr,
@@ -12,8 +11,8 @@ use std::{
 
 use ambit_common::{
     maps::{
-        Config, ConnKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAP_CONFIG, MAP_ENROLLED,
-        MAP_LISTENERS, MAP_NODE_ADDRS, MAP_ORIG_DST, MAP_PENDING, MAP_POD_IPS, MAP_STATS,
+        Config, ConnKey, FlowKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAP_CONFIG, MAP_ENROLLED,
+        MAP_LISTENERS, MAP_ORIG_DST, MAP_PENDING, MAP_POD_IPS, MAP_PROBES, MAP_STATS,
     },
     stats,
     trace::{TracedSock, MAP_EVENTS, MAP_TRACED},
@@ -55,7 +54,7 @@ pub struct Maps {
     config: ConfigHandle,
     enrolled: HashMap<MapData, u64, PodEntry>,
     pod_ips: HashMap<MapData, IpKey, u64>,
-    node_addrs: HashMap<MapData, IpKey, u8>,
+    probes: HashMap<MapData, FlowKey, u64>,
     listeners: SockHash<MapData, ListenerKey>,
     pending: HashMap<MapData, u64, PendingConnect>,
 }
@@ -117,7 +116,7 @@ pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
         (MAP_CONFIG, 4, size_of::<Config>()),
         (MAP_ENROLLED, 8, size_of::<PodEntry>()),
         (MAP_POD_IPS, size_of::<IpKey>(), 8),
-        (MAP_NODE_ADDRS, size_of::<IpKey>(), 1),
+        (MAP_PROBES, size_of::<FlowKey>(), 8),
         (MAP_LISTENERS, size_of::<ListenerKey>(), 4),
         (MAP_PENDING, 8, size_of::<PendingConnect>()),
         (MAP_ORIG_DST, size_of::<ConnKey>(), size_of::<OrigDst>()),
@@ -133,7 +132,7 @@ pub fn split(ebpf: &mut Ebpf) -> Result<Split, CaptureError> {
         config: ConfigHandle(Arc::new(Mutex::new(typed(MAP_CONFIG, take(ebpf, MAP_CONFIG)?)?))),
         enrolled: typed(MAP_ENROLLED, take(ebpf, MAP_ENROLLED)?)?,
         pod_ips: typed(MAP_POD_IPS, take(ebpf, MAP_POD_IPS)?)?,
-        node_addrs: typed(MAP_NODE_ADDRS, take(ebpf, MAP_NODE_ADDRS)?)?,
+        probes: typed(MAP_PROBES, take(ebpf, MAP_PROBES)?)?,
         listeners: typed(MAP_LISTENERS, take(ebpf, MAP_LISTENERS)?)?,
         pending: typed(MAP_PENDING, take(ebpf, MAP_PENDING)?)?,
     };
@@ -198,22 +197,9 @@ impl Maps {
         self.pod_ips.iter().map(|r| op(MAP_POD_IPS, r)).collect()
     }
 
-    /// Makes the node-address set exactly `addrs`.
-    pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), CaptureError> {
-        let want: HashSet<IpKey> = addrs.iter().map(|a| addr::ip_key(*a)).collect();
-        let have: Vec<IpKey> =
-            self.node_addrs.keys().map(|r| op(MAP_NODE_ADDRS, r)).collect::<Result<_, _>>()?;
-        for k in have.iter().filter(|k| !want.contains(k)) {
-            remove_if_present(MAP_NODE_ADDRS, &mut self.node_addrs, k)?;
-        }
-        for k in want {
-            op(MAP_NODE_ADDRS, self.node_addrs.insert(k, 1, 0))?;
-        }
-        Ok(())
-    }
-
-    pub fn node_addrs(&self) -> Result<Vec<IpKey>, CaptureError> {
-        self.node_addrs.keys().map(|r| op(MAP_NODE_ADDRS, r)).collect()
+    /// Kubelet probe connections recorded and not yet closed (diagnostics).
+    pub fn probes_count(&self) -> usize {
+        self.probes.keys().count()
     }
 
     /// Registers an in-pod listener. The entry leaves the map by itself when the socket closes.

@@ -7,6 +7,8 @@
 //! AMBIT_*            the maps (ambit_common::maps)
 //! prog_<program>     the programs
 //! link_<program>     the cgroup links (connect4, connect6, sock_ops) on the configured cgroup
+//! link_ambit_kubelet_ops_<cgroup id>
+//!                    the kubelet's probe recorder, on the kubelet's cgroup only
 //! tc/<netns cookie>  the tcx link of each enrolled pod's interface
 //! ```
 //!
@@ -50,6 +52,7 @@ pub const PROG_CONNECT4: &str = "ambit_connect4";
 pub const PROG_CONNECT6: &str = "ambit_connect6";
 pub const PROG_SOCK_OPS: &str = "ambit_sock_ops";
 pub const PROG_TC_INGRESS: &str = "ambit_tc_ingress";
+pub const PROG_KUBELET_OPS: &str = "ambit_kubelet_ops";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -116,6 +119,9 @@ pub struct CaptureSettings {
     pub instance: String,
     /// cgroup v2 directory whose processes (and descendants') connects are captured.
     pub cgroup: PathBuf,
+    /// The kubelet's cgroup v2 directory: connections its processes open to enrolled pods
+    /// (health probes) reach the application uncaptured. `None`: no exemption at all.
+    pub kubelet_cgroup: Option<PathBuf>,
     pub proxy_mark: u32,
     pub fail_open: bool,
     pub outbound_port: u16,
@@ -181,6 +187,8 @@ impl Capture {
         let sock_ops: SockOps = pins::program(&mut ebpf, &pins, PROG_SOCK_OPS, same_object, &mut adoption)?;
         let tc: SchedClassifier =
             pins::program(&mut ebpf, &pins, PROG_TC_INGRESS, same_object, &mut adoption)?;
+        let kubelet_ops: SockOps =
+            pins::program(&mut ebpf, &pins, PROG_KUBELET_OPS, same_object, &mut adoption)?;
 
         let cgroup = std::fs::File::open(&settings.cgroup)
             .map_err(|source| CaptureError::Io { path: settings.cgroup.clone(), source })?;
@@ -192,6 +200,24 @@ impl Capture {
         {
             pins::cgroup_link(&pins, name, prog, &cgroup, &mut adoption)?;
         }
+        let kubelet = match &settings.kubelet_cgroup {
+            Some(dir) => {
+                let io = |source| CaptureError::Io { path: dir.clone(), source };
+                let file = std::fs::File::open(dir).map_err(io)?;
+                // A cgroup v2 directory's inode number is its cgroup id.
+                let id = std::os::unix::fs::MetadataExt::ino(&file.metadata().map_err(io)?);
+                Some((file, id))
+            }
+            None => None,
+        };
+        let mut kubelet_ops = pins::CgroupProgram::SockOps(kubelet_ops);
+        pins::cgroup_link_scoped(
+            &pins,
+            PROG_KUBELET_OPS,
+            &mut kubelet_ops,
+            kubelet.as_ref().map(|(f, id)| (f, *id)),
+            &mut adoption,
+        )?;
 
         let tc_prog_id = pins::program_id(&tc, PROG_TC_INGRESS)?;
         // The settings go in last: until they are there the programs capture nothing.
@@ -261,28 +287,33 @@ impl Capture {
         self.maps.register_listener(key, sock)
     }
 
-    /// Turns outbound capture on for a pod (its listeners must be registered first).
-    pub fn enroll(&mut self, netns_cookie: u64, pod_id: u32, ips: &[IpAddr]) -> Result<(), CaptureError> {
+    /// Tells the inbound program a pod's mesh addresses: do it before attaching to the pod,
+    /// which drops SYNs to any address of the pod it does not know.
+    pub fn add_pod_ips(&mut self, netns_cookie: u64, ips: &[IpAddr]) -> Result<(), CaptureError> {
         for ip in ips {
             self.maps.set_pod_ip(*ip, netns_cookie)?;
         }
+        Ok(())
+    }
+
+    /// Turns outbound capture on for a pod (its listeners must be registered first).
+    pub fn enroll(&mut self, netns_cookie: u64, pod_id: u32) -> Result<(), CaptureError> {
         self.maps.enroll(netns_cookie, PodEntry { pod_id, flags: 0 })
     }
 
-    /// Turns capture off for a pod: outbound first (no new connects), then the addresses the
-    /// inbound program matches on.
+    /// Turns outbound capture off for a pod: no new connect is rewritten.
     pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        self.maps.unenroll(netns_cookie)?;
+        self.maps.unenroll(netns_cookie)
+    }
+
+    /// Removes a pod's addresses from the inbound program's view (after detaching it).
+    pub fn remove_pod_ips(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
         for (ip, cookie) in self.maps.pod_ips()? {
             if cookie == netns_cookie {
                 self.maps.remove_pod_ip(&ip)?;
             }
         }
         Ok(())
-    }
-
-    pub fn set_node_addrs(&mut self, addrs: &[IpAddr]) -> Result<(), CaptureError> {
-        self.maps.set_node_addrs(addrs)
     }
 }
 

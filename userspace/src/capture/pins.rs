@@ -257,7 +257,19 @@ pub fn cgroup_link(
     cgroup: &fs::File,
     adoption: &mut Adoption,
 ) -> Result<(), CaptureError> {
-    let path = pins.link(name);
+    cgroup_link_at(pins, name, &pins.link(name), prog, cgroup, adoption)
+}
+
+/// [`cgroup_link`] pinned at `path`.
+fn cgroup_link_at(
+    pins: &PinDir,
+    name: &'static str,
+    path: &Path,
+    prog: &mut CgroupProgram,
+    cgroup: &fs::File,
+    adoption: &mut Adoption,
+) -> Result<(), CaptureError> {
+    let path = path.to_path_buf();
     let prog_id = prog.id(name)?;
     if path.exists() {
         let pinned = PinnedLink::from_pin(&path).map_err(link_err(&path))?;
@@ -278,6 +290,32 @@ pub fn cgroup_link(
     fs::rename(&tmp, &path).map_err(io_err(&path))?;
     adoption.attached_links.push((name.to_string(), id));
     Ok(())
+}
+
+/// Makes `prog` run on exactly one cgroup, `cgroup` (the kubelet's: a directory and its
+/// cgroup id), or on none: its link is pinned as `link_<name>_<cgroup id>`, so a change of
+/// cgroup between runs is seen (the old link is removed, which detaches it) rather than
+/// adopted.
+pub fn cgroup_link_scoped(
+    pins: &PinDir,
+    name: &'static str,
+    prog: &mut CgroupProgram,
+    cgroup: Option<(&fs::File, u64)>,
+    adoption: &mut Adoption,
+) -> Result<(), CaptureError> {
+    let wanted = cgroup.map(|(_, id)| pins.link(&format!("{name}_{id}")));
+    let prefix = format!("link_{name}_");
+    for entry in fs::read_dir(pins.root()).map_err(io_err(pins.root()))? {
+        let path = entry.map_err(io_err(pins.root()))?.path();
+        let ours = path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix));
+        if ours && Some(&path) != wanted.as_ref() {
+            fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    match (cgroup, wanted) {
+        (Some((file, _)), Some(path)) => cgroup_link_at(pins, name, &path, prog, file, adoption),
+        _ => Ok(()),
+    }
 }
 
 /// Removes an instance's pins: links first (detaching the programs), then programs and maps.

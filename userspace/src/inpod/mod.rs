@@ -179,10 +179,21 @@ impl PodManager {
                 self.capture.register_listener(key, &l.socket)?;
             }
         }
-        let tc = self.capture.attach_pod(&netns, &spec.interface)?;
+        // Addresses before the inbound program: it drops SYNs to addresses it does not know.
+        if let Err(e) = self.capture.add_pod_ips(cookie, &spec.ips) {
+            self.rollback(cookie, &netns, &spec.interface);
+            return Err(e.into());
+        }
+        let tc = match self.capture.attach_pod(&netns, &spec.interface) {
+            Ok(tc) => tc,
+            Err(e) => {
+                self.rollback(cookie, &netns, &spec.interface);
+                return Err(e.into());
+            }
+        };
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
-        if let Err(e) = self.capture.enroll(cookie, id, &spec.ips) {
+        if let Err(e) = self.capture.enroll(cookie, id) {
             self.rollback(cookie, &netns, &spec.interface);
             return Err(e.into());
         }
@@ -237,6 +248,9 @@ impl PodManager {
         if let Err(e) = self.capture.detach_pod(cookie, Some(netns), interface) {
             tracing::warn!(netns_cookie = cookie, error = %e, "rollback: detaching inbound capture");
         }
+        if let Err(e) = self.capture.remove_pod_ips(cookie) {
+            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: removing the pod's addresses");
+        }
     }
 
     /// Stops capturing a pod. Connections already proxied keep running to their end: they do
@@ -250,6 +264,10 @@ impl PodManager {
         }
         if let Err(e) = self.capture.detach_pod(cookie, Some(&pod.netns), &pod.spec.interface) {
             tracing::error!(pod = %key, error = %e, "detaching inbound capture");
+        }
+        // Only once detached: the inbound program drops SYNs to addresses it does not know.
+        if let Err(e) = self.capture.remove_pod_ips(cookie) {
+            tracing::error!(pod = %key, error = %e, "removing the pod's addresses from capture");
         }
         pod.stop.cancel();
         self.proxy.pods().remove(cookie);
@@ -282,14 +300,17 @@ impl PodManager {
             pod_ips: ips.iter().filter(|(_, c)| !live.contains(c)).count(),
             inbound_attachments: 0,
         };
-        for cookie in stale_cookies {
-            self.capture.unenroll(cookie)?;
+        for cookie in &stale_cookies {
+            self.capture.unenroll(*cookie)?;
         }
         let stale_tc: Vec<u64> =
             self.capture.attached_pods()?.into_iter().filter(|c| !live.contains(c)).collect();
         for cookie in &stale_tc {
             // The pod's netns is unknown or gone: the tcx link goes with its pin.
             self.capture.detach_pod(*cookie, None, "")?;
+        }
+        for cookie in stale_cookies {
+            self.capture.remove_pod_ips(cookie)?;
         }
         Ok(StaleRemoved { inbound_attachments: stale_tc.len(), ..removed })
     }

@@ -1,6 +1,8 @@
 //! `ambit node` settings: command-line flags (each with an environment variable), their
 //! defaults, and what is discovered from the machine. Logged in full at start.
 
+pub mod kubelet;
+
 use std::{
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
@@ -116,11 +118,13 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
     pub proxy_mark: u32,
 
-    /// The node's own addresses: inbound connections from them (kubelet health probes) are
-    /// not captured. Repeat for several. Default: every non-loopback address of the proxy's
-    /// network namespace, re-read every 30 s.
-    #[arg(long = "node-address", env = "AMBIT_NODE_ADDRESSES", value_delimiter = ',')]
-    pub node_addresses: Vec<IpAddr>,
+    /// The kubelet's cgroup v2 directory (absolute, or relative to the cgroup v2 mount):
+    /// connections its processes open to enrolled pods (health probes) reach the application
+    /// uncaptured; nothing else from the node does. `none`: no exemption (probes are
+    /// captured, and refused under STRICT mTLS). Default: the cgroup of the `kubelet` process
+    /// found under --proc-dir, else system.slice/kubelet.service where it exists.
+    #[arg(long, env = "AMBIT_KUBELET_CGROUP")]
+    pub kubelet_cgroup: Option<String>,
 
     /// Mesh CA (`https://host:port`, Istio's certificate API: ambit controlplane or istiod).
     /// With it, traffic between enrolled pods travels in mutual-TLS HBONE tunnels with the
@@ -291,8 +295,9 @@ pub struct NodeSettings {
     pub takeover: bool,
     pub fail_open: bool,
     pub proxy_mark: u32,
-    /// Empty: discovered from the interfaces.
-    pub node_addresses: Vec<IpAddr>,
+    /// `None`: no kubelet found (or `none`): no probe is exempt from capture.
+    pub kubelet_cgroup: Option<PathBuf>,
+    pub kubelet_cgroup_found: kubelet::Found,
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub hbone_port: u16,
@@ -346,6 +351,11 @@ impl NodeSettings {
             None => cgroup2_mount().context("finding the cgroup v2 mount for --cgroup")?,
         };
         check_cgroup2(&cgroup)?;
+        let mount = cgroup2_mount().context("finding the cgroup v2 mount for --kubelet-cgroup")?;
+        let (kubelet_cgroup, kubelet_cgroup_found) = match &args.kubelet_cgroup {
+            Some(v) => kubelet::from_flag(v, &mount)?,
+            None => kubelet::discover(&args.proc_dir, &mount),
+        };
         let token_file = match &args.token_file {
             Some(dir) if dir.is_dir() => {
                 let f = dir.join(&node_name);
@@ -385,7 +395,8 @@ impl NodeSettings {
             takeover: args.takeover,
             fail_open: args.fail_open,
             proxy_mark: args.proxy_mark,
-            node_addresses: args.node_addresses.clone(),
+            kubelet_cgroup,
+            kubelet_cgroup_found,
             outbound_port: OUTBOUND_PORT,
             inbound_port: INBOUND_PORT,
             hbone_port: HBONE_PORT,
@@ -417,7 +428,7 @@ impl NodeSettings {
                     server_name: args.control_plane_name.clone(),
                     root_cert: root_cert.clone(),
                     token_file: token_file.clone(),
-                    node_id: node_id(&node_name, &args.node_addresses),
+                    node_id: node_id(&node_name),
                     metadata: [
                         ("NODE_NAME", node_name.clone()),
                         (
@@ -461,6 +472,7 @@ impl NodeSettings {
             bpffs: self.bpffs.clone(),
             instance: self.instance.clone(),
             cgroup: self.cgroup.clone(),
+            kubelet_cgroup: self.kubelet_cgroup.clone(),
             proxy_mark: self.proxy_mark,
             fail_open: self.fail_open,
             outbound_port: self.outbound_port,
@@ -482,12 +494,11 @@ impl NodeSettings {
 }
 
 /// The node id istiod expects of ztunnel: `ztunnel~<ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`.
-fn node_id(node_name: &str, addresses: &[IpAddr]) -> String {
+fn node_id(node_name: &str) -> String {
     let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "istio-system".into());
     let pod = std::env::var("POD_NAME").unwrap_or_else(|_| format!("ambit-{node_name}"));
     let ip = std::env::var("POD_IP")
         .ok()
-        .or_else(|| addresses.first().map(ToString::to_string))
         .or_else(|| {
             discover_node_addresses()
                 .ok()
@@ -513,7 +524,7 @@ pub fn cgroup2_mount() -> anyhow::Result<PathBuf> {
         .context("no cgroup2 filesystem is mounted (ambit needs cgroup v2)")
 }
 
-fn check_cgroup2(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_cgroup2(path: &Path) -> anyhow::Result<()> {
     let st = nix::sys::statfs::statfs(path).with_context(|| format!("--cgroup {}", path.display()))?;
     if st.filesystem_type().0 as i64 != CGROUP2_MAGIC {
         bail!("--cgroup {}: not a cgroup v2 directory", path.display());
