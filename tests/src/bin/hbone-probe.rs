@@ -7,7 +7,8 @@
 //! the server), HTTP/2, one CONNECT to `authority`, and prints one line:
 //! `status <code>` when the server answered, or `refused <stage>: <error>` when the connection
 //! failed at `connect`, `tls`, `http2` or `connect-request`. On 200 it also sends `ping\n` and
-//! prints `echo <line>` if the far end echoes. `--header-bytes N` adds a header of N bytes.
+//! prints `echo <line>` if the far end echoes. `--header-bytes N` adds a header of N bytes;
+//! `--forwarded VALUE` a `forwarded` header (a client claiming another address).
 //!
 //! Hostile modes, for the inbound limits:
 //! - `--idle tcp|tls`: connect (and do TLS), then send nothing; prints `closed after <ms> ms`
@@ -122,10 +123,14 @@ async fn connect(
     send: &mut SendRequest<Bytes>,
     authority: &str,
     pad: usize,
+    forwarded: Option<&str>,
 ) -> Result<(u16, h2::SendStream<Bytes>, h2::RecvStream), String> {
     let mut req = http::Request::builder().method(http::Method::CONNECT).uri(authority);
     if pad > 0 {
         req = req.header("x-pad", "p".repeat(pad));
+    }
+    if let Some(f) = forwarded {
+        req = req.header("forwarded", f);
     }
     let req = req.body(()).expect("request");
     let mut send = send.clone().ready().await.map_err(|e| format!("refused http2: {e}"))?;
@@ -144,7 +149,9 @@ async fn probe(args: Vec<String>) -> String {
         Ok(s) => s,
         Err(e) => return e,
     };
-    let (status, mut stream, mut body) = match connect(&mut send, &authority, pad).await {
+    let forwarded = arg(&args, "--forwarded");
+    let (status, mut stream, mut body) = match connect(&mut send, &authority, pad, forwarded.as_deref()).await
+    {
         Ok(x) => x,
         Err(e) => return e,
     };
@@ -206,7 +213,7 @@ async fn streams(
     for _ in 0..n {
         let (mut send, authority, answered) = (send.clone(), authority.to_string(), answered.clone());
         held.push(tokio::spawn(async move {
-            if let Ok((200, stream, body)) = connect(&mut send, &authority, 0).await {
+            if let Ok((200, stream, body)) = connect(&mut send, &authority, 0, None).await {
                 answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 // Held open until the probe exits.
                 std::future::pending::<()>().await;
@@ -229,7 +236,7 @@ async fn connections(
     let mut held = Vec::new();
     for _ in 0..n {
         let r = match open(target, config).await {
-            Ok(mut send) => connect(&mut send, authority, 0).await.map(|x| (send, x)),
+            Ok(mut send) => connect(&mut send, authority, 0, None).await.map(|x| (send, x)),
             Err(e) => Err(e),
         };
         match r {
@@ -262,7 +269,7 @@ async fn run(args: Vec<String>) -> String {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: hbone-probe <ip:port> <authority> [--cert PEM --key PEM] [--tls12] [--header-bytes N | --idle tcp|tls | --streams N | --connections N]");
+        eprintln!("usage: hbone-probe <ip:port> <authority> [--cert PEM --key PEM] [--tls12] [--header-bytes N] [--forwarded VALUE | --idle tcp|tls | --streams N | --connections N]");
         std::process::exit(64);
     }
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
