@@ -183,6 +183,14 @@ impl Bed {
         &self.bpffs
     }
 
+    /// Creates a cgroup `name` under the run's, removed at teardown.
+    pub fn cgroup_dir(&self, name: &str) -> PathBuf {
+        let cg = self.cgroup.join(name);
+        fs::create_dir(&cg).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cg.display()));
+        self.state().cgroups.push(cg.clone());
+        cg
+    }
+
     /// Keeps the run directory (logs, mesh files) after teardown, for debugging.
     pub fn keep_logs(&self) {
         self.state().keep_dir = true;

@@ -148,6 +148,22 @@ pub fn delete_netns(name: &str) {
     }
 }
 
+/// Removes a cgroup and every cgroup below it (a node's kubelet cgroup sits in the node's),
+/// deepest first, killing what still runs in them.
+fn remove_cgroup_tree(cg: &Path) {
+    if let Ok(rd) = fs::read_dir(cg) {
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    for pid in cgroup_pids(cg) {
+        kill_and_reap(pid);
+    }
+    remove_cgroup(cg);
+}
+
 fn remove_cgroup(cg: &Path) {
     // rmdir fails while the last processes are still exiting; retry briefly.
     for attempt in 0..100 {
@@ -248,24 +264,7 @@ fn remove_leftover(what: &str) {
         "mount" => {
             let _gone_is_fine = umount2(name, MntFlags::MNT_DETACH);
         }
-        "cgroup" => {
-            let p = PathBuf::from(name);
-            // Children first.
-            if let Ok(rd) = fs::read_dir(&p) {
-                for e in rd.flatten() {
-                    if e.path().is_dir() {
-                        for pid in cgroup_pids(&e.path()) {
-                            kill_and_reap(pid);
-                        }
-                        remove_cgroup(&e.path());
-                    }
-                }
-            }
-            for pid in cgroup_pids(&p) {
-                kill_and_reap(pid);
-            }
-            remove_cgroup(&p);
-        }
+        "cgroup" => remove_cgroup_tree(Path::new(name)),
         "run" => {
             let dir = name.trim_start_matches("directory ");
             for m in fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines() {

@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use crate::bed::{Bed, Node, Pod};
 
 /// A command that joins `cgroup`, then enters only the network namespace at `netns`.
-pub(crate) fn in_cgroup_and_netns(cgroup: &Path, netns: &Path, argv: &[&str]) -> Command {
+pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Path, argv: &[&str]) -> Command {
     let mut c = Command::new("sh");
     c.arg("-c")
         .arg(r#"cg=$1; ns=$2; shift 2; echo $$ > "$cg/cgroup.procs" && exec nsenter --net="$ns" -- "$@""#)

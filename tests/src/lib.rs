@@ -7,10 +7,12 @@
 pub mod ambit;
 pub mod apps;
 pub mod bed;
+pub mod bpf;
 pub mod certs;
 pub mod cleanup;
 pub mod controlplane;
 pub mod exec;
+pub mod frames;
 pub mod kubeapi;
 pub mod mesh;
 pub mod netns;

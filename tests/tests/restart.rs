@@ -26,7 +26,7 @@ fn curl_code(pod: &Pod, url: &str, connect_timeout: &str) -> (i32, String) {
 fn program_and_link_ids(ambit: &Ambit) -> (Vec<(String, u32)>, Vec<u32>) {
     let pinned = pinned_ids(&ambit.pin_dir()).expect("reading pins");
     let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
-    assert_eq!(progs.len(), 4, "four programs pinned: {pinned:?}");
+    assert_eq!(progs.len(), 5, "five programs pinned: {pinned:?}");
     (pinned, links_of_programs(&progs).expect("listing links"))
 }
 
@@ -53,8 +53,9 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     let url = format!("http://{}:8080/", b.ipv4);
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
     let (pins_before, links_before) = program_and_link_ids(&ambit);
-    // Three cgroup links and one TC link per enrolled pod.
-    assert_eq!(links_before.len(), 3 + 2, "{links_before:?}");
+    // Four cgroup links (connect4, connect6, sock_ops; the kubelet's) and one TC link per
+    // enrolled pod.
+    assert_eq!(links_before.len(), 4 + 2, "{links_before:?}");
 
     ambit.kill();
     let requests_before = server.output().matches("GET /").count();
@@ -73,7 +74,7 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     let log = ambit.log();
     assert!(
         log.contains(
-            r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#
+            r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress", "ambit_kubelet_ops"]"#
         ),
         "{log}"
     );
@@ -113,7 +114,7 @@ fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
     let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (_, links_before) = program_and_link_ids(&ambit);
-    assert_eq!(links_before.len(), 3 + 2);
+    assert_eq!(links_before.len(), 4 + 2);
     assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 2);
 
     ambit.kill();
@@ -121,7 +122,7 @@ fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
     write_mesh(&mesh, &Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).yaml());
     ambit.restart();
     let (_, links_after) = program_and_link_ids(&ambit);
-    assert_eq!(links_after.len(), 3 + 1, "b's inbound attachment is gone: {links_after:?}");
+    assert_eq!(links_after.len(), 4 + 1, "b's inbound attachment is gone: {links_after:?}");
     assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 1);
     let log = ambit.log();
     assert!(log.contains("stale=StaleRemoved { enrolled: 1, pod_ips: 2, inbound_attachments: 1 }"), "{log}");
@@ -138,7 +139,7 @@ fn uninstall_removes_every_pin_and_capture_stops() {
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (pinned, links) = program_and_link_ids(&ambit);
     let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
-    assert_eq!(links.len(), 5);
+    assert_eq!(links.len(), 6);
     ambit.kill();
 
     let bin = ambit_testbed::exec::workspace_bin("ambit");
@@ -160,7 +161,7 @@ fn uninstall_removes_every_pin_and_capture_stops() {
 }
 
 /// Makes the pinned state look as if another ambit build had created it, by changing the
-/// object hash in the pinned config map (the last 8 of its 24 value bytes).
+/// object hash in the pinned config map (bytes 16–19 of its 24).
 fn pretend_another_build_pinned(ambit: &Ambit) {
     let map = ambit.pin_dir().join("AMBIT_CONFIG").display().to_string();
     let json = ambit_testbed::bed::sh(&[
@@ -199,7 +200,7 @@ fn a_proxy_with_another_ebpf_object_replaces_the_pinned_programs_and_links() {
     let log = ambit.log();
     assert!(
         log.contains(
-            r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress"]"#
+            r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress", "ambit_kubelet_ops"]"#
         ),
         "{log}"
     );

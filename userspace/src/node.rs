@@ -141,6 +141,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let proxy = Proxy::new(
         ProxySettings {
             mark: settings.proxy_mark,
+            delivery_mark: settings.delivery_mark,
             connect_timeout: settings.connect_timeout,
             own_ports: vec![settings.outbound_port, settings.inbound_port, settings.hbone_port],
             hbone_port: settings.hbone_port,
@@ -164,6 +165,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             outbound: settings.outbound_port,
             inbound: settings.inbound_port,
             hbone: settings.hbone_port,
+            delivery_mark: settings.original_source.then_some(settings.delivery_mark),
         },
     );
 
@@ -242,7 +244,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                 }
                 pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
             }
-            _ = refresh.tick() => {}
+            _ = refresh.tick() => pods.tidy(),
             _ = retry.tick(), if pods.has_failures() => {
                 let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name, rules);
                 pods.reconcile(&desired).await;

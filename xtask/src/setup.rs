@@ -19,6 +19,7 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("curl", "a real HTTP client in the tests and the demo"),
     ("python3", "a real HTTP server in the tests and the demo"),
     ("python3-venv", "a private virtual environment for kubernetes-validate"),
+    ("python3-scapy", "crafted packets for the mesh-boundary attack tests"),
     ("iperf3", "bulk transfers"),
     ("iptables", "checking that ambit creates no iptables rules"),
     ("nftables", "checking that ambit creates no nftables rules"),

@@ -22,6 +22,8 @@ pub const AF_INET6: u16 = 10;
 /// Default `SO_MARK` on the proxy's own sockets; the connect hooks never capture them.
 /// 0x539 is the value Istio's ztunnel uses, so nodes running both stay consistent.
 pub const DEFAULT_PROXY_MARK: u32 = 0x539;
+/// Default `SO_MARK` of the proxy's delivering sockets (see `maps::Config::delivery_mark`).
+pub const DEFAULT_DELIVERY_MARK: u32 = 0x53a;
 /// Outbound capture listener port, on loopback inside each enrolled pod.
 pub const OUTBOUND_PORT: u16 = 15001;
 /// Inbound plaintext capture listener port, on loopback inside each enrolled pod.

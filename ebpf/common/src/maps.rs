@@ -81,7 +81,11 @@ pub struct Config {
     pub _pad: u8,
     /// Hash of the eBPF object that created the pinned state; the programs ignore it, a
     /// restarted proxy compares it with its own to decide between re-adopting and replacing.
-    pub object_hash: u64,
+    pub object_hash: u32,
+    /// `SO_MARK` of the proxy's sockets that deliver inbound connections to a pod's
+    /// application from the client's address; never captured. The application's replies
+    /// carry it too, which routes them back to the proxy inside the pod.
+    pub delivery_mark: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
 

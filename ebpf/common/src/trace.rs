@@ -59,6 +59,11 @@ pub const TCP_STATES: [&str; 13] = [
 ];
 
 /// One event.
+/// `TraceEvent::proxy`/`TracedSock::proxy`: the socket carries the proxy's mark.
+pub const PROXY_OWN: u8 = 1;
+/// `TraceEvent::proxy`/`TracedSock::proxy`: the socket carries the delivery mark.
+pub const PROXY_DELIVERY: u8 = 2;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct TraceEvent {
@@ -86,7 +91,10 @@ pub struct TraceEvent {
     pub new_state: u8,
     /// 1: the socket was accepted (passive open); 0: it connected.
     pub passive: u8,
-    /// 1: one of the proxy's own sockets (it carries the proxy's mark).
+    /// [`PROXY_OWN`]: one of the proxy's own sockets (it carries the proxy's mark);
+    /// [`PROXY_DELIVERY`]: a socket carrying the delivery mark: the proxy's socket delivering
+    /// an inbound connection from the client's address (active), or the application's
+    /// accepted end of it (passive, which inherits the mark of the SYN); 0: neither.
     pub proxy: u8,
     pub _pad: [u8; 2],
     /// Network byte order; IPv4 in the first four bytes.

@@ -71,7 +71,7 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     if sock.type_ != SOCK_STREAM || sock.protocol != IPPROTO_TCP {
         return Decision::Leave;
     }
-    if sock.mark == cfg.proxy_mark {
+    if sock.mark == cfg.proxy_mark || (sock.mark == cfg.delivery_mark && sock.mark != 0) {
         count(stats::CONNECT_PROXY_MARK);
         return Decision::Leave;
     }

@@ -12,7 +12,7 @@ use ambit_common::{
     maps::{Config, CONFIG_TRACE},
     stats,
     trace::{
-        TraceEvent, TracedSock, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
+        TraceEvent, TracedSock, PROXY_DELIVERY, PROXY_OWN, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
         EV_STATE, RTT_SAMPLE_NS, WAKEUP_BYTES,
     },
     AF_INET, AF_INET6,
@@ -211,7 +211,13 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
         orig_port: 0,
         orig_family: 0,
         passive: passive as u8,
-        proxy: (mark == cfg.proxy_mark && cfg.proxy_mark != 0) as u8,
+        proxy: if mark == cfg.proxy_mark && cfg.proxy_mark != 0 {
+            PROXY_OWN
+        } else if mark == cfg.delivery_mark && cfg.delivery_mark != 0 {
+            PROXY_DELIVERY
+        } else {
+            0
+        },
         _pad: [0; 2],
     };
     if !passive {
@@ -228,7 +234,9 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
     }
     // RTT callbacks come with every ACK: only for sockets that cross the network. A pod's
     // loopback legs to and from the proxy (both ends on one address) say nothing about it.
-    let rtt = if crosses_network(ctx) { BPF_SOCK_OPS_RTT_CB_FLAG } else { 0 };
+    // Delivery sockets (and the application's end of them) stay inside the pod, whichever
+    // address they carry.
+    let rtt = if t.proxy != PROXY_DELIVERY && crosses_network(ctx) { BPF_SOCK_OPS_RTT_CB_FLAG } else { 0 };
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | rtt | BPF_SOCK_OPS_RETRANS_CB_FLAG;
     if ctx.set_cb_flags(flags as i32).is_err() {
         // Without callbacks only this first event will come; the LRU bounds the entry.

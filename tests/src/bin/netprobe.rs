@@ -8,7 +8,11 @@
 //! - `netprobe chat <addr>`: one long-lived connection driven by stdin lines; prints each
 //!   echoed line, exits on stdin EOF or a connection error (message on stderr);
 //! - `netprobe hold <addr> <n> <seconds>`: opens `n` connections to an echo server at once,
-//!   checks each with one echoed line, prints `held <n>`, keeps them open for `seconds`.
+//!   checks each with one echoed line, prints `held <n>`, keeps them open for `seconds`;
+//! - `netprobe connect-each <file>`: for each `tcp|udp <ip:port>` line of the file, a
+//!   non-blocking connect; prints `<line> -> <peer address or error>` per line, then `done`,
+//!   and keeps every socket open until stdin closes (what the connect hooks decided is
+//!   then in the peer each socket shows).
 //!
 //! Servers print `listening <addr>` once they accept connections.
 
@@ -194,6 +198,50 @@ fn hold(addr: &str, n: usize, seconds: u64) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn connect_each(file: &str) -> ExitCode {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let text = std::fs::read_to_string(file).expect("address file");
+    let mut held = Vec::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let (kind, addr) = line.split_once(' ').expect("`tcp|udp ip:port`");
+        let addr: SocketAddr = addr.parse().expect("ip:port");
+        let (ty, proto) =
+            if kind == "udp" { (Type::DGRAM, Protocol::UDP) } else { (Type::STREAM, Protocol::TCP) };
+        // IPv6 sockets for IPv6 and IPv4-mapped addresses (dual-stack), IPv4 ones otherwise.
+        let sock = Socket::new(Domain::for_address(addr), ty.nonblocking(), Some(proto)).expect("socket");
+        let result = match sock.connect(&addr.into()) {
+            Err(e) if e.raw_os_error() != Some(libc::EINPROGRESS) => {
+                format!("error {}", e.raw_os_error().unwrap_or(0))
+            }
+            _ => {
+                // A socket shows its peer once connected: wait for that (or the failure).
+                let mut p = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&sock),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the call's duration.
+                unsafe { libc::poll(&mut p, 1, 3000) };
+                match (sock.take_error(), sock.peer_addr().ok().and_then(|p| p.as_socket())) {
+                    (Ok(Some(e)), _) => format!("error {}", e.raw_os_error().unwrap_or(0)),
+                    (_, Some(p)) => p.to_string(),
+                    _ => "no peer".into(),
+                }
+            }
+        };
+        writeln!(out, "{line} -> {result}").expect("stdout");
+        held.push(sock);
+    }
+    writeln!(out, "done").expect("stdout");
+    out.flush().expect("stdout");
+    drop(out);
+    let mut rest = Vec::new();
+    let _eof_or_error_either_ends_it = std::io::stdin().read_to_end(&mut rest);
+    drop(held);
+    ExitCode::SUCCESS
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -206,6 +254,7 @@ fn main() -> ExitCode {
         }
         ["chat", addr] => chat(addr),
         ["hold", addr, n, secs] => hold(addr, n.parse().expect("count"), secs.parse().expect("seconds")),
+        ["connect-each", file] => connect_each(file),
         _ => {
             eprintln!("usage: netprobe sink|echo <listen addr> | send <addr> <bytes> [seed] | chat <addr>");
             ExitCode::from(64)

@@ -123,6 +123,8 @@ pub struct CaptureSettings {
     /// (health probes) reach the application uncaptured. `None`: no exemption at all.
     pub kubelet_cgroup: Option<PathBuf>,
     pub proxy_mark: u32,
+    /// `SO_MARK` of the sockets that deliver inbound connections from the client's address.
+    pub delivery_mark: u32,
     pub fail_open: bool,
     pub outbound_port: u16,
     pub inbound_port: u16,
@@ -156,10 +158,8 @@ pub struct Capture {
 
 /// FNV-1a: a stable fingerprint of the embedded object, stored in the pinned config so the
 /// next run can tell whether the pinned programs are its own.
-pub fn object_hash() -> u64 {
-    OBJECT
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+pub fn object_hash() -> u32 {
+    OBJECT.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 impl Capture {
@@ -231,6 +231,7 @@ impl Capture {
             log_level: settings.kernel_log_level as u8,
             _pad: 0,
             object_hash: hash,
+            delivery_mark: settings.delivery_mark,
         })?;
         adoption.previous_object = (previous.object_hash != 0).then_some(previous.object_hash);
         // Always forwarded: the level can be raised at run time (admin `/logging`), and the

@@ -45,7 +45,7 @@ pub struct Adoption {
     /// cgroup links attached by this run (name, link id).
     pub attached_links: Vec<(String, u32)>,
     /// Hash of the object that created the pinned state, if there was any.
-    pub previous_object: Option<u64>,
+    pub previous_object: Option<u32>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CaptureError + '_ {

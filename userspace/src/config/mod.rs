@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use ambit_common::{DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use ambit_common::{DEFAULT_DELIVERY_MARK, DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
 
 use crate::{
     capture::klog::KernelLogLevel,
@@ -117,6 +117,19 @@ pub struct NodeArgs {
     /// the same default.
     #[arg(long, env = "AMBIT_PROXY_MARK", default_value_t = DEFAULT_PROXY_MARK, value_parser = parse_u32)]
     pub proxy_mark: u32,
+
+    /// Deliver inbound connections to the application from the client's own address, as Istio
+    /// ambient does (the application logs, allowlists and rate-limits real clients). Inside
+    /// each enrolled pod this sets `tcp_fwmark_accept` and `fwmark_reflect` and adds one
+    /// policy rule and one route for the delivery mark (no iptables). `false`: the
+    /// application sees its own pod's address as every client's.
+    #[arg(long, env = "AMBIT_ORIGINAL_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub original_source: bool,
+
+    /// SO_MARK of the sockets that deliver from the client's address, and the number of the
+    /// routing table their replies are looked up in, inside each pod. Never captured.
+    #[arg(long, env = "AMBIT_DELIVERY_MARK", default_value_t = DEFAULT_DELIVERY_MARK, value_parser = parse_u32)]
+    pub delivery_mark: u32,
 
     /// The kubelet's cgroup v2 directory (absolute, or relative to the cgroup v2 mount):
     /// connections its processes open to enrolled pods (health probes) reach the application
@@ -295,6 +308,8 @@ pub struct NodeSettings {
     pub takeover: bool,
     pub fail_open: bool,
     pub proxy_mark: u32,
+    pub original_source: bool,
+    pub delivery_mark: u32,
     /// `None`: no kubelet found (or `none`): no probe is exempt from capture.
     pub kubelet_cgroup: Option<PathBuf>,
     pub kubelet_cgroup_found: kubelet::Found,
@@ -337,6 +352,13 @@ impl NodeSettings {
             bail!(
                 "--admin-addr {}: must be a loopback address (/quitquitquit and /logging have no authentication)",
                 args.admin_addr
+            );
+        }
+        if args.delivery_mark == 0 || args.delivery_mark == args.proxy_mark {
+            bail!(
+                "--delivery-mark {:#x}: must be non-zero and differ from --proxy-mark {:#x}",
+                args.delivery_mark,
+                args.proxy_mark
             );
         }
         let node_name = match args.node_name {
@@ -395,6 +417,8 @@ impl NodeSettings {
             takeover: args.takeover,
             fail_open: args.fail_open,
             proxy_mark: args.proxy_mark,
+            original_source: args.original_source,
+            delivery_mark: args.delivery_mark,
             kubelet_cgroup,
             kubelet_cgroup_found,
             outbound_port: OUTBOUND_PORT,
@@ -474,6 +498,7 @@ impl NodeSettings {
             cgroup: self.cgroup.clone(),
             kubelet_cgroup: self.kubelet_cgroup.clone(),
             proxy_mark: self.proxy_mark,
+            delivery_mark: self.delivery_mark,
             fail_open: self.fail_open,
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,

@@ -2,9 +2,11 @@
 //! attachment and its entries in the capture maps; enrolling, unenrolling and reconciling
 //! them with what the pod source wants.
 
+pub mod delivery;
 mod listeners;
 pub mod netns;
 mod registry;
+pub mod rtnetlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -44,16 +46,22 @@ struct EnrolledPod {
     netns: Arc<Netns>,
     tc: crate::capture::TcState,
     listeners: Vec<(Direction, SocketAddr)>,
+    /// The pod's namespace is prepared for delivery from the client's address.
+    deliver_from_client: bool,
+    /// What the data path holds of the pod; each of its connections holds it too.
+    ctx: Arc<PodCtx>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// Ports of the in-pod listeners.
+/// Ports of the in-pod listeners, and how inbound connections are delivered.
 #[derive(Clone, Copy, Debug)]
 pub struct Ports {
     pub outbound: u16,
     pub inbound: u16,
     pub hbone: u16,
+    /// `Some(mark)`: deliver from the client's address, with this mark (`delivery`).
+    pub delivery_mark: Option<u32>,
 }
 
 pub struct PodManager {
@@ -65,7 +73,18 @@ pub struct PodManager {
     /// Pods that should be enrolled but could not be, with the reason; retried on every
     /// reconcile.
     failed: BTreeMap<String, String>,
+    /// Unenrolled pods whose delivery settings stay until their last delivered connection
+    /// has closed (the application's replies to it need them): see [`PodManager::tidy`].
+    leaving: Vec<Leaving>,
     next_id: u32,
+}
+
+/// An unenrolled pod whose namespace still has the delivery settings.
+struct Leaving {
+    key: String,
+    ctx: Arc<PodCtx>,
+    v4: bool,
+    v6: bool,
 }
 
 /// One pod in the config dump.
@@ -81,6 +100,8 @@ pub struct PodDump {
     pub pod_id: u32,
     pub inbound_attachment: crate::capture::TcState,
     pub listeners: Vec<(Direction, SocketAddr)>,
+    /// Inbound connections reach the application from the client's address.
+    pub deliver_from_client: bool,
 }
 
 /// Kernel state left from an earlier run that no current pod accounts for.
@@ -100,6 +121,7 @@ impl PodManager {
             ports,
             pods: BTreeMap::new(),
             failed: BTreeMap::new(),
+            leaving: Vec::new(),
             next_id: 1,
         }
     }
@@ -171,6 +193,22 @@ impl PodManager {
             .enabled()
             .then(|| Identity::new(self.identities.trust_domain(), &spec.namespace, &spec.service_account));
         let hbone = identity.as_ref().map(|_| self.ports.hbone);
+        let deliver_from_client = self.ports.delivery_mark.is_some_and(|mark| {
+            let (v4, v6) = (spec.ips.iter().any(|ip| ip.is_ipv4()), spec.ips.iter().any(|ip| ip.is_ipv6()));
+            match delivery::prepare(&netns, v4, v6, mark) {
+                Ok(()) => true,
+                Err(e) => {
+                    // Captured all the same: only the address the application sees differs.
+                    tracing::error!(
+                        pod = %spec.key(),
+                        error = %e,
+                        "cannot prepare the pod to receive connections from the client's address; \
+                         they arrive from the pod's own address"
+                    );
+                    false
+                }
+            }
+        });
         let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound, hbone)
             .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
         // Listeners first, so that capture never points at a socket that is not there yet.
@@ -216,6 +254,7 @@ impl PodManager {
             app,
             ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),
             netns: netns.clone(),
+            deliver_from_client,
         });
         self.proxy.pods().insert(cookie, ctx.clone());
         let stop = CancellationToken::new();
@@ -236,7 +275,18 @@ impl PodManager {
                 }
             }
         }
-        Ok(EnrolledPod { spec: spec.clone(), identity, id, netns, tc, listeners: bound, stop, tasks })
+        Ok(EnrolledPod {
+            spec: spec.clone(),
+            identity,
+            id,
+            netns,
+            tc,
+            listeners: bound,
+            deliver_from_client,
+            ctx,
+            stop,
+            tasks,
+        })
     }
 
     /// Undoes a half-done enrolment; errors are logged, as the original error is the one
@@ -279,7 +329,38 @@ impl PodManager {
         if let Some(id) = &pod.identity {
             self.identities.release(id);
         }
+        if pod.deliver_from_client {
+            let (v4, v6) =
+                (pod.spec.ips.iter().any(|ip| ip.is_ipv4()), pod.spec.ips.iter().any(|ip| ip.is_ipv6()));
+            self.leaving.push(Leaving { key: key.clone(), ctx: pod.ctx, v4, v6 });
+            self.tidy();
+        }
         tracing::info!(pod = %key, netns_cookie = cookie, "pod unenrolled");
+    }
+
+    /// Undoes the delivery settings of unenrolled pods once none of their delivered
+    /// connections is open (each holds the pod's context), unless the pod came back.
+    pub fn tidy(&mut self) {
+        let Some(mark) = self.ports.delivery_mark else { return };
+        let enrolled: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        self.leaving.retain(|l| {
+            if enrolled.contains(&l.ctx.netns.cookie()) {
+                // Enrolled again: its settings are in use.
+                return false;
+            }
+            if Arc::strong_count(&l.ctx) > 1 {
+                return true;
+            }
+            if let Err(e) = delivery::undo(&l.ctx.netns, l.v4, l.v6, mark) {
+                tracing::warn!(pod = %l.key, error = %e, "undoing the pod's delivery settings");
+            }
+            false
+        });
+    }
+
+    /// Unenrolled pods whose delivery settings wait for their connections to close.
+    pub fn leaving(&self) -> usize {
+        self.leaving.len()
     }
 
     /// Removes kernel state that belongs to no enrolled pod: entries and attachments an
@@ -344,6 +425,7 @@ impl PodManager {
                 pod_id: p.id,
                 inbound_attachment: p.tc,
                 listeners: p.listeners.clone(),
+                deliver_from_client: p.deliver_from_client,
             })
             .collect();
         (pods, self.failed.clone())

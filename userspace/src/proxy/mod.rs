@@ -45,6 +45,9 @@ pub struct PodCtx {
     /// Canonical (IPv4-mapped addresses as IPv4).
     pub ips: Vec<IpAddr>,
     pub netns: Arc<Netns>,
+    /// Inbound connections reach the application from the client's address (the pod's
+    /// namespace is prepared for it, `inpod::delivery`); otherwise from the pod's own.
+    pub deliver_from_client: bool,
 }
 
 impl PodCtx {
@@ -57,6 +60,8 @@ impl PodCtx {
 pub struct ProxySettings {
     /// SO_MARK on every upstream socket; the connect hooks let marked sockets through.
     pub mark: u32,
+    /// SO_MARK of the sockets that deliver inbound connections from the client's address.
+    pub delivery_mark: u32,
     pub connect_timeout: Duration,
     /// Ports the proxy serves itself; a captured connection to one of them is refused, as it
     /// would loop back into the proxy.
@@ -276,7 +281,13 @@ impl Inner {
             (t, peer)
         });
         let (cookie, client) = (pod.netns.cookie(), record.src);
-        upstream::deliver(&pod.netns, dst, s.mark, s.connect_timeout, move || {
+        // From the client's address when the pod is prepared for it and the families agree
+        // (they always do for a client that reached this address); the client's own
+        // address needs nothing (a pod calling itself through a service).
+        let from = (pod.deliver_from_client && client.is_ipv4() == dst.is_ipv4() && client.ip() != dst.ip())
+            .then(|| client.ip());
+        let mark = if from.is_some() { s.delivery_mark } else { s.mark };
+        upstream::deliver(&pod.netns, dst, from, mark, s.connect_timeout, move || {
             let delivering = hint.map(|(tracer, peer)| tracer.delivering(cookie, peer, client));
             move |local: std::net::SocketAddr| {
                 if let Some(d) = delivering {

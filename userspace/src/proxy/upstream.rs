@@ -1,7 +1,11 @@
 //! Upstream connections, made from inside the pod's network namespace (so the network sees
 //! the pod's own address) and marked so the capture hooks let them through.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
@@ -13,8 +17,10 @@ pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duratio
     connect_socket(sock, dst, timeout).await
 }
 
-/// Connects to the pod's own application to deliver an inbound connection, from the
-/// destination's own address. `announce` is called just before the connect and returns what
+/// Connects to the pod's own application to deliver an inbound connection: from `from` (the
+/// client's address, with a transparent socket: the pod's namespace routes the replies back,
+/// see `inpod::delivery`), or else from the destination's own address. `mark` must be the
+/// delivery mark with `from`. `announce` is called just before the connect and returns what
 /// is told the socket's local address right after it, with no await in between: kernel
 /// events of the socket are attributed to the client it serves, and over loopback the
 /// handshake may be done before the connect returns (see `trace::Tracer::delivering`).
@@ -27,12 +33,21 @@ pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duratio
 pub async fn deliver<A: FnOnce(SocketAddr)>(
     netns: &Netns,
     dst: SocketAddr,
+    from: Option<IpAddr>,
     mark: u32,
     timeout: Duration,
     announce: impl FnOnce() -> A,
 ) -> io::Result<TcpStream> {
     let sock = socket(netns, dst, mark)?;
-    start_delivery(&sock, dst, announce)?;
+    if from.is_some() {
+        // Binding an address that is not local to the pod.
+        if dst.is_ipv4() {
+            sock.set_ip_transparent_v4(true)?;
+        } else {
+            sock.set_ip_transparent_v6(true)?;
+        }
+    }
+    start_delivery(&sock, dst, from.unwrap_or(dst.ip()), announce)?;
     let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
     match tokio::time::timeout(timeout, stream.writable()).await {
         Ok(ready) => ready?,
@@ -50,10 +65,11 @@ pub async fn deliver<A: FnOnce(SocketAddr)>(
 fn start_delivery<A: FnOnce(SocketAddr)>(
     sock: &Socket,
     dst: SocketAddr,
+    from: IpAddr,
     announce: impl FnOnce() -> A,
 ) -> io::Result<()> {
     nix::sys::socket::setsockopt(sock, nix::sys::socket::sockopt::IpBindAddressNoPort, &true)?;
-    sock.bind(&SocketAddr::new(dst.ip(), 0).into())?;
+    sock.bind(&SocketAddr::new(from, 0).into())?;
     let connected = announce();
     match sock.connect(&dst.into()) {
         Ok(()) => {}

@@ -376,9 +376,12 @@ impl Tracer {
     /// (passive, both ends on one address) by its remote port.
     fn hint_key(raw: &k::TraceEvent, leg: &str) -> Option<(u64, u16)> {
         let same_host = raw.local == raw.remote;
+        // The pod's accepted end of a delivery: from the client's address it carries the
+        // delivery mark (taken from the proxy's SYN), from the pod's own it is on one address.
+        let delivered = raw.proxy == k::PROXY_DELIVERY || same_host;
         match leg {
             "delivery" => Some((raw.netns_cookie, raw.local_port)),
-            "app" if raw.passive != 0 && same_host => Some((raw.netns_cookie, raw.remote_port)),
+            "app" if raw.passive != 0 && delivered => Some((raw.netns_cookie, raw.remote_port)),
             _ => None,
         }
     }
@@ -421,9 +424,17 @@ impl Tracer {
         let same_host = raw.local == raw.remote;
         if raw.local_port == self.0.hbone_port || (!passive && raw.remote_port == self.0.hbone_port) {
             "tunnel"
-        } else if raw.proxy != 0 && same_host {
+        } else if raw.proxy == k::PROXY_DELIVERY {
+            // The proxy's socket delivering from the client's address, or the application's
+            // accepted end of it.
+            if passive {
+                "app"
+            } else {
+                "delivery"
+            }
+        } else if raw.proxy == k::PROXY_OWN && same_host {
             "delivery"
-        } else if raw.proxy != 0 {
+        } else if raw.proxy == k::PROXY_OWN {
             "upstream"
         } else if passive && !same_host {
             "inbound"
