@@ -6,6 +6,7 @@
 
 pub mod ambit;
 pub mod apps;
+pub mod attack;
 pub mod bed;
 pub mod bpf;
 pub mod certs;

@@ -12,8 +12,8 @@ use ambit_common::{
     maps::{Config, CONFIG_TRACE},
     stats,
     trace::{
-        TraceEvent, TracedSock, PROXY_DELIVERY, PROXY_OWN, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
-        EV_STATE, RTT_SAMPLE_NS, WAKEUP_BYTES,
+        TraceEvent, TracedSock, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
+        EV_STATE, PROXY_DELIVERY, PROXY_OWN, RTT_SAMPLE_NS, WAKEUP_BYTES,
     },
     AF_INET, AF_INET6,
 };

@@ -255,6 +255,7 @@ impl PodManager {
             ips: spec.ips.iter().map(|ip| addr::canonical(*ip)).collect(),
             netns: netns.clone(),
             deliver_from_client,
+            deliveries: Default::default(),
         });
         self.proxy.pods().insert(cookie, ctx.clone());
         let stop = CancellationToken::new();
@@ -339,7 +340,7 @@ impl PodManager {
     }
 
     /// Undoes the delivery settings of unenrolled pods once none of their delivered
-    /// connections is open (each holds the pod's context), unless the pod came back.
+    /// connections is open, unless the pod came back.
     pub fn tidy(&mut self) {
         let Some(mark) = self.ports.delivery_mark else { return };
         let enrolled: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
@@ -348,7 +349,7 @@ impl PodManager {
                 // Enrolled again: its settings are in use.
                 return false;
             }
-            if Arc::strong_count(&l.ctx) > 1 {
+            if l.ctx.deliveries.load(std::sync::atomic::Ordering::Relaxed) > 0 {
                 return true;
             }
             if let Err(e) = delivery::undo(&l.ctx.netns, l.v4, l.v6, mark) {

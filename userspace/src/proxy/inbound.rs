@@ -79,7 +79,7 @@ async fn set_up<'p>(
     let mut record = record;
     // The client's own socket carries the connection over the network.
     record.leg = crate::inpod::netns::socket_cookie(&client).ok();
-    match inner.deliver(&record, dst).await {
+    match inner.deliver(&mut record, dst).await {
         Ok(upstream) => Some(Ready { record, registration, client, upstream, started }),
         Err(e) => refuse(&record, client, "connect_failed", &e.to_string()),
     }

@@ -48,6 +48,9 @@ pub struct PodCtx {
     /// Inbound connections reach the application from the client's address (the pod's
     /// namespace is prepared for it, `inpod::delivery`); otherwise from the pod's own.
     pub deliver_from_client: bool,
+    /// Connections delivered from the client's address and still open: their replies need
+    /// the pod's delivery settings, which stay until this is zero.
+    pub deliveries: std::sync::atomic::AtomicUsize,
 }
 
 impl PodCtx {
@@ -263,7 +266,7 @@ impl Inner {
     /// tracer who the client is first.
     async fn deliver(
         &self,
-        record: &ConnRecord<'_>,
+        record: &mut ConnRecord<'_>,
         dst: std::net::SocketAddr,
     ) -> io::Result<tokio::net::TcpStream> {
         let s = &self.settings;
@@ -287,6 +290,10 @@ impl Inner {
         let from = (pod.deliver_from_client && client.is_ipv4() == dst.is_ipv4() && client.ip() != dst.ip())
             .then(|| client.ip());
         let mark = if from.is_some() { s.delivery_mark } else { s.mark };
+        // Counted from before the connect: the settings must outlive every reply.
+        if from.is_some() {
+            record.count_delivery();
+        }
         upstream::deliver(&pod.netns, dst, from, mark, s.connect_timeout, move || {
             let delivering = hint.map(|(tracer, peer)| tracer.delivering(cookie, peer, client));
             move |local: std::net::SocketAddr| {

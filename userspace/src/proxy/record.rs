@@ -29,6 +29,28 @@ pub struct ConnRecord<'a> {
     /// `SO_COOKIE` of the socket that carries it over the network (the upstream, the
     /// accepted client, or the HBONE connection), for the kernel's figures.
     pub leg: Option<NonZeroU64>,
+    /// Delivered from the client's address: counted in the pod's `deliveries` until this
+    /// record (which lives as long as the connection) is dropped. A flag, not a guard: every
+    /// open connection keeps its record, and the tunnel task has no 8 bytes to spare.
+    delivered_from_client: bool,
+}
+
+impl ConnRecord<'_> {
+    /// Counts the connection as delivered from the client's address, until the record goes.
+    pub fn count_delivery(&mut self) {
+        if !self.delivered_from_client {
+            self.pod.deliveries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.delivered_from_client = true;
+        }
+    }
+}
+
+impl Drop for ConnRecord<'_> {
+    fn drop(&mut self) {
+        if self.delivered_from_client {
+            self.pod.deliveries.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 impl<'a> ConnRecord<'a> {
@@ -43,6 +65,7 @@ impl<'a> ConnRecord<'a> {
             dst_service: None,
             mtls: false,
             leg: None,
+            delivered_from_client: false,
         }
     }
 
@@ -63,6 +86,7 @@ impl<'a> ConnRecord<'a> {
             dst_service: None,
             mtls,
             leg: None,
+            delivered_from_client: false,
         }
     }
 }

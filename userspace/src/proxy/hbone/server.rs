@@ -313,7 +313,7 @@ async fn set_up<'p>(
     let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
     // The HBONE connection's socket carries it over the network.
     record.leg = leg;
-    let upstream = match inner.deliver(&record, dst).await {
+    let upstream = match inner.deliver(&mut record, dst).await {
         Ok(u) => u,
         Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, Some(dst), "connect_failed", &e.to_string()),
     };
