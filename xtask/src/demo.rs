@@ -11,7 +11,7 @@ use ambit_testbed::{
     ambit::{sample_value, write_mesh},
     apps::http_server,
     controlplane::ControlPlane,
-    exec::{node_command, run_with_timeout},
+    exec::{kubelet_command, run_with_timeout},
     mesh::{Mesh, AMBIENT},
     pod_command, Ambit, Bed, Node, Pod,
 };
@@ -67,7 +67,7 @@ fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
 fn kernel_counters(node: &str, ambit: &Ambit) {
     let m = ambit.metrics();
     let line: Vec<String> =
-        ["connect_captured", "connect_not_enrolled", "inbound_assigned", "inbound_node_bypass"]
+        ["connect_captured", "connect_not_enrolled", "inbound_assigned", "inbound_kubelet_probe"]
             .iter()
             .map(|e| {
                 format!("{e}={}", sample_value(&m, &format!("ambit_capture_events_total{{event=\"{e}\"}}")))
@@ -160,15 +160,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     s1 = access_log("n1", &p1, s1);
     s2 = access_log("n2", &p2, s2);
 
-    step(6, "a pod outside the mesh, and a kubelet-style probe from the node");
+    step(6, "a pod outside the mesh, and the kubelet's probe from the node");
     pod_curl(
         &outsider,
         &format!("http://{}:8080/", server.ipv4),
         "outsider -> server: plaintext, captured inbound",
     )?;
     curl(
-        node_command(&n2, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", server.ipv4)]),
-        "node n2 (kubelet) -> server: not captured",
+        kubelet_command(&n2, &["curl", "-sS", "--max-time", "5", &format!("http://{}:8080/", server.ipv4)]),
+        "node n2's kubelet -> server: a health probe, not captured",
     )?;
     settle();
     s1 = access_log("n1", &p1, s1);
