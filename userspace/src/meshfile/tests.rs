@@ -90,6 +90,18 @@ fn duplicate_ip_is_refused() {
     refused(&text, 18, "pods[2].ips[0]", "already the address of pods[0]");
 }
 
+/// The same address written IPv4-mapped is the same address (the fuzzer's finding: two pods
+/// were accepted), and a mapped loopback is loopback.
+#[test]
+fn an_ipv4_mapped_duplicate_or_loopback_is_refused() {
+    let text = GOOD.replace("10.1.0.4", "\"::ffff:10.1.0.2\"");
+    refused(&text, 18, "pods[2].ips[0]", "10.1.0.2 is already the address of pods[0]");
+    let text = GOOD.replace("10.1.0.4", "\"::ffff:127.0.0.1\"");
+    refused(&text, 18, "pods[2].ips[0]", "127.0.0.1 cannot be a pod address");
+    let mapped = parse_str(&GOOD.replace("10.1.0.4", "\"::ffff:10.1.0.4\"")).expect("valid");
+    assert_eq!(mapped.pods[2].ips, vec!["10.1.0.4".parse::<std::net::IpAddr>().expect("ip")]);
+}
+
 #[test]
 fn missing_netns_is_refused_for_local_pods_only() {
     let text = GOOD.replace(

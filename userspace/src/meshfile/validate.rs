@@ -68,9 +68,11 @@ impl Validator<'_> {
             let mut ips = Vec::with_capacity(pod.ips.len());
             for (j, text) in pod.ips.iter().enumerate() {
                 let ip_at = at.clone().key("ips").index(j);
-                let ip: IpAddr = text.parse().map_err(|_| {
+                // IPv4-mapped IPv6 is the IPv4 address itself: `::ffff:10.1.0.9` and
+                // `10.1.0.9` are one pod address, and `::ffff:127.0.0.1` is loopback.
+                let ip: IpAddr = crate::capture::addr::canonical(text.parse().map_err(|_| {
                     self.err(ip_at.clone(), format!("{text:?} is not an IPv4 or IPv6 address"))
-                })?;
+                })?);
                 if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
                     return Err(self.err(ip_at, format!("{ip} cannot be a pod address")));
                 }
@@ -137,9 +139,9 @@ impl Validator<'_> {
             let mut addresses = Vec::new();
             for (j, text) in svc.addresses.iter().enumerate() {
                 let ip_at = at.clone().key("addresses").index(j);
-                let ip: IpAddr = text.parse().map_err(|_| {
+                let ip: IpAddr = crate::capture::addr::canonical(text.parse().map_err(|_| {
                     self.err(ip_at.clone(), format!("{text:?} is not an IPv4 or IPv6 address"))
-                })?;
+                })?);
                 if ip.is_unspecified() || ip.is_loopback() || ip.is_multicast() {
                     return Err(self.err(ip_at, format!("{ip} cannot be a service address")));
                 }

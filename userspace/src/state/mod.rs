@@ -68,9 +68,20 @@ pub struct MeshState {
 impl MeshState {
     fn unindex_workload(&mut self, uid: &str) {
         if let Some(old) = self.workloads.remove(uid) {
-            for ip in &old.addresses {
-                if self.by_ip.get(ip).is_some_and(|u| u == uid) {
-                    self.by_ip.remove(ip);
+            for ip in old.addresses.iter().map(|ip| addr::canonical(*ip)) {
+                if self.by_ip.get(&ip).is_some_and(|u| u == uid) {
+                    // Another workload may hold the same address (host-network pods share
+                    // their node's): it is reachable by it again, not lost with the index.
+                    let heir = self
+                        .workloads
+                        .values()
+                        .filter(|w| w.addresses.iter().any(|a| addr::canonical(*a) == ip))
+                        .map(|w| w.uid.clone())
+                        .min();
+                    match heir {
+                        Some(h) => self.by_ip.insert(ip, h),
+                        None => self.by_ip.remove(&ip),
+                    };
                 }
             }
             for key in old.services.keys() {
@@ -86,12 +97,97 @@ impl MeshState {
 
     fn unindex_service(&mut self, key: &str) {
         if let Some(old) = self.services.remove(key) {
-            for ip in &old.service.vips {
-                if self.by_vip.get(ip).is_some_and(|k| k == key) {
-                    self.by_vip.remove(ip);
+            for ip in old.service.vips.iter().map(|ip| addr::canonical(*ip)) {
+                if self.by_vip.get(&ip).is_some_and(|k| k == key) {
+                    let heir = self
+                        .services
+                        .values()
+                        .filter(|e| e.service.vips.iter().any(|v| addr::canonical(*v) == ip))
+                        .map(|e| e.service.key.clone())
+                        .min();
+                    match heir {
+                        Some(h) => self.by_vip.insert(ip, h),
+                        None => self.by_vip.remove(&ip),
+                    };
                 }
             }
         }
+    }
+
+    /// Checks that every index agrees with the resources held: each entry names a live
+    /// resource that has the key, each address of a live resource is indexed, endpoints are
+    /// live workloads of their service, and `route` agrees with `workload_by_ip`. The error
+    /// names the first disagreement. (The property tests and the fuzzer call it after every
+    /// change.)
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for (ip, uid) in &self.by_ip {
+            let w =
+                self.workloads.get(uid).ok_or_else(|| format!("by_ip {ip} -> {uid}: no such workload"))?;
+            if !w.addresses.iter().any(|a| addr::canonical(*a) == *ip) {
+                return Err(format!("by_ip {ip} -> {uid}, which does not have that address"));
+            }
+        }
+        for (ip, key) in &self.by_vip {
+            let e = self.services.get(key).ok_or_else(|| format!("by_vip {ip} -> {key}: no such service"))?;
+            if !e.service.vips.iter().any(|a| addr::canonical(*a) == *ip) {
+                return Err(format!("by_vip {ip} -> {key}, which does not have that address"));
+            }
+        }
+        for w in self.workloads.values() {
+            for ip in &w.addresses {
+                if !self.by_ip.contains_key(&addr::canonical(*ip)) {
+                    return Err(format!("workload {} address {ip} is not indexed", w.uid));
+                }
+            }
+            for key in w.services.keys() {
+                if !self.endpoints.get(key).is_some_and(|s| s.contains(&w.uid)) {
+                    return Err(format!("workload {} is not an endpoint of {key}", w.uid));
+                }
+            }
+        }
+        for e in self.services.values() {
+            for ip in &e.service.vips {
+                if !self.by_vip.contains_key(&addr::canonical(*ip)) {
+                    return Err(format!("service {} address {ip} is not indexed", e.service.key));
+                }
+            }
+        }
+        for (key, uids) in &self.endpoints {
+            if uids.is_empty() {
+                return Err(format!("endpoints of {key}: an empty set is kept"));
+            }
+            for uid in uids {
+                if !self.workloads.get(uid).is_some_and(|w| w.services.contains_key(key)) {
+                    return Err(format!("endpoints of {key} list {uid}, which is not one"));
+                }
+            }
+        }
+        let indexed = self.global_policies.len()
+            + self.namespace_policies.values().map(Vec::len).sum::<usize>()
+            + self.selectable_policies.len();
+        if indexed != self.policies.len()
+            || self
+                .global_policies
+                .iter()
+                .chain(self.namespace_policies.values().flatten())
+                .chain(self.selectable_policies.values())
+                .any(|p| !self.policies.get(&p.key).is_some_and(|q| Arc::ptr_eq(p, q)))
+        {
+            return Err(format!(
+                "policy indexes hold {indexed} entries for {} policies",
+                self.policies.len()
+            ));
+        }
+        for (ip, uid) in &self.by_ip {
+            if self.by_vip.contains_key(ip) {
+                continue;
+            }
+            match self.route(SocketAddr::new(*ip, 8080)) {
+                Route::Workload { workload, service: None, .. } if workload.uid == *uid => {}
+                other => return Err(format!("route to {ip} is {other:?}, workload_by_ip says {uid}")),
+            }
+        }
+        Ok(())
     }
 
     /// Applies one `istio.workload.Address`. On error nothing changes: the previous version
@@ -137,6 +233,10 @@ impl MeshState {
         a: &Authorization,
     ) -> Result<(), String> {
         let policy = authz::compile(a)?;
+        // Indexed by what the policy calls itself: a second name for it would shadow it.
+        if policy.key != name {
+            return Err(format!("served as {name:?} but names itself {:?}", policy.key));
+        }
         self.policies.insert(name.to_string(), Arc::new(policy));
         self.reindex_policies();
         self.versions
