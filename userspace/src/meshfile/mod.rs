@@ -219,19 +219,97 @@ impl fmt::Display for MeshFileError {
     }
 }
 
+/// The largest mesh file read: a hundred thousand pods fit in well under this.
+pub const MAX_FILE_BYTES: u64 = 16 << 20;
+/// The deepest nesting of flow collections (`[...]`, `{...}`) accepted. A mesh file needs
+/// three or four; the YAML parsers spend time quadratic in the depth (20,000 levels took
+/// seconds, 100,000 over a minute), so deeper text is refused before it is parsed.
+pub const MAX_FLOW_DEPTH: usize = 64;
+
 /// Reads, parses and validates a mesh file.
 pub fn load(path: &Path, checks: &Checks<'_>) -> Result<Mesh, MeshFileError> {
-    let text = std::fs::read_to_string(path).map_err(|e| MeshFileError {
+    let error = |message: String| MeshFileError {
         file: path.to_path_buf(),
         location: None,
         field: String::new(),
-        message: format!("cannot read: {e}"),
-    })?;
+        message,
+    };
+    let file = std::fs::File::open(path).map_err(|e| error(format!("cannot read: {e}")))?;
+    let mut text = String::new();
+    // One byte past the limit tells "too large" from "exactly at it".
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX_FILE_BYTES + 1), &mut text)
+        .map_err(|e| error(format!("cannot read: {e}")))?;
     parse(path, &text, checks)
+}
+
+/// Refuses text the parsers would spend too long on: larger than [`MAX_FILE_BYTES`], or
+/// flow collections nested deeper than [`MAX_FLOW_DEPTH`] (counted outside quotes and
+/// comments, where a `[` or `{` opens a collection).
+fn check_bounds(path: &Path, text: &str) -> Result<(), MeshFileError> {
+    let refuse = |location: Option<Location>, message: String| MeshFileError {
+        file: path.to_path_buf(),
+        location,
+        field: String::new(),
+        message,
+    };
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(refuse(None, format!("larger than {} MiB: refused unread", MAX_FILE_BYTES >> 20)));
+    }
+    let (mut depth, mut line, mut column) = (0usize, 1usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    let mut comment = false;
+    // The last character that was not a space (a collection or a quoted scalar opens after
+    // one of these), and the one right before (a comment starts after a space).
+    let (mut last, mut prev) = ('\n', '\n');
+    let opens_after = |c: char| matches!(c, '\n' | ':' | ',' | '[' | '{' | '-' | '?');
+    for c in text.chars() {
+        column += 1;
+        if c == '\n' {
+            (line, column, comment, prev) = (line + 1, 0, false, '\n');
+            if quote.is_none() {
+                last = '\n';
+            }
+            continue;
+        }
+        if comment {
+            continue;
+        }
+        match quote {
+            Some('"') if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None => match c {
+                '#' if prev.is_whitespace() => comment = true,
+                '"' | '\'' if opens_after(last) => quote = Some(c),
+                '[' | '{' if opens_after(last) => {
+                    depth += 1;
+                    if depth > MAX_FLOW_DEPTH {
+                        return Err(refuse(
+                            Some(Location { line, column }),
+                            format!(
+                                "collections nested deeper than {MAX_FLOW_DEPTH} levels: refused unparsed \
+                                 (a mesh file needs a few)"
+                            ),
+                        ));
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            },
+        }
+        if !c.is_whitespace() {
+            last = c;
+        }
+        prev = c;
+    }
+    Ok(())
 }
 
 /// Parses and validates mesh file text; `path` is only used in messages.
 pub fn parse(path: &Path, text: &str, checks: &Checks<'_>) -> Result<Mesh, MeshFileError> {
+    check_bounds(path, text)?;
     let file: model::MeshFile = if text.trim().is_empty() {
         model::MeshFile::default()
     } else {

@@ -102,6 +102,35 @@ fn an_ipv4_mapped_duplicate_or_loopback_is_refused() {
     assert_eq!(mapped.pods[2].ips, vec!["10.1.0.4".parse::<std::net::IpAddr>().expect("ip")]);
 }
 
+/// The fuzzer's second finding: an unknown key under a policy's metadata (which the
+/// validator ignores) nested 20,000 levels deep took the YAML parsers seconds (100,000 took
+/// over a minute). Deep nesting is refused before parsing, naming the limit and where.
+#[test]
+fn deeply_nested_collections_are_refused_before_parsing() {
+    let deep = |n: usize| {
+        format!(
+            "{GOOD}policies:\n  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata:\n      name: p\n      namespace: demo\n      x: {}{}\n",
+            "[".repeat(n),
+            "]".repeat(n)
+        )
+    };
+    let err = parse_str(&deep(20_000)).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("nested deeper than 64 levels"), "{msg}");
+    assert_eq!(err.location.map(|l| (l.line, l.column)), Some((37, 74)), "{msg}");
+    // At the limit it parses (and the unknown metadata key is ignored, as before).
+    parse_str(&deep(MAX_FLOW_DEPTH)).expect("64 levels");
+    // Brackets in quotes, comments and plain scalars do not count.
+    let text = format!("{GOOD}# {}\n", "[".repeat(200));
+    parse_str(&text).expect("a comment");
+    let text = GOOD.replace("name: outside", &format!("name: outside # {}", "{".repeat(100)));
+    parse_str(&text).expect("a trailing comment");
+    let quoted = format!("{GOOD}policies: []\n# \"{}\"\n", "[".repeat(100));
+    parse_str(&quoted).expect("quoted");
+    let too_big = "#".repeat(MAX_FILE_BYTES as usize + 1);
+    assert!(parse_str(&too_big).expect_err("refused").to_string().contains("larger than 16 MiB"));
+}
+
 #[test]
 fn missing_netns_is_refused_for_local_pods_only() {
     let text = GOOD.replace(
