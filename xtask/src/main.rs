@@ -7,12 +7,14 @@
 //! - `demo [--keep]`: a local mesh in network namespaces, with traffic and what ambit saw;
 //! - `lint`: rustfmt and clippy, warnings as errors;
 //! - `kernels`: the kernel matrix under QEMU (part of `test`);
-//! - `bench`: ambit against a plain relay behind iptables and no proxy at all, in one run.
+//! - `bench`: ambit against a plain relay behind iptables and no proxy at all, in one run;
+//! - `fuzz <target> [--minutes N]`: one coverage-guided fuzz target, longer than the test does.
 //!
 //! Every command runs `setup` first when something is missing.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod kernels;
 mod setup;
 
@@ -47,6 +49,9 @@ enum Cmd {
         /// Skip the kernel matrix (QEMU).
         #[arg(long)]
         no_kernels: bool,
+        /// Skip the fuzz targets' short runs.
+        #[arg(long)]
+        no_fuzz: bool,
     },
     /// Bring up a local mesh in network namespaces, show captured traffic, tear down.
     Demo {
@@ -70,6 +75,9 @@ enum Cmd {
     /// Count the instructions ambit spends per request and per new connection (callgrind,
     /// both proxies, cross-node; profiles in target/bench/callgrind/).
     Count,
+    /// Run one fuzz target (AddressSanitizer) for longer than the test does, or reproduce a
+    /// finding.
+    Fuzz(fuzz::FuzzArgs),
 }
 
 pub fn root() -> PathBuf {
@@ -101,7 +109,9 @@ fn ensure_setup() -> anyhow::Result<()> {
 pub fn build(release: bool) -> anyhow::Result<()> {
     ensure_setup()?;
     let mut c = cargo();
-    c.args(["build", "--workspace", "--bins"]);
+    // The fuzz targets are built by `cargo fuzz`, instrumented; a plain build of them is
+    // only libFuzzer's C++ compiled for nothing.
+    c.args(["build", "--workspace", "--exclude", "ambit-fuzz", "--bins"]);
     if release {
         c.arg("--release");
     }
@@ -121,7 +131,7 @@ fn lint() -> anyhow::Result<()> {
     run(clippy)
 }
 
-fn test(filter: Option<String>, no_lint: bool, no_kernels: bool) -> anyhow::Result<()> {
+fn test(filter: Option<String>, no_lint: bool, no_kernels: bool, no_fuzz: bool) -> anyhow::Result<()> {
     ensure_setup()?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the integration tests need root (network namespaces, cgroups, eBPF): run `sudo -E cargo xtask test`");
@@ -147,6 +157,9 @@ fn test(filter: Option<String>, no_lint: bool, no_kernels: bool) -> anyhow::Resu
         bail!("tests left resources behind (now removed): {leaks:#?}");
     }
     result?;
+    if !no_fuzz && filter.is_none() {
+        fuzz::test_all()?;
+    }
     if !no_kernels && filter.is_none() {
         kernels::run(&root())?;
     }
@@ -168,7 +181,7 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Setup => setup::setup(),
         Cmd::Build { release } => build(release),
-        Cmd::Test { filter, no_lint, no_kernels } => test(filter, no_lint, no_kernels),
+        Cmd::Test { filter, no_lint, no_kernels, no_fuzz } => test(filter, no_lint, no_kernels, no_fuzz),
         Cmd::Demo { keep } => {
             build(false)?;
             demo::run(keep)
@@ -198,6 +211,10 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
             ensure_setup()?;
             setup::ensure_packages(setup::PROFILING)?;
             bench::count::run()
+        }
+        Cmd::Fuzz(args) => {
+            ensure_setup()?;
+            fuzz::run(args)
         }
     }
 }

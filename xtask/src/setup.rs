@@ -39,6 +39,8 @@ pub const PROFILING: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Drives the fuzz targets (libFuzzer) in `fuzz/`.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// Validates the Kubernetes manifests offline (schemas of many Kubernetes versions inside).
 const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 const LLVM: &str = "/usr/lib/llvm-22";
@@ -69,6 +71,13 @@ fn bpf_linker_ok() -> bool {
         .arg("--version")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+}
+
+fn cargo_fuzz_ok() -> bool {
+    Command::new(cargo_bin().join("cargo-fuzz"))
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(CARGO_FUZZ_VERSION))
 }
 
 fn ebpf_rustc_version() -> Option<(u32, u32)> {
@@ -136,6 +145,7 @@ fn kubernetes_validate_ok() -> bool {
 pub fn is_complete() -> bool {
     missing_packages(PACKAGES).is_ok_and(|m| m.is_empty())
         && bpf_linker_ok()
+        && cargo_fuzz_ok()
         && kubernetes_validate_ok()
         && promtool_ok()
 }
@@ -176,6 +186,16 @@ pub fn setup() -> anyhow::Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("PATH", path)
             .env("LLVM_PREFIX", LLVM))?;
+    }
+    if !cargo_fuzz_ok() {
+        eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
+        run(Command::new("cargo").args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
     }
     if !promtool_ok() {
         eprintln!("xtask setup: extracting promtool from Debian's prometheus package");

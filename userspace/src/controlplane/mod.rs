@@ -3,7 +3,7 @@
 //! from the mesh file) and Delta ADS with Istio's workload API (the mesh file's workloads,
 //! services and policies, changes pushed as deltas), both over TLS on one port.
 
-mod authority;
+pub mod authority;
 mod ca;
 
 use std::{

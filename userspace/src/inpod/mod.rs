@@ -243,7 +243,7 @@ impl PodManager {
             .find_map(|k| spec.labels.get(*k))
             .cloned()
             .unwrap_or_else(|| spec.name.clone());
-        let baggage = crate::proxy::hbone::client::baggage(&spec.namespace, &spec.name, &app);
+        let baggage = crate::proxy::hbone::head::baggage(&spec.namespace, &spec.name, &app);
         let ctx = Arc::new(PodCtx {
             baggage,
             namespace: spec.namespace.clone(),

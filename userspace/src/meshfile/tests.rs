@@ -244,7 +244,7 @@ fn invalid_services_are_refused_with_line_and_field() {
     assert!(err.to_string().contains("pods[0].status") && err.to_string().contains("sick"), "{err}");
 }
 
-/// Mutations of the mesh files in `fuzz-corpus/mesh/` (truncated, bytes flipped, junk
+/// Mutations of the mesh files in `fuzz/corpus/meshfile/` (truncated, bytes flipped, junk
 /// spliced in): each is parsed or refused with a message naming the file; never a panic.
 mod hostile {
     use proptest::prelude::*;
@@ -252,9 +252,9 @@ mod hostile {
     use super::*;
 
     const CORPUS: [(&str, &str); 3] = [
-        ("pods.yaml", include_str!("../../../fuzz-corpus/mesh/pods.yaml")),
-        ("services.yaml", include_str!("../../../fuzz-corpus/mesh/services.yaml")),
-        ("policies.yaml", include_str!("../../../fuzz-corpus/mesh/policies.yaml")),
+        ("pods.yaml", include_str!("../../../fuzz/corpus/meshfile/pods.yaml")),
+        ("services.yaml", include_str!("../../../fuzz/corpus/meshfile/services.yaml")),
+        ("policies.yaml", include_str!("../../../fuzz/corpus/meshfile/policies.yaml")),
     ];
     /// The control plane's view: no network namespace is checked.
     const CP: Checks<'static> = Checks { node: None };

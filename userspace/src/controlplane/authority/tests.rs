@@ -142,7 +142,7 @@ fn an_intermediate_signs_and_the_chain_ends_at_the_users_root() {
     fs::remove_dir_all(dir).expect("cleanup");
 }
 
-/// CSRs from `fuzz-corpus/csr/`, mutated in their PEM text and in their DER bytes: checked
+/// CSRs from `fuzz/corpus/csr/`, mutated in their PEM text and in their DER bytes: checked
 /// or refused with a reason, never a panic, and never an identity outside the trust domain.
 mod hostile {
     use proptest::prelude::*;
@@ -151,8 +151,8 @@ mod hostile {
     use super::*;
 
     const CORPUS: [&str; 2] = [
-        include_str!("../../../../fuzz-corpus/csr/good.pem"),
-        include_str!("../../../../fuzz-corpus/csr/two-sans.pem"),
+        include_str!("../../../../fuzz/corpus/csr/good.pem"),
+        include_str!("../../../../fuzz/corpus/csr/two-sans.pem"),
     ];
 
     fn authority() -> &'static Authority {

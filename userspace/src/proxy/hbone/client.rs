@@ -355,13 +355,6 @@ fn forwarded(src: IpAddr) -> HeaderValue {
     HeaderValue::try_from(out).expect("an address in quotes is a valid header value")
 }
 
-/// W3C baggage describing the source workload, with the keys ztunnel uses; `None` (no
-/// header) for names a header value can't carry, which Kubernetes' naming rules rule out.
-pub fn baggage(namespace: &str, pod: &str, app: &str) -> Option<HeaderValue> {
-    let text = format!("k8s.namespace.name={namespace},k8s.pod.name={pod},service.name={app}");
-    HeaderValue::try_from(text).ok()
-}
-
 /// A new W3C trace context (sampled) per tunnel, marked never-indexed for HPACK: a value no
 /// later request repeats would only evict the ones that do repeat (authority, forwarded,
 /// baggage) from both ends' header tables, and keep ~4 KiB of dead values in each per
@@ -444,12 +437,5 @@ mod tests {
             let sa = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::from(a)), port);
             proptest::prop_assert_eq!(authority(sa), sa.to_string());
         }
-    }
-
-    #[test]
-    fn baggage_names_the_pod_with_ztunnel_s_keys() {
-        let b = baggage("demo", "a-5f7", "shop").unwrap();
-        assert_eq!(b, "k8s.namespace.name=demo,k8s.pod.name=a-5f7,service.name=shop");
-        assert!(baggage("demo", "a\nb", "shop").is_none(), "no header rather than an invalid one");
     }
 }

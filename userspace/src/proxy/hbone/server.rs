@@ -15,10 +15,11 @@ use std::{
 
 use bytes::Bytes;
 use h2::{server::SendResponse, RecvStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+use super::head::connect_target;
 use crate::{
     capture::addr,
     inpod::Direction,
@@ -198,23 +199,6 @@ fn peer_uri(peer: &Option<Arc<VerifiedPeer>>) -> Option<&Arc<str>> {
     peer.as_ref().map(|p| &p.uri)
 }
 
-/// Why a CONNECT's head is refused: status, reason (metrics, logs), detail.
-type HeadRefusal = (StatusCode, &'static str, &'static str);
-
-/// The target a CONNECT asks for, from its untrusted head: only CONNECT, and an `IP:port`
-/// authority (canonical: v4-mapped v6 addresses as v4).
-fn connect_target(method: &Method, authority: Option<&str>) -> Result<SocketAddr, HeadRefusal> {
-    if method != Method::CONNECT {
-        return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect", "only CONNECT is served"));
-    }
-    let dst = authority.and_then(|a| a.parse::<SocketAddr>().ok()).ok_or((
-        StatusCode::BAD_REQUEST,
-        "bad_authority",
-        "the :authority is not an IP:port",
-    ))?;
-    Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))
-}
-
 /// A CONNECT stream as accepted: its head is only read while the tunnel is set up.
 struct TunnelArgs {
     inner: Arc<Inner>,
@@ -327,49 +311,4 @@ async fn set_up<'p>(
     };
     let open = inner.opened(&record);
     Some(Served { record, registration, open, upstream, send, body: req.into_body(), started })
-}
-
-#[cfg(test)]
-mod tests {
-    use proptest::prelude::*;
-
-    use super::*;
-
-    /// Heads seen in the wild and the edges of the grammar (fuzz-corpus/hbone/).
-    const CORPUS: &str = include_str!("../../../../fuzz-corpus/hbone/heads.txt");
-
-    #[test]
-    fn the_corpus_parses_as_recorded() {
-        for line in CORPUS.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
-            let mut f = line.split('\t');
-            let mut next = || f.next().unwrap_or_else(|| panic!("four tab-separated columns: {line}"));
-            // The `forwarded` column is there to show that it changes nothing.
-            let (method, authority, _forwarded, want) = (next(), next(), next(), next());
-            let method = Method::from_bytes(method.as_bytes()).expect("corpus method");
-            let got = match connect_target(&method, Some(authority)) {
-                Ok(dst) => dst.to_string(),
-                Err((status, ..)) => status.as_u16().to_string(),
-            };
-            assert_eq!(got, want, "{line}");
-        }
-    }
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
-
-        #[test]
-        fn any_authority_is_parsed_or_refused(authority in "\\PC{0,64}") {
-            match connect_target(&Method::CONNECT, Some(&authority)) {
-                Ok(dst) => prop_assert!(authority.contains(&dst.port().to_string())),
-                Err((status, ..)) => prop_assert_eq!(status, StatusCode::BAD_REQUEST),
-            }
-        }
-
-        #[test]
-        fn only_connect_is_served(method in "[A-Z]{1,10}") {
-            let m = Method::from_bytes(method.as_bytes()).expect("token");
-            let r = connect_target(&m, Some("10.0.0.1:80"));
-            prop_assert_eq!(r.is_ok(), method == "CONNECT");
-        }
-    }
 }

@@ -1,0 +1,178 @@
+//! The parts of an HBONE CONNECT's head ambit reads or writes, as pure functions (the
+//! fuzzer drives them directly): the target a CONNECT asks for, and the W3C baggage that
+//! describes the source workload.
+//!
+//! Everything here comes from, or goes to, the other end: parse as hostile, write so the
+//! other end cannot be misled.
+
+use std::net::SocketAddr;
+
+use http::{HeaderValue, Method, StatusCode};
+
+use crate::capture::addr;
+
+/// Why a CONNECT's head is refused: status, reason (metrics, logs), detail.
+pub type HeadRefusal = (StatusCode, &'static str, &'static str);
+
+/// The target a CONNECT asks for, from its untrusted head: only CONNECT, and an `IP:port`
+/// authority (canonical: v4-mapped v6 addresses as v4).
+pub fn connect_target(method: &Method, authority: Option<&str>) -> Result<SocketAddr, HeadRefusal> {
+    if method != Method::CONNECT {
+        return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect", "only CONNECT is served"));
+    }
+    let dst = authority.and_then(|a| a.parse::<SocketAddr>().ok()).ok_or((
+        StatusCode::BAD_REQUEST,
+        "bad_authority",
+        "the :authority is not an IP:port",
+    ))?;
+    Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))
+}
+
+/// The baggage keys ztunnel uses for the source workload.
+pub const BAGGAGE_NAMESPACE: &str = "k8s.namespace.name";
+pub const BAGGAGE_POD: &str = "k8s.pod.name";
+pub const BAGGAGE_APP: &str = "service.name";
+
+/// Whether a byte may stand unencoded in a W3C baggage value (`baggage-octet`); `%` is left
+/// out too, as it starts an escape.
+fn plain(b: u8) -> bool {
+    matches!(b, 0x21 | 0x23..=0x24 | 0x26..=0x2b | 0x2d..=0x3a | 0x3c..=0x5b | 0x5d..=0x7e)
+}
+
+/// `v` percent-encoded where W3C baggage needs it: a value can never add members (`,`),
+/// properties (`;`) or keys (`=` is left as is: only the first one splits a member).
+fn encode(v: &str, out: &mut String) {
+    for b in v.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// W3C baggage describing the source workload, with the keys ztunnel uses. Values are
+/// percent-encoded, so any name or label round-trips. `None` only if the header would be
+/// invalid, which encoding rules out.
+pub fn baggage(namespace: &str, pod: &str, app: &str) -> Option<HeaderValue> {
+    let mut text = String::with_capacity(64 + namespace.len() + pod.len() + app.len());
+    for (i, (k, v)) in
+        [(BAGGAGE_NAMESPACE, namespace), (BAGGAGE_POD, pod), (BAGGAGE_APP, app)].iter().enumerate()
+    {
+        if i > 0 {
+            text.push(',');
+        }
+        text.push_str(k);
+        text.push('=');
+        encode(v, &mut text);
+    }
+    HeaderValue::try_from(text).ok()
+}
+
+/// The members of a baggage header (`key=value` pairs, values percent-decoded, properties
+/// dropped). Members that are not `key=value` are skipped; an escape that does not decode
+/// to UTF-8 is kept as written. At most `max` members are returned.
+pub fn parse_baggage(value: &[u8], max: usize) -> Vec<(String, String)> {
+    let Ok(text) = std::str::from_utf8(value) else { return Vec::new() };
+    text.split(',')
+        .filter_map(|member| {
+            let kv = member.split(';').next()?.trim();
+            let (k, v) = kv.split_once('=')?;
+            let k = k.trim();
+            if k.is_empty() {
+                return None;
+            }
+            Some((k.to_string(), decode(v.trim())))
+        })
+        .take(max)
+        .collect()
+}
+
+fn decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).and_then(|c| hex(*c)), b.get(i + 2).and_then(|c| hex(*c))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, ..) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| v.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Heads seen in the wild and the edges of the grammar.
+    const CORPUS: &str = include_str!("heads.tsv");
+
+    #[test]
+    fn the_corpus_parses_as_recorded() {
+        for line in CORPUS.lines().filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let mut f = line.split('\t');
+            let mut next = || f.next().unwrap_or_else(|| panic!("four tab-separated columns: {line}"));
+            // The `forwarded` column is there to show that it changes nothing.
+            let (method, authority, _forwarded, want) = (next(), next(), next(), next());
+            let method = Method::from_bytes(method.as_bytes()).expect("corpus method");
+            let got = match connect_target(&method, Some(authority)) {
+                Ok(dst) => dst.to_string(),
+                Err((status, ..)) => status.as_u16().to_string(),
+            };
+            assert_eq!(got, want, "{line}");
+        }
+    }
+
+    #[test]
+    fn baggage_names_the_pod_with_ztunnel_s_keys() {
+        let b = baggage("demo", "a-5f7", "shop").expect("valid");
+        assert_eq!(b, "k8s.namespace.name=demo,k8s.pod.name=a-5f7,service.name=shop");
+        // A value cannot smuggle in a member, a property or a line.
+        let b = baggage("demo", "a\nb", "x,k8s.namespace.name=evil;p").expect("encoded");
+        assert_eq!(
+            b,
+            "k8s.namespace.name=demo,k8s.pod.name=a%0Ab,service.name=x%2Ck8s.namespace.name=evil%3Bp"
+        );
+        let parsed = parse_baggage(b.as_bytes(), 8);
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed[2], (BAGGAGE_APP.to_string(), "x,k8s.namespace.name=evil;p".to_string()));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+        #[test]
+        fn any_authority_is_parsed_or_refused(authority in "\\PC{0,64}") {
+            match connect_target(&Method::CONNECT, Some(&authority)) {
+                Ok(dst) => prop_assert!(authority.contains(&dst.port().to_string())),
+                Err((status, ..)) => prop_assert_eq!(status, StatusCode::BAD_REQUEST),
+            }
+        }
+
+        #[test]
+        fn only_connect_is_served(method in "[A-Z]{1,10}") {
+            let m = Method::from_bytes(method.as_bytes()).expect("token");
+            let r = connect_target(&m, Some("10.0.0.1:80"));
+            prop_assert_eq!(r.is_ok(), method == "CONNECT");
+        }
+
+        #[test]
+        fn any_workload_round_trips_through_baggage(ns in "\\PC{0,20}", pod in ".{0,20}", app in ".{0,20}") {
+            let b = baggage(&ns, &pod, &app).expect("always a valid header");
+            let got = parse_baggage(b.as_bytes(), 8);
+            let want: Vec<(String, String)> = [(BAGGAGE_NAMESPACE, &ns), (BAGGAGE_POD, &pod), (BAGGAGE_APP, &app)]
+                .iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            prop_assert_eq!(got, want);
+        }
+    }
+}
