@@ -61,7 +61,8 @@ fn run_target(target: &str, seconds: u32, corpus_out: &std::path::Path) -> anyho
         .arg(format!("-max_total_time={seconds}"))
         .arg(format!("-timeout={TIMEOUT_SECONDS}"))
         .arg("-rss_limit_mb=4096")
-        .arg("-print_final_stats=1");
+        .arg("-print_final_stats=1")
+        .arg("-print_funcs=0");
     let status = c.status().with_context(|| format!("running fuzz target {target}"))?;
     if !status.success() {
         bail!(
