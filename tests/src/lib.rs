@@ -17,6 +17,7 @@ pub mod frames;
 pub mod kubeapi;
 pub mod mesh;
 pub mod netns;
+pub mod tools;
 pub mod xdsfake;
 pub mod xdsload;
 

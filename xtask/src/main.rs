@@ -15,6 +15,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod gotools;
 mod kernels;
 mod setup;
 
@@ -143,6 +144,8 @@ fn test(filter: Option<String>, no_lint: bool, no_kernels: bool, no_fuzz: bool) 
         lint()?;
     }
     build(false)?;
+    // The real Kubernetes API server and istiod some tests run against.
+    gotools::ensure()?;
     let mut t = cargo();
     t.args(["test", "--workspace", "--no-fail-fast"]);
     if let Some(f) = &filter {
@@ -179,7 +182,10 @@ fn main() -> std::process::ExitCode {
 
 fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Setup => setup::setup(),
+        Cmd::Setup => {
+            setup::setup()?;
+            gotools::ensure()
+        }
         Cmd::Build { release } => build(release),
         Cmd::Test { filter, no_lint, no_kernels, no_fuzz } => test(filter, no_lint, no_kernels, no_fuzz),
         Cmd::Demo { keep } => {
