@@ -31,6 +31,8 @@ pub struct Ambit<'b> {
     pub node: Node,
     pub mesh: PathBuf,
     pub args: Vec<String>,
+    /// Environment variables set for it (a DaemonSet's downward API: POD_NAME, ...).
+    pub env: Vec<(String, String)>,
     bed: &'b Bed,
     starts: u32,
 }
@@ -89,11 +91,23 @@ impl<'b> Ambit<'b> {
     /// Starts `ambit node` for `node` with exactly `args` (see [`Ambit::kube_args`]) and waits
     /// until it is ready. `mesh`: the mesh file it reads, if any (empty otherwise).
     pub fn start_with(bed: &'b Bed, node: &Node, mesh: &Path, args: Vec<String>) -> Ambit<'b> {
+        Self::start_with_env(bed, node, mesh, args, Vec::new())
+    }
+
+    /// [`Ambit::start_with`] with environment variables.
+    pub fn start_with_env(
+        bed: &'b Bed,
+        node: &Node,
+        mesh: &Path,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> Ambit<'b> {
         let mut a = Ambit {
-            proc: spawn(bed, node, &args, 1),
+            proc: spawn(bed, node, &args, &env, 1),
             node: node.clone(),
             mesh: mesh.to_path_buf(),
             args,
+            env,
             bed,
             starts: 1,
         };
@@ -109,10 +123,11 @@ impl<'b> Ambit<'b> {
         args.extend(extra.iter().map(|s| s.to_string()));
         let starts = self.starts + 1;
         let mut a = Ambit {
-            proc: spawn(self.bed, &self.node, &args, starts),
+            proc: spawn(self.bed, &self.node, &args, &self.env, starts),
             node: self.node.clone(),
             mesh: self.mesh.clone(),
             args,
+            env: self.env.clone(),
             bed: self.bed,
             starts,
         };
@@ -124,10 +139,11 @@ impl<'b> Ambit<'b> {
     pub fn spawn(bed: &'b Bed, node: &Node, mesh: &Path, extra: &[&str]) -> Ambit<'b> {
         let args = Self::args(bed, node, mesh, extra);
         Ambit {
-            proc: spawn(bed, node, &args, 1),
+            proc: spawn(bed, node, &args, &[], 1),
             node: node.clone(),
             mesh: mesh.to_path_buf(),
             args,
+            env: Vec::new(),
             bed,
             starts: 1,
         }
@@ -147,7 +163,7 @@ impl<'b> Ambit<'b> {
     pub fn restart(&mut self) {
         self.proc.kill();
         self.starts += 1;
-        self.proc = spawn(self.bed, &self.node, &self.args, self.starts);
+        self.proc = spawn(self.bed, &self.node, &self.args, &self.env, self.starts);
         self.wait_ready(Duration::from_secs(30));
     }
 
@@ -219,8 +235,12 @@ fn command(node: &Node, args: &[String]) -> std::process::Command {
     cmd
 }
 
-fn spawn<'b>(bed: &'b Bed, node: &Node, args: &[String], n: u32) -> Proc<'b> {
-    Proc::spawn(bed, &format!("ambit-{}-{n}", node.name), command(node, args))
+fn spawn<'b>(bed: &'b Bed, node: &Node, args: &[String], env: &[(String, String)], n: u32) -> Proc<'b> {
+    let mut cmd = command(node, args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(bed, &format!("ambit-{}-{n}", node.name), cmd)
 }
 
 /// Sums the samples whose text starts with `sample` (name plus any label prefix).

@@ -131,7 +131,7 @@ fn strings(v: &Value) -> BTreeSet<String> {
 }
 
 #[test]
-fn rbac_grants_exactly_get_list_watch_on_namespaces_and_pods() {
+fn rbac_grants_exactly_reading_namespaces_and_pods_and_annotating_pods() {
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
     for (variant, objects) in variants() {
         let roles: Vec<&Value> =
@@ -155,15 +155,19 @@ fn rbac_grants_exactly_get_list_watch_on_namespaces_and_pods() {
                 })
             })
             .collect();
-        let expected: BTreeSet<(String, String, String)> = set(&["namespaces", "pods"])
+        let mut expected: BTreeSet<(String, String, String)> = set(&["namespaces", "pods"])
             .into_iter()
             .flat_map(|r| {
                 set(&["get", "list", "watch"]).into_iter().map(move |v| (String::new(), r.clone(), v))
             })
             .collect();
+        // The pod's `ambient.istio.io/redirection` annotation, written through the status
+        // subresource as istio-cni writes it.
+        expected.insert((String::new(), "pods/status".into(), "patch".into()));
         assert_eq!(
             triples, expected,
-            "{variant}: the role grants exactly get/list/watch on core namespaces and pods"
+            "{variant}: the role grants exactly get/list/watch on core namespaces and pods, and \
+             patch on pods/status"
         );
         // Bound to the node proxy's service account only.
         let bindings: Vec<&Value> = objects

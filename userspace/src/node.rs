@@ -190,6 +190,19 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         }
     }
     let pod_source_status = source.kube_status();
+    let report_enrolled = source.enrolled_reporter();
+    let report = |pods: &PodManager| {
+        if let Some(r) = &report_enrolled {
+            let keys = pods.enrolled_keys();
+            r.send_if_modified(|held| {
+                let differs = held.as_ref() != Some(&keys);
+                if differs {
+                    *held = Some(keys);
+                }
+                differs
+            });
+        }
+    };
     let meshes = source.meshes();
     metrics.register_health(xds_status.clone(), identities.clone());
     let mesh = meshes.borrow_and_update().clone();
@@ -198,6 +211,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     }
     let rules = &settings.enrolment;
     pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
+    report(&pods);
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
     {
@@ -243,11 +257,13 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                     apply_mesh(&state, &mesh, &settings.identity.trust_domain);
                 }
                 pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
+                report(&pods);
             }
             _ = refresh.tick() => pods.tidy(),
             _ = retry.tick(), if pods.has_failures() => {
                 let desired = enroll::enrolled_pods(&meshes.borrow(), &settings.node_name, rules);
                 pods.reconcile(&desired).await;
+                report(&pods);
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }

@@ -169,6 +169,12 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_UNKNOWN_DESTINATION", value_enum, default_value_t = UnknownDestination::Passthrough)]
     pub unknown_destination: UnknownDestination,
 
+    /// The cluster's name as istiod knows it (its CLUSTER_ID): sent with every xDS and CA
+    /// request as ztunnel sends it (the `clusterid` header, `CLUSTER_ID` metadata). istiod's
+    /// CA picks the node authorizer of impersonated certificate requests by it.
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
     /// Trust domain of the workload identities (spiffe://<trust domain>/ns/<ns>/sa/<sa>).
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
@@ -442,6 +448,7 @@ impl NodeSettings {
                         root_cert: root_cert.clone(),
                         token_file: token_file.clone(),
                         timeout: Duration::from_secs(10),
+                        cluster_id: args.cluster_id.clone(),
                     })
                 }
                 _ => None,
@@ -453,18 +460,8 @@ impl NodeSettings {
                     root_cert: root_cert.clone(),
                     token_file: token_file.clone(),
                     node_id: node_id(&node_name),
-                    metadata: [
-                        ("NODE_NAME", node_name.clone()),
-                        (
-                            "NAMESPACE",
-                            std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "istio-system".into()),
-                        ),
-                        ("CLUSTER_ID", crate::xds::CLUSTER_ID.to_string()),
-                        ("AMBIT_VERSION", env!("CARGO_PKG_VERSION").to_string()),
-                    ]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v))
-                    .collect(),
+                    cluster_id: args.cluster_id.clone(),
+                    metadata: node_metadata(&node_name, &args.cluster_id),
                 }),
                 _ => None,
             },
@@ -532,6 +529,27 @@ fn node_id(node_name: &str) -> String {
         })
         .unwrap_or_else(|| "0.0.0.0".into());
     format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local")
+}
+
+/// The node metadata istiod reads from ztunnel (`NAME`, `NAMESPACE`, `INSTANCE_IPS`,
+/// `NODE_NAME`, `CLUSTER_ID`): istiod checks `NAMESPACE` against the token's namespace.
+fn node_metadata(node_name: &str, cluster_id: &str) -> std::collections::BTreeMap<String, String> {
+    let ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "istio-system".into());
+    let pod = std::env::var("POD_NAME").unwrap_or_else(|_| format!("ambit-{node_name}"));
+    let mut m: std::collections::BTreeMap<String, String> = [
+        ("NAME", pod),
+        ("NAMESPACE", ns),
+        ("NODE_NAME", node_name.to_string()),
+        ("CLUSTER_ID", cluster_id.to_string()),
+        ("AMBIT_VERSION", env!("CARGO_PKG_VERSION").to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if let Ok(ips) = std::env::var("INSTANCE_IPS").or_else(|_| std::env::var("POD_IP")) {
+        m.insert("INSTANCE_IPS".into(), ips);
+    }
+    m
 }
 
 /// The first cgroup v2 mount (`/sys/fs/cgroup` on most Kubernetes nodes, `/sys/fs/cgroup/unified`

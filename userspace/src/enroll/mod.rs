@@ -64,6 +64,17 @@ impl Source {
         }
     }
 
+    /// Where the node reports the pods (`namespace/name`) it has enrolled after every
+    /// reconcile: the Kubernetes source annotates them for istiod. `None` for a mesh file.
+    pub fn enrolled_reporter(
+        &self,
+    ) -> Option<Arc<watch::Sender<Option<std::collections::BTreeSet<String>>>>> {
+        match self {
+            Source::File(_) => None,
+            Source::Kubernetes(k) => Some(k.enrolled.clone()),
+        }
+    }
+
     /// What the Kubernetes source has seen (config dump); `None` for a mesh file.
     pub fn kube_status(&self) -> Option<Arc<std::sync::Mutex<kube::KubeStatus>>> {
         match self {

@@ -432,6 +432,11 @@ impl PodManager {
         (pods, self.failed.clone())
     }
 
+    /// The enrolled pods, as `namespace/name`.
+    pub fn enrolled_keys(&self) -> BTreeSet<String> {
+        self.pods.keys().cloned().collect()
+    }
+
     pub fn enrolled_count(&self) -> usize {
         self.pods.len()
     }

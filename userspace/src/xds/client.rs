@@ -45,6 +45,8 @@ pub struct XdsSettings {
     pub token_file: std::path::PathBuf,
     /// `ztunnel~<node ip>~<pod>.<namespace>~<namespace>.svc.cluster.local`, as istiod expects.
     pub node_id: String,
+    /// Sent as the `clusterid` header, as ztunnel does.
+    pub cluster_id: String,
     pub metadata: BTreeMap<String, String>,
 }
 
@@ -180,6 +182,9 @@ impl XdsClient {
             .parse()
             .map_err(|_| StreamError::Connect("the token is not a valid header value".into()))?;
         request.metadata_mut().insert("authorization", bearer);
+        if let Ok(cluster) = self.settings.cluster_id.parse() {
+            request.metadata_mut().insert("clusterid", cluster);
+        }
         let mut responses = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .delta_aggregated_resources(request)

@@ -12,10 +12,11 @@
 //!   from the last version, or list again from scratch, with jittered exponential backoff
 //!   (0.8 s doubling to 30 s). The last complete view stays in force meanwhile.
 
+pub mod annotate;
 pub mod procfs;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -77,6 +78,9 @@ pub struct KubeSource {
     pub meshes: watch::Receiver<Arc<Mesh>>,
     pub synced: watch::Receiver<bool>,
     pub status: Arc<Mutex<KubeStatus>>,
+    /// The node reports here which pods (`namespace/name`) it has enrolled, after every
+    /// reconcile: their `ambient.istio.io/redirection` annotation follows (see [`annotate`]).
+    pub enrolled: Arc<watch::Sender<Option<BTreeSet<String>>>>,
 }
 
 /// Objects of one kind as the watcher reports them: the current complete view, and the one
@@ -159,8 +163,20 @@ pub async fn start(
     let status = Arc::new(Mutex::new(KubeStatus::default()));
     let builder =
         Builder { rules, node: settings.node_name.clone(), netns: ProcNetns::new(&settings.proc_dir) };
-    tokio::spawn(run(client, settings.node_name, builder, tx, synced_tx, status.clone(), stop));
-    Ok(KubeSource { meshes, synced, status })
+    let (enrolled, enrolled_rx) = watch::channel(None);
+    let (annotations_tx, annotations) = watch::channel(annotate::Annotations::new());
+    tokio::spawn(annotate::run(client.clone(), enrolled_rx, annotations, stop.clone()));
+    let outputs = Outputs { meshes: tx, synced: synced_tx, annotations: annotations_tx };
+    tokio::spawn(run(client, settings.node_name, builder, outputs, status.clone(), stop));
+    Ok(KubeSource { meshes, synced, status, enrolled: Arc::new(enrolled) })
+}
+
+/// What the watch loop publishes.
+struct Outputs {
+    meshes: watch::Sender<Arc<Mesh>>,
+    synced: watch::Sender<bool>,
+    /// This node's pods' redirection annotations, for the annotator.
+    annotations: watch::Sender<annotate::Annotations>,
 }
 
 fn note_error(status: &Mutex<KubeStatus>, what: &str, e: &watcher::Error) {
@@ -175,11 +191,11 @@ async fn run(
     client: Client,
     node: String,
     mut builder: Builder,
-    tx: watch::Sender<Arc<Mesh>>,
-    synced: watch::Sender<bool>,
+    outputs: Outputs,
     status: Arc<Mutex<KubeStatus>>,
     stop: CancellationToken,
 ) {
+    let Outputs { meshes: tx, synced, annotations } = outputs;
     let ns_api: Api<KubeNamespace> = Api::all(client.clone());
     let pod_api: Api<Pod> = Api::all(client);
     let mut ns_events = watcher(ns_api, watcher::Config::default()).default_backoff().boxed();
@@ -219,6 +235,20 @@ async fn run(
         if !changed && *synced.borrow() {
             continue;
         }
+        let current: annotate::Annotations = ps
+            .values()
+            .map(|p| {
+                let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+                (key, p.annotations().get(annotate::REDIRECTION).cloned())
+            })
+            .collect();
+        annotations.send_if_modified(|a| {
+            let differs = *a != current;
+            if differs {
+                *a = current;
+            }
+            differs
+        });
         let (mesh, pending, skipped) = builder.build(ns, ps);
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
