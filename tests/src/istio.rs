@@ -117,21 +117,27 @@ pub struct Workload<'b> {
     pub sandbox: Proc<'b>,
 }
 
+/// What a workload pod's object says.
+pub struct Spec<'a> {
+    pub namespace: &'a str,
+    pub service_account: &'a str,
+    pub labels: &'a [(&'a str, &'a str)],
+    pub ready: bool,
+}
+
 pub fn workload<'b>(
     bed: &'b Bed,
     kube: &Kube<'_>,
     node: &Node,
     pod: &Pod,
-    namespace: &str,
-    sa: &str,
-    labels: &[(&str, &str)],
-    ready: bool,
+    spec: &Spec<'_>,
 ) -> anyhow::Result<Workload<'b>> {
+    let (namespace, sa) = (spec.namespace, spec.service_account);
     let mut yaml = format!(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata:\n  name: {sa}\n  namespace: {namespace}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: {namespace}\n  labels:\n",
         pod.name
     );
-    for (k, v) in labels.iter().chain(&[("bed-pod", pod.name.as_str())]) {
+    for (k, v) in spec.labels.iter().chain(&[("bed-pod", pod.name.as_str())]) {
         yaml.push_str(&format!("    {k}: \"{v}\"\n"));
     }
     yaml.push_str(&format!(
@@ -141,7 +147,7 @@ pub fn workload<'b>(
     kube.apply(&yaml)?;
     let uid = kube.get("pod", namespace, &pod.name, "{.metadata.uid}")?;
     let sandbox = sandbox(bed, pod, &uid, CgroupDriver::Cgroupfs);
-    kube.set_pod_status(namespace, &pod.name, node.bridge_ipv4(), &[pod.ipv4, pod.ipv6], ready)?;
+    kube.set_pod_status(namespace, &pod.name, node.bridge_ipv4(), &[pod.ipv4, pod.ipv6], spec.ready)?;
     Ok(Workload { pod: pod.clone(), namespace: namespace.to_string(), uid, sandbox })
 }
 

@@ -13,7 +13,7 @@ use ambit::identity::{
 };
 use ambit_testbed::{
     apps::http_server,
-    istio::{self, workload},
+    istio::{self, workload, Spec},
     istiod::{Istiod, SERVING_NAME},
     realkube::Kube,
     Ambit, Bed, Node,
@@ -39,6 +39,11 @@ fn setup<'b>(kube: &Kube<'b>, n1: &Node, n2: &Node) {
     for n in [n1, n2] {
         istio::node_object(kube, n).expect("node object");
     }
+}
+
+/// A Ready pod of namespace `demo`.
+fn spec<'a>(sa: &'a str, labels: &'a [(&'a str, &'a str)]) -> Spec<'a> {
+    Spec { namespace: "demo", service_account: sa, labels, ready: true }
 }
 
 fn enrolled(p: &Ambit) -> Vec<String> {
@@ -83,8 +88,8 @@ fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identi
     let istiod = Istiod::start(&kube, &istio::trusted_account());
     istio::namespace(&kube, "demo", &[]).expect("namespace");
     let (a, b) = (bed.pod(&n1, "a"), bed.pod(&n2, "b"));
-    let _wa = workload(&bed, &kube, &n1, &a, "demo", "client", &[("app", "client")], true).expect("a");
-    let _wb = workload(&bed, &kube, &n2, &b, "demo", "server", &[("app", "web")], true).expect("b");
+    let _wa = workload(&bed, &kube, &n1, &a, &spec("client", &[("app", "client")])).expect("a");
+    let _wb = workload(&bed, &kube, &n2, &b, &spec("server", &[("app", "web")])).expect("b");
     let _http = http_server(&bed, &b, "b\n");
     let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
     let p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
