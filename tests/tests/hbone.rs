@@ -384,6 +384,7 @@ fn ask_ca(
         root_cert: cp.root_cert.clone(),
         token_file: cp.token_file(token_node),
         timeout: Duration::from_secs(10),
+        cluster_id: "Kubernetes".into(),
     };
     let netns = from.netns_path();
     std::thread::spawn(move || {
