@@ -13,71 +13,13 @@ use ambit::identity::{
 };
 use ambit_testbed::{
     apps::http_server,
+    ambit::pinned_map_len,
     istio::{self, workload, Spec},
     istiod::{Istiod, SERVING_NAME},
     realkube::Kube,
-    Ambit, Bed, Node,
+    Ambit, Bed,
 };
-use common::*;
-
-const SLOW: Duration = Duration::from_secs(30);
-const CLIENT: &str = "spiffe://cluster.local/ns/demo/sa/client";
-const SERVER: &str = "spiffe://cluster.local/ns/demo/sa/server";
-
-/// Nodes n1 and n2 and the control plane's namespace `cp`, linked; the API server and
-/// istiod in `cp`, ambit's manifests applied, Node objects.
-fn nodes(bed: &Bed) -> (Node, Node, Node) {
-    let (n1, n2, cp) = (bed.node("n1"), bed.node("n2"), bed.node("cp"));
-    bed.link(&n1, &n2);
-    bed.link(&cp, &n1);
-    bed.link(&cp, &n2);
-    (n1, n2, cp)
-}
-
-fn setup<'b>(kube: &Kube<'b>, n1: &Node, n2: &Node) {
-    istio::apply_manifests(kube).expect("ambit's manifests apply server-side");
-    for n in [n1, n2] {
-        istio::node_object(kube, n).expect("node object");
-    }
-}
-
-/// A Ready pod of namespace `demo`.
-fn spec<'a>(sa: &'a str, labels: &'a [(&'a str, &'a str)]) -> Spec<'a> {
-    Spec { namespace: "demo", service_account: sa, labels, ready: true }
-}
-
-fn enrolled(p: &Ambit) -> Vec<String> {
-    let mut names: Vec<String> = p.config_dump()["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(String::from))
-        .collect();
-    names.sort();
-    names
-}
-
-fn annotation(kube: &Kube<'_>, pod: &str) -> String {
-    kube.get("pod", "demo", pod, "{.metadata.annotations.ambient\\.istio\\.io/redirection}")
-        .unwrap_or_default()
-}
-
-/// Runs `f` on a thread inside `node`'s network namespace (its sockets are the node's).
-fn in_netns<R: Send + 'static>(node: &Node, f: impl FnOnce() -> R + Send + 'static) -> R {
-    let path = node.netns_path();
-    std::thread::spawn(move || {
-        let ns = std::fs::File::open(&path).expect("netns");
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        f()
-    })
-    .join()
-    .expect("the thread in the node's namespace")
-}
-
-/// The workload istiod serves for a pod, as the proxy holds it.
-fn served(p: &Ambit, pod: &str) -> Option<serde_json::Value> {
-    p.config_dump()["mesh"]["workloads"].as_array().into_iter().flatten().find(|w| w["name"] == pod).cloned()
-}
+use common::{istio::*, *};
 
 #[test]
 fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identities() {
@@ -150,4 +92,180 @@ fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identi
     assert!(eventually(SLOW, || enrolled(&p1).is_empty() && enrolled(&p2).is_empty()));
     assert!(eventually(SLOW, || annotation(&kube, "a").is_empty() && annotation(&kube, "b").is_empty()));
     assert!(eventually(SLOW, || curl(&a, &url).status.success()));
+}
+
+/// Map entries and listeners the proxy holds in the kernel: (enrolled netns cookies, pod
+/// addresses, tc links, registered listeners).
+fn kernel_state(p: &Ambit) -> (usize, usize, usize, u64) {
+    let pins = p.pin_dir();
+    let listeners = p.config_dump()["capture"]["registered_listeners"].as_u64().expect("listeners");
+    (
+        pinned_map_len(&pins.join("AMBIT_ENROLLED")).expect("enrolled map"),
+        pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips map"),
+        std::fs::read_dir(pins.join("tc")).map(|d| d.count()).unwrap_or(0),
+        listeners,
+    )
+}
+
+#[test]
+fn a_service_s_cluster_ip_is_balanced_over_its_ready_endpoints() {
+    let bed = Bed::new("istio-service");
+    let (n1, n2, cp) = nodes(&bed);
+    let kube = Kube::start(&bed, &cp);
+    setup(&kube, &n1, &n2);
+    let istiod = Istiod::start(&kube, &istio::trusted_account());
+    istio::namespace(&kube, "demo", &[("istio.io/dataplane-mode", "ambient")]).expect("namespace");
+    let a = bed.pod(&n1, "a");
+    let (w1, w2, w3) = (bed.pod(&n1, "web1"), bed.pod(&n2, "web2"), bed.pod(&n2, "web3"));
+    let _wa = workload(&bed, &kube, &n1, &a, &spec("client", &[])).expect("a");
+    let web = [("app", "web")];
+    let _w1 = workload(&bed, &kube, &n1, &w1, &spec("server", &web)).expect("web1");
+    let _w2 = workload(&bed, &kube, &n2, &w2, &spec("server", &web)).expect("web2");
+    // Not Ready: istiod serves it unhealthy, and it gets no traffic.
+    let unready = Spec { ready: false, ..spec("server", &web) };
+    let _w3 = workload(&bed, &kube, &n2, &w3, &unready).expect("web3");
+    let _h = [http_server(&bed, &w1, "web1\n"), http_server(&bed, &w2, "web2\n"), http_server(&bed, &w3, "web3\n")];
+    kube.apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n")
+        .expect("service");
+    let vip = kube.get("service", "demo", "web", "{.spec.clusterIP}").expect("cluster IP");
+    let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
+    let _p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
+    let served_vip = || {
+        p1.config_dump()["mesh"]["services"].as_array().into_iter().flatten().any(|s| s.to_string().contains(&vip))
+    };
+    assert!(eventually(SLOW, served_vip), "istiod never served {vip}: {}", p1.config_dump()["mesh"]["services"]);
+    assert!(eventually(SLOW, || served(&p1, "web2").is_some_and(|w| w["tunnel"] == "hbone")));
+    let url = format!("http://{vip}:80/");
+    let mut answers = std::collections::BTreeMap::<String, u32>::new();
+    for _ in 0..20 {
+        *answers.entry(ok_body(&curl(&a, &url)).trim().to_string()).or_default() += 1;
+    }
+    assert_eq!(answers.keys().cloned().collect::<Vec<_>>(), ["web1", "web2"], "{answers:?}");
+    assert!(answers.values().all(|n| *n >= 5), "not balanced: {answers:?}");
+    assert!(
+        eventually(T, || access_lines(&p1, &["direction=outbound", "security=mutual_tls", "dst_service=demo/web.demo.svc.cluster.local"]) >= 20),
+        "{}",
+        p1.log()
+    );
+    // web3 turns Ready: it gets its share.
+    kube.set_pod_status("demo", "web3", n2.bridge_ipv4(), &[w3.ipv4, w3.ipv6], true).expect("ready");
+    assert!(eventually(SLOW, || (0..6).any(|_| ok_body(&curl(&a, &url)).trim() == "web3")), "web3 never answered");
+}
+
+#[test]
+fn deleting_a_pod_or_opting_it_out_unenrols_it_and_leaves_nothing_behind() {
+    let bed = Bed::new("istio-unenrol");
+    let (n1, n2, cp) = nodes(&bed);
+    let kube = Kube::start(&bed, &cp);
+    setup(&kube, &n1, &n2);
+    let istiod = Istiod::start(&kube, &istio::trusted_account());
+    istio::namespace(&kube, "demo", &[("istio.io/dataplane-mode", "ambient")]).expect("namespace");
+    let (a, c) = (bed.pod(&n1, "a"), bed.pod(&n1, "c"));
+    let wa = workload(&bed, &kube, &n1, &a, &spec("client", &[])).expect("a");
+    let _wc = workload(&bed, &kube, &n1, &c, &spec("client", &[])).expect("c");
+    let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
+    assert!(eventually(SLOW, || enrolled(&p1) == ["a", "c"]));
+    let empty = kernel_state(&p1);
+    assert_eq!((empty.0, empty.2), (2, 2), "two enrolled cookies, two tc links: {empty:?}");
+
+    // The pod-level opt-out label.
+    kube.kubectl(&["label", "pod", "c", "-n", "demo", "istio.io/dataplane-mode=none"]).expect("opt out");
+    assert!(eventually(SLOW, || enrolled(&p1) == ["a"]));
+    assert!(eventually(SLOW, || annotation(&kube, "c").is_empty()), "c keeps its annotation");
+    assert!(eventually(T, || kernel_state(&p1).0 == 1 && kernel_state(&p1).2 == 1), "{:?}", kernel_state(&p1));
+
+    // Deleted (its process gone, as the kubelet would stop it).
+    drop(wa);
+    kube.kubectl(&["delete", "pod", "a", "-n", "demo", "--grace-period=0", "--force"]).expect("delete");
+    assert!(eventually(SLOW, || enrolled(&p1).is_empty()));
+    assert!(eventually(T, || kernel_state(&p1) == (0, 0, 0, 0)), "state left behind: {:?}", kernel_state(&p1));
+}
+
+#[test]
+fn istiod_restarting_keeps_connections_up_and_the_proxies_resync() {
+    let bed = Bed::new("istio-restart");
+    let (n1, n2, cp) = nodes(&bed);
+    let kube = Kube::start(&bed, &cp);
+    setup(&kube, &n1, &n2);
+    let mut istiod = Istiod::start(&kube, &istio::trusted_account());
+    istio::namespace(&kube, "demo", &[("istio.io/dataplane-mode", "ambient")]).expect("namespace");
+    let (a, b) = (bed.pod(&n1, "a"), bed.pod(&n2, "b"));
+    let _wa = workload(&bed, &kube, &n1, &a, &spec("client", &[])).expect("a");
+    let _wb = workload(&bed, &kube, &n2, &b, &spec("server", &[])).expect("b");
+    let mut echo = netprobe(&bed, &b, "echo", "[::]:7000");
+    echo.wait_for_output("listening", T).expect("echo listens");
+    let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
+    let _p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
+    assert!(eventually(SLOW, || served(&p1, "b").is_some_and(|w| w["tunnel"] == "hbone")));
+    let mut chat = ambit_testbed::Chat::open(&bed, &a, &format!("{}:7000", b.ipv4)).expect("chat");
+    assert_eq!(chat.say("before").expect("echo"), "before");
+    let connects = |p: &Ambit| p.config_dump()["xds"]["connects"].as_u64().unwrap_or(0);
+    assert_eq!(connects(&p1), 1);
+
+    istiod.kill();
+    assert!(eventually(T, || p1.config_dump()["xds"]["connected"] == false));
+    assert_eq!(chat.say("while istiod is down").expect("echo"), "while istiod is down");
+    istiod.restart();
+    assert!(eventually(SLOW, || connects(&p1) == 2 && p1.config_dump()["xds"]["connected"] == true), "{}", p1.log());
+    assert_eq!(chat.say("after").expect("echo"), "after");
+    // A pod added after the restart is learnt, and new connections work.
+    let d = bed.pod(&n2, "d");
+    let _wd = workload(&bed, &kube, &n2, &d, &spec("server", &[])).expect("d");
+    assert!(eventually(SLOW, || served(&p1, "d").is_some_and(|w| w["tunnel"] == "hbone")));
+    let _hd = http_server(&bed, &d, "d\n");
+    assert_eq!(ok_body(&curl(&a, &format!("http://{}:8080/", d.ipv4))), "d\n");
+}
+
+#[test]
+fn ambit_runs_with_exactly_its_manifests_rbac_and_istiod_sees_each_proxy_acked() {
+    let bed = Bed::new("istio-rbac");
+    let (n1, n2, cp) = nodes(&bed);
+    let kube = Kube::start(&bed, &cp);
+    setup(&kube, &n1, &n2);
+    let istiod = Istiod::start(&kube, &istio::trusted_account());
+    istio::namespace(&kube, "demo", &[("istio.io/dataplane-mode", "ambient")]).expect("namespace");
+    let a = bed.pod(&n1, "a");
+    let _wa = workload(&bed, &kube, &n1, &a, &spec("client", &[])).expect("a");
+    let _p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
+    let p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
+    assert!(eventually(SLOW, || annotation(&kube, "a") == "enabled"));
+
+    // What ambit's own credentials may do, asked of the real API server.
+    let config = bed.dir().join("ambit-n1/kubeconfig");
+    let as_ambit = |args: &[&str]| kube.kubectl_as(&config, args, None);
+    as_ambit(&["get", "pods", "-A"]).expect("ambit may list pods");
+    as_ambit(&["get", "namespaces"]).expect("ambit may list namespaces");
+    for refused in [
+        &["get", "secrets", "-A"][..],
+        &["get", "configmaps", "-n", "istio-system"],
+        &["label", "pod", "a", "-n", "demo", "x=y"],
+        &["delete", "pod", "a", "-n", "demo"],
+        &["create", "namespace", "intruder"],
+    ] {
+        let e = as_ambit(refused).expect_err("outside ambit's RBAC");
+        assert!(e.to_string().contains("Forbidden") || e.to_string().contains("forbidden"), "{refused:?}: {e}");
+    }
+
+    // istiod's own view: both proxies connected as ztunnel-type clients, every type ACKed.
+    let acked = || -> anyhow::Result<usize> {
+        let body = istiod.debug("/debug/syncz")?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let ztunnels: Vec<&serde_json::Value> =
+            v.as_array().into_iter().flatten().filter(|p| p["proxy_type"] == "ztunnel").collect();
+        Ok(ztunnels
+            .iter()
+            .filter(|p| {
+                let r = &p["resources"];
+                ["type.googleapis.com/istio.workload.Address", "type.googleapis.com/istio.security.Authorization"]
+                    .iter()
+                    .all(|t| r[t]["sent"].is_string() && r[t]["sent"] == r[t]["acked"])
+            })
+            .count())
+    };
+    assert!(eventually(SLOW, || acked().is_ok_and(|n| n == 2)), "{:?}", istiod.debug("/debug/syncz"));
+    let ids: String = istiod.debug("/debug/syncz").expect("syncz");
+    for node in ["ambit-n1", "ambit-n2"] {
+        assert!(ids.contains(node), "{node} not in istiod's view: {ids}");
+    }
+    drop(p2);
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod istio;
+
 use std::{path::PathBuf, process::Output, time::Duration};
 
 #[allow(unused_imports)] // not every test binary uses both
