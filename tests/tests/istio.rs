@@ -12,8 +12,8 @@ use ambit::identity::{
     Identity,
 };
 use ambit_testbed::{
-    apps::http_server,
     ambit::pinned_map_len,
+    apps::http_server,
     istio::{self, workload, Spec},
     istiod::{Istiod, SERVING_NAME},
     realkube::Kube,
@@ -124,16 +124,28 @@ fn a_service_s_cluster_ip_is_balanced_over_its_ready_endpoints() {
     // Not Ready: istiod serves it unhealthy, and it gets no traffic.
     let unready = Spec { ready: false, ..spec("server", &web) };
     let _w3 = workload(&bed, &kube, &n2, &w3, &unready).expect("web3");
-    let _h = [http_server(&bed, &w1, "web1\n"), http_server(&bed, &w2, "web2\n"), http_server(&bed, &w3, "web3\n")];
+    let _h = [
+        http_server(&bed, &w1, "web1\n"),
+        http_server(&bed, &w2, "web2\n"),
+        http_server(&bed, &w3, "web3\n"),
+    ];
     kube.apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n")
         .expect("service");
     let vip = kube.get("service", "demo", "web", "{.spec.clusterIP}").expect("cluster IP");
     let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
     let _p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
     let served_vip = || {
-        p1.config_dump()["mesh"]["services"].as_array().into_iter().flatten().any(|s| s.to_string().contains(&vip))
+        p1.config_dump()["mesh"]["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s.to_string().contains(&vip))
     };
-    assert!(eventually(SLOW, served_vip), "istiod never served {vip}: {}", p1.config_dump()["mesh"]["services"]);
+    assert!(
+        eventually(SLOW, served_vip),
+        "istiod never served {vip}: {}",
+        p1.config_dump()["mesh"]["services"]
+    );
     assert!(eventually(SLOW, || served(&p1, "web2").is_some_and(|w| w["tunnel"] == "hbone")));
     let url = format!("http://{vip}:80/");
     let mut answers = std::collections::BTreeMap::<String, u32>::new();
@@ -143,13 +155,19 @@ fn a_service_s_cluster_ip_is_balanced_over_its_ready_endpoints() {
     assert_eq!(answers.keys().cloned().collect::<Vec<_>>(), ["web1", "web2"], "{answers:?}");
     assert!(answers.values().all(|n| *n >= 5), "not balanced: {answers:?}");
     assert!(
-        eventually(T, || access_lines(&p1, &["direction=outbound", "security=mutual_tls", "dst_service=demo/web.demo.svc.cluster.local"]) >= 20),
+        eventually(T, || access_lines(
+            &p1,
+            &["direction=outbound", "security=mutual_tls", "dst_service=demo/web.demo.svc.cluster.local"]
+        ) >= 20),
         "{}",
         p1.log()
     );
     // web3 turns Ready: it gets its share.
     kube.set_pod_status("demo", "web3", n2.bridge_ipv4(), &[w3.ipv4, w3.ipv6], true).expect("ready");
-    assert!(eventually(SLOW, || (0..6).any(|_| ok_body(&curl(&a, &url)).trim() == "web3")), "web3 never answered");
+    assert!(
+        eventually(SLOW, || (0..6).any(|_| ok_body(&curl(&a, &url)).trim() == "web3")),
+        "web3 never answered"
+    );
 }
 
 #[test]
@@ -172,13 +190,21 @@ fn deleting_a_pod_or_opting_it_out_unenrols_it_and_leaves_nothing_behind() {
     kube.kubectl(&["label", "pod", "c", "-n", "demo", "istio.io/dataplane-mode=none"]).expect("opt out");
     assert!(eventually(SLOW, || enrolled(&p1) == ["a"]));
     assert!(eventually(SLOW, || annotation(&kube, "c").is_empty()), "c keeps its annotation");
-    assert!(eventually(T, || kernel_state(&p1).0 == 1 && kernel_state(&p1).2 == 1), "{:?}", kernel_state(&p1));
+    assert!(
+        eventually(T, || kernel_state(&p1).0 == 1 && kernel_state(&p1).2 == 1),
+        "{:?}",
+        kernel_state(&p1)
+    );
 
     // Deleted (its process gone, as the kubelet would stop it).
     drop(wa);
     kube.kubectl(&["delete", "pod", "a", "-n", "demo", "--grace-period=0", "--force"]).expect("delete");
     assert!(eventually(SLOW, || enrolled(&p1).is_empty()));
-    assert!(eventually(T, || kernel_state(&p1) == (0, 0, 0, 0)), "state left behind: {:?}", kernel_state(&p1));
+    assert!(
+        eventually(T, || kernel_state(&p1) == (0, 0, 0, 0)),
+        "state left behind: {:?}",
+        kernel_state(&p1)
+    );
 }
 
 #[test]
@@ -206,7 +232,11 @@ fn istiod_restarting_keeps_connections_up_and_the_proxies_resync() {
     assert!(eventually(T, || p1.config_dump()["xds"]["connected"] == false));
     assert_eq!(chat.say("while istiod is down").expect("echo"), "while istiod is down");
     istiod.restart();
-    assert!(eventually(SLOW, || connects(&p1) == 2 && p1.config_dump()["xds"]["connected"] == true), "{}", p1.log());
+    assert!(
+        eventually(SLOW, || connects(&p1) == 2 && p1.config_dump()["xds"]["connected"] == true),
+        "{}",
+        p1.log()
+    );
     assert_eq!(chat.say("after").expect("echo"), "after");
     // A pod added after the restart is learnt, and new connections work.
     let d = bed.pod(&n2, "d");
@@ -243,7 +273,10 @@ fn ambit_runs_with_exactly_its_manifests_rbac_and_istiod_sees_each_proxy_acked()
         &["create", "namespace", "intruder"],
     ] {
         let e = as_ambit(refused).expect_err("outside ambit's RBAC");
-        assert!(e.to_string().contains("Forbidden") || e.to_string().contains("forbidden"), "{refused:?}: {e}");
+        assert!(
+            e.to_string().contains("Forbidden") || e.to_string().contains("forbidden"),
+            "{refused:?}: {e}"
+        );
     }
 
     // istiod's own view: both proxies connected as ztunnel-type clients, every type ACKed.
@@ -256,9 +289,12 @@ fn ambit_runs_with_exactly_its_manifests_rbac_and_istiod_sees_each_proxy_acked()
             .iter()
             .filter(|p| {
                 let r = &p["resources"];
-                ["type.googleapis.com/istio.workload.Address", "type.googleapis.com/istio.security.Authorization"]
-                    .iter()
-                    .all(|t| r[t]["sent"].is_string() && r[t]["sent"] == r[t]["acked"])
+                [
+                    "type.googleapis.com/istio.workload.Address",
+                    "type.googleapis.com/istio.security.Authorization",
+                ]
+                .iter()
+                .all(|t| r[t]["sent"].is_string() && r[t]["sent"] == r[t]["acked"])
             })
             .count())
     };

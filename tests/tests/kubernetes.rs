@@ -1,6 +1,7 @@
-//! `ambit node --pod-source kubernetes` against a scripted Kubernetes API (the bed's
-//! `kubeapi`: Namespace and Pod objects in the real API's JSON, list and watch), with real
-//! pod network namespaces found from `/proc` by pod UID, real capture and real HBONE tunnels.
+//! `ambit node --pod-source kubernetes` against the real Kubernetes API server (built from
+//! k8s.io/kubernetes), with real pod network namespaces found from `/proc` by pod UID, real
+//! capture and real HBONE tunnels; and, for the faults a real server cannot produce on
+//! demand (a watch the server ends, `410 Gone`), against the bed's scripted API (`kubeapi`).
 
 mod common;
 
@@ -12,8 +13,10 @@ use std::{
 use ambit_testbed::{
     ambit::{pinned_map_len, write_mesh},
     controlplane::ControlPlane,
+    istio,
     kubeapi::{pod_object, sandbox, sandbox_in, CgroupDriver, KubeApi, PodObject},
     mesh::{Mesh, AMBIENT, OPT_OUT},
+    realkube::Kube,
     Ambit, Bed, Node, Pod,
 };
 use common::*;
@@ -83,6 +86,43 @@ fn start_node<'b>(bed: &'b Bed, node: &Node, kubeconfig: &Path, extra: &[String]
     Ambit::start_with(bed, node, &PathBuf::new(), Ambit::kube_args(bed, node, kubeconfig, &extra))
 }
 
+/// A pod object in the real API server (`h`: host network), Ready, with its status set as
+/// a kubelet would; returns its UID (the server's).
+fn real_pod(
+    kube: &Kube<'_>,
+    node: &Node,
+    pod: &Pod,
+    sa: &str,
+    labels: &[(&str, &str)],
+    host: bool,
+) -> String {
+    let mut yaml = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  namespace: demo\n  labels:\n    bed: \"yes\"\n",
+        pod.name
+    );
+    for (k, v) in labels {
+        yaml.push_str(&format!("    {k}: \"{v}\"\n"));
+    }
+    yaml.push_str(&format!(
+        "spec:\n  nodeName: {}\n  serviceAccountName: {sa}\n  hostNetwork: {host}\n  containers:\n  - name: app\n    image: app\n",
+        node.name
+    ));
+    kube.apply(&yaml).expect("pod object");
+    let ips = if host { vec![node.bridge_ipv4()] } else { vec![pod.ipv4, pod.ipv6] };
+    kube.set_pod_status("demo", &pod.name, node.bridge_ipv4(), &ips, true).expect("pod status");
+    kube.get("pod", "demo", &pod.name, "{.metadata.uid}").expect("uid")
+}
+
+fn label_pod(kube: &Kube<'_>, pod: &str, label: &str) {
+    kube.kubectl(&["label", "--overwrite", "pod", pod, "-n", "demo", label]).expect("label");
+}
+
+fn delete_pod(kube: &Kube<'_>, pod: &str) {
+    kube.kubectl(&["delete", "pod", pod, "-n", "demo", "--grace-period=0", "--force"]).expect("delete");
+}
+
+/// Against the real API server (built from k8s.io/kubernetes): pods are its objects, with
+/// the UIDs it assigns, found under /proc in both cgroup spellings.
 #[test]
 fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks() {
     let bed = Bed::new("kube-enrol");
@@ -93,29 +133,25 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
     let (a, o, late) = (bed.pod(&n1, "a"), bed.pod(&n1, "o"), bed.pod(&n1, "late"));
     let b = bed.pod(&n2, "b");
     let _http = http_server(&bed, &b, "b\n");
-    let _sandboxes = [
-        sandbox(&bed, &a, &uid(&bed, "a"), CgroupDriver::Cgroupfs),
-        sandbox(&bed, &o, &uid(&bed, "o"), CgroupDriver::Systemd),
-        sandbox(&bed, &b, &uid(&bed, "b"), CgroupDriver::Systemd),
-        // A host-network pod: its process lives in the node's own namespace.
-        sandbox_in(&bed, "h", &n1.netns_path(), &uid(&bed, "h"), CgroupDriver::Cgroupfs),
-    ];
 
-    // The cluster: what the API serves, and what the control plane (istiod's role) knows.
-    let api =
-        KubeApi::start(&cp.netns_path(), format!("{}:{API_PORT}", cp.bridge_ipv4()).parse().expect("addr"))
-            .expect("the mock API starts");
-    let kubeconfig = api.kubeconfig(bed.dir());
-    api.namespace("demo", &[]);
-    api.namespace("kube-system", &[]);
-    api.pod(object(&bed, &a, "demo", "client", vec![("app", "client")]));
-    api.pod(object(&bed, &o, "demo", "other", vec![]));
-    api.pod(object(&bed, &b, "demo", "server", vec![("app", "web")]));
-    let mut h = object(&bed, &a, "demo", "default", vec![]);
-    h["metadata"]["name"] = "h".into();
-    h["metadata"]["uid"] = uid(&bed, "h").into();
-    h["spec"]["hostNetwork"] = true.into();
-    api.pod(h);
+    // The cluster: the API server's objects, and what the control plane (istiod's role)
+    // knows.
+    let kube = Kube::start(&bed, &cp);
+    let kubeconfig = kube.admin.clone();
+    istio::namespace(&kube, "demo", &[]).expect("demo");
+    istio::namespace(&kube, "kube-system", &[]).expect("kube-system");
+    let ua = real_pod(&kube, &n1, &a, "client", &[("app", "client")], false);
+    let uo = real_pod(&kube, &n1, &o, "other", &[], false);
+    let ub = real_pod(&kube, &n2, &b, "server", &[("app", "web")], false);
+    // A host-network pod: its process lives in the node's own namespace.
+    let h = ambit_testbed::Pod { name: "h".into(), ..a.clone() };
+    let uh = real_pod(&kube, &n1, &h, "default", &[], true);
+    let _sandboxes = [
+        sandbox(&bed, &a, &ua, CgroupDriver::Cgroupfs),
+        sandbox(&bed, &o, &uo, CgroupDriver::Systemd),
+        sandbox(&bed, &b, &ub, CgroupDriver::Systemd),
+        sandbox_in(&bed, "h", &n1.netns_path(), &uh, CgroupDriver::Cgroupfs),
+    ];
     let mesh_path = bed.dir().join("mesh.yaml");
     let cluster = |labels: &[(&str, &str)]| {
         Mesh::default()
@@ -140,7 +176,7 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
 
     // Label the namespace: a and o on n1, b on n2; traffic a → b is captured and tunnelled.
     write_mesh(&mesh_path, &cluster(&[AMBIENT]).yaml());
-    api.namespace("demo", &[AMBIENT]);
+    istio::namespace(&kube, "demo", &[AMBIENT]).expect("label");
     assert!(eventually(T, || enrolled(&p1) == ["a", "o"] && enrolled(&p2) == ["b"]), "{}", p1.log());
     assert!(eventually(T, || p1.readiness().is_ok_and(|(s, _)| s == 200)), "n1 ready again");
     assert_eq!(ok_body(&curl(&a, &url_b)), "b\n");
@@ -158,7 +194,7 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
 
     // A pod whose containers have not started: left out with the reason, enrolled once
     // a process of it exists.
-    api.pod(object(&bed, &late, "demo", "late", vec![]));
+    let ul = real_pod(&kube, &n1, &late, "late", &[], false);
     assert!(
         eventually(T, || pod_source(&p1)["pending"]["demo/late"]
             .as_str()
@@ -166,11 +202,11 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
         "{}",
         pod_source(&p1)
     );
-    let _late_sandbox = sandbox(&bed, &late, &uid(&bed, "late"), CgroupDriver::Cgroupfs);
+    let _late_sandbox = sandbox(&bed, &late, &ul, CgroupDriver::Cgroupfs);
     assert!(eventually(T, || enrolled(&p1) == ["a", "late", "o"]), "{}", p1.log());
 
     // The opt-out label on a pod.
-    api.pod(object(&bed, &o, "demo", "other", vec![OPT_OUT]));
+    label_pod(&kube, "o", "istio.io/dataplane-mode=none");
     assert!(eventually(T, || enrolled(&p1) == ["a", "late"]), "{}", p1.log());
 
     // Deleting a pod removes its map entries and listeners.
@@ -183,7 +219,7 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
     );
     assert!(per_pod >= 4 && before.3 == 2 * per_pod, "{before:?}");
     let one_pod = (1, 2, 1, per_pod);
-    api.delete_pod("demo", "late");
+    delete_pod(&kube, "late");
     assert!(eventually(T, || enrolled(&p1) == ["a"]), "{}", p1.log());
     assert!(eventually(T, || kernel_state(&p1) == one_pod), "{:?}", kernel_state(&p1));
 
@@ -191,8 +227,8 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
     // reconciles with the complete list before anything else: a's state goes, o's comes.
     let mut p1 = p1;
     p1.kill();
-    api.pod(object(&bed, &o, "demo", "other", vec![]));
-    api.delete_pod("demo", "a");
+    label_pod(&kube, "o", "istio.io/dataplane-mode-");
+    delete_pod(&kube, "a");
     p1.restart();
     assert_eq!(enrolled(&p1), ["o"]);
     assert_eq!(kernel_state(&p1), one_pod, "nothing of a is left, o is complete");
@@ -202,11 +238,13 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
     assert_eq!(kernel_state(&p1), one_pod);
 
     // Removing the label unenrols b on n2.
-    api.namespace("demo", &[]);
+    istio::namespace(&kube, "demo", &[]).expect("unlabel");
     assert!(eventually(T, || enrolled(&p2).is_empty()), "{}", p2.log());
     assert_eq!(kernel_state(&p2), (0, 0, 0, 0));
 }
 
+/// The faults the real API server cannot produce on demand stay with the scripted one
+/// (`kubeapi`): a watch that the server ends, and `410 Gone` after compacted history.
 #[test]
 fn the_api_going_away_and_coming_back_is_handled_with_relist_and_backoff() {
     let bed = Bed::new("kube-faults");

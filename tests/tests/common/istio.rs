@@ -66,4 +66,3 @@ pub fn in_netns<R: Send + 'static>(node: &Node, f: impl FnOnce() -> R + Send + '
 pub fn served(p: &Ambit, pod: &str) -> Option<serde_json::Value> {
     p.config_dump()["mesh"]["workloads"].as_array().into_iter().flatten().find(|w| w["name"] == pod).cloned()
 }
-
