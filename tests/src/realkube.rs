@@ -299,7 +299,9 @@ impl<'b> Kube<'b> {
         let now = "2026-01-01T00:00:00Z";
         let patch = format!(
             "{{\"status\":{{\"phase\":\"Running\",\"hostIP\":\"{host_ip}\",\"hostIPs\":[{{\"ip\":\"{host_ip}\"}}],\
-             \"podIP\":\"{}\",\"podIPs\":[{}],\"startTime\":\"{now}\",\"conditions\":[\
+             \"podIP\":\"{}\",\"podIPs\":[{}],\"startTime\":\"{now}\",\
+             \"containerStatuses\":[{{\"name\":\"app\",\"image\":\"app\",\"imageID\":\"\",\"ready\":{ready},\"restartCount\":0,\"started\":true,\"state\":{{\"running\":{{\"startedAt\":\"{now}\"}}}}}}],\
+             \"conditions\":[\
              {{\"type\":\"Initialized\",\"status\":\"True\",\"lastTransitionTime\":\"{now}\"}},\
              {{\"type\":\"ContainersReady\",\"status\":\"{r}\",\"lastTransitionTime\":\"{now}\"}},\
              {{\"type\":\"Ready\",\"status\":\"{r}\",\"lastTransitionTime\":\"{now}\"}}]}}}}",

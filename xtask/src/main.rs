@@ -59,6 +59,10 @@ enum Cmd {
         /// Keep the mesh up for exploring until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// With the real Kubernetes API server and istiod (built from their Go modules on
+        /// first use) instead of ambit's own control plane.
+        #[arg(long)]
+        istiod: bool,
     },
     /// rustfmt --check and clippy -D warnings over both workspaces.
     Lint,
@@ -188,8 +192,12 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Build { release } => build(release),
         Cmd::Test { filter, no_lint, no_kernels, no_fuzz } => test(filter, no_lint, no_kernels, no_fuzz),
-        Cmd::Demo { keep } => {
+        Cmd::Demo { keep, istiod } => {
             build(false)?;
+            if istiod {
+                gotools::ensure()?;
+                return demo::istiod::run(keep);
+            }
             demo::run(keep)
         }
         Cmd::Lint => lint(),

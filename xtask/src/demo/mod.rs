@@ -2,6 +2,10 @@
 //! namespaces, four pods and a service, eBPF capture, mTLS HBONE tunnels with workload
 //! identities, and what each proxy saw.
 //! Everything is torn down at the end (or at Ctrl-C with `--keep`).
+//!
+//! `--istiod` tells the same story with the real Kubernetes API server and istiod (`istiod`).
+
+pub mod istiod;
 
 use std::{process::Command, time::Duration};
 
@@ -21,10 +25,14 @@ const STEPS: u32 = 8;
 const VIP: &str = "10.96.0.10";
 
 fn step(n: u32, text: &str) {
-    println!("\n\x1b[1m[{n}/{STEPS}] {text}\x1b[0m");
+    step_of(n, STEPS, text);
 }
 
-fn curl(cmd: Command, label: &str) -> anyhow::Result<String> {
+pub(crate) fn step_of(n: u32, of: u32, text: &str) {
+    println!("\n\x1b[1m[{n}/{of}] {text}\x1b[0m");
+}
+
+pub(crate) fn curl(cmd: Command, label: &str) -> anyhow::Result<String> {
     let out = run_with_timeout(cmd, T)?;
     let body = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() {
@@ -34,13 +42,13 @@ fn curl(cmd: Command, label: &str) -> anyhow::Result<String> {
     Ok(body)
 }
 
-fn pod_curl(pod: &Pod, url: &str, label: &str) -> anyhow::Result<String> {
+pub(crate) fn pod_curl(pod: &Pod, url: &str, label: &str) -> anyhow::Result<String> {
     curl(pod_command(pod, &["curl", "-sS", "--max-time", "5", url]), label)
 }
 
 /// Prints a proxy's access-log lines after the first `skip`, trimmed to what matters;
 /// returns how many there are.
-fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
+pub(crate) fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
     let log = ambit.log();
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(" access: ")).collect();
     for l in lines.iter().skip(skip) {
@@ -53,13 +61,15 @@ fn access_log(node: &str, ambit: &Ambit, skip: usize) -> usize {
             "dst_identity=",
             "dst_service=",
             "security=",
+            "policy=",
         ];
         let fields: Vec<String> = l
             .split_whitespace()
             .filter(|f| keep.iter().any(|p| f.starts_with(p)) && *f != "dst_service=-")
             .map(|f| f.replace("spiffe://cluster.local/", ""))
             .collect();
-        println!("  {node} access: {}", fields.join(" "));
+        let what = if l.contains("connection denied") { "DENIED" } else { "access" };
+        println!("  {node} {what}: {}", fields.join(" "));
     }
     lines.len()
 }
@@ -76,7 +86,7 @@ fn kernel_counters(node: &str, ambit: &Ambit) {
     println!("  {node} eBPF counters: {}", line.join(" "));
 }
 
-fn settle() {
+pub(crate) fn settle() {
     std::thread::sleep(Duration::from_millis(200));
 }
 
