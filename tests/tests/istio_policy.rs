@@ -28,6 +28,9 @@ fn peer_authentication(mode: &str) -> String {
     )
 }
 
+/// A case: its name, the objects applied, and (client, port, allowed?) checks.
+type Case<'p> = (&'static str, Vec<String>, Vec<(&'p ambit_testbed::Pod, u16, bool)>);
+
 #[test]
 fn authorization_and_peer_authentication_from_kubectl_are_enforced() {
     let bed = Bed::new("istio-policy");
@@ -54,7 +57,7 @@ fn authorization_and_peer_authentication_from_kubectl_are_enforced() {
     let url = |port: u16| format!("http://{}:{port}/", b.ipv4);
     let reaches = |from: &ambit_testbed::Pod, port: u16| curl(from, &url(port)).status.success();
     // Each case: what is applied (empty: nothing), and who reaches b on which port.
-    let cases: Vec<(&str, Vec<String>, Vec<(&ambit_testbed::Pod, u16, bool)>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         ("no policy", vec![], vec![(&a, 8080, true), (&d, 8080, true), (&x, 8080, true)]),
         (
             "ALLOW the client principal",
