@@ -169,9 +169,9 @@ fn kubernetes(dir: &Path) -> anyhow::Result<()> {
         ));
     }
     for (name, package, estimate) in [
-        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver", "about 7 min"),
-        ("kubectl", "k8s.io/kubernetes/cmd/kubectl", "about 1 min after the API server"),
-        ("etcd", "go.etcd.io/etcd/server/v3", "under a minute"),
+        ("kube-apiserver", "k8s.io/kubernetes/cmd/kube-apiserver", "about 5 min"),
+        ("kubectl", "k8s.io/kubernetes/cmd/kubectl", "under a minute after the API server"),
+        ("etcd", "go.etcd.io/etcd/server/v3", "seconds after kubectl"),
     ] {
         timed(name, estimate, || {
             let mut c = go();
