@@ -91,6 +91,9 @@ fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identi
     kube.kubectl(&["label", "namespace", "demo", "istio.io/dataplane-mode-"]).expect("unlabel");
     assert!(eventually(SLOW, || enrolled(&p1).is_empty() && enrolled(&p2).is_empty()));
     assert!(eventually(SLOW, || annotation(&kube, "a").is_empty() && annotation(&kube, "b").is_empty()));
+    for p in [&p1, &p2] {
+        assert!(eventually(T, || kernel_state(p) == (0, 0, 0, 0)), "state left behind: {:?}", kernel_state(p));
+    }
     assert!(eventually(SLOW, || curl(&a, &url).status.success()));
 }
 
