@@ -13,12 +13,21 @@ pub fn enrolled_pods(mesh: &Mesh, node: &str, rules: &Enrolment) -> Vec<PodSpec>
     mesh.pods_on(node).filter(|p| rules.is_enrolled(mesh, p)).cloned().collect()
 }
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::PodSource;
+
+/// What the node has enrolled, reported after every reconcile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnrolledReport {
+    /// `namespace/name` → the network namespace it is captured in.
+    pub pods: BTreeMap<String, PathBuf>,
+    /// `namespace/name` → why it could not be enrolled (retried).
+    pub failed: BTreeMap<String, String>,
+}
 
 /// The node's running pod source.
 pub enum Source {
@@ -64,11 +73,10 @@ impl Source {
         }
     }
 
-    /// Where the node reports the pods (`namespace/name`) it has enrolled after every
-    /// reconcile: the Kubernetes source annotates them for istiod. `None` for a mesh file.
-    pub fn enrolled_reporter(
-        &self,
-    ) -> Option<Arc<watch::Sender<Option<std::collections::BTreeSet<String>>>>> {
+    /// Where the node reports the pods it has enrolled after every reconcile: the Kubernetes
+    /// source annotates them for istiod, and the CNI plugin's ADD waits on it. `None` for a
+    /// mesh file.
+    pub fn enrolled_reporter(&self) -> Option<Arc<watch::Sender<Option<EnrolledReport>>>> {
         match self {
             Source::File(_) => None,
             Source::Kubernetes(k) => Some(k.enrolled.clone()),

@@ -433,8 +433,14 @@ impl PodManager {
     }
 
     /// The enrolled pods, as `namespace/name`.
-    pub fn enrolled_keys(&self) -> BTreeSet<String> {
-        self.pods.keys().cloned().collect()
+    /// The enrolled pods (`namespace/name` → network namespace they are captured in).
+    pub fn enrolled_netns(&self) -> BTreeMap<String, std::path::PathBuf> {
+        self.pods.iter().map(|(k, p)| (k.clone(), p.spec.netns.clone())).collect()
+    }
+
+    /// The pods that should be enrolled and are not, and why.
+    pub fn failures(&self) -> &BTreeMap<String, String> {
+        &self.failed
     }
 
     pub fn enrolled_count(&self) -> usize {

@@ -11,10 +11,7 @@
 //!
 //! Failures are retried every few seconds; the views converge after a restart too.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeMap, time::Duration};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -33,12 +30,12 @@ const RETRY: Duration = Duration::from_secs(2);
 pub type Annotations = BTreeMap<String, Option<String>>;
 
 /// What a pod needs: `Some(true)` the annotation written, `Some(false)` removed.
-fn wanted(enrolled: &BTreeSet<String>, current: &Annotations) -> Vec<(String, bool)> {
+fn wanted<V>(enrolled: &BTreeMap<String, V>, current: &Annotations) -> Vec<(String, bool)> {
     current
         .iter()
         .filter_map(|(pod, value)| {
             let on = value.as_deref() == Some(ENABLED);
-            match (enrolled.contains(pod), on) {
+            match (enrolled.contains_key(pod), on) {
                 (true, false) => Some((pod.clone(), true)),
                 (false, true) => Some((pod.clone(), false)),
                 _ => None,
@@ -52,13 +49,13 @@ fn wanted(enrolled: &BTreeSet<String>, current: &Annotations) -> Vec<(String, bo
 /// proxy knows what it captures.
 pub async fn run(
     client: Client,
-    mut enrolled: watch::Receiver<Option<BTreeSet<String>>>,
+    mut enrolled: watch::Receiver<Option<crate::enroll::EnrolledReport>>,
     mut current: watch::Receiver<Annotations>,
     stop: CancellationToken,
 ) {
     loop {
         let todo = match &*enrolled.borrow_and_update() {
-            Some(e) => wanted(e, &current.borrow_and_update()),
+            Some(e) => wanted(&e.pods, &current.borrow_and_update()),
             None => Vec::new(),
         };
         let mut failed = false;
@@ -101,7 +98,8 @@ mod tests {
 
     #[test]
     fn enrolled_pods_get_the_annotation_and_others_lose_it() {
-        let enrolled: BTreeSet<String> = ["demo/a", "demo/b"].iter().map(|s| s.to_string()).collect();
+        let enrolled: BTreeMap<String, ()> =
+            ["demo/a", "demo/b"].iter().map(|s| (s.to_string(), ())).collect();
         let current: Annotations = [
             ("demo/a", None),
             ("demo/b", Some("enabled")),

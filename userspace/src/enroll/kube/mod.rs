@@ -5,15 +5,20 @@
 //!
 //! - A pod is considered once it has an IP and while it runs: host-network pods, finished
 //!   pods and pods with an Istio sidecar are never captured.
-//! - An enrolled pod's network namespace is found under `/proc` ([`procfs`]); until one of its
-//!   processes exists it is left out (with the reason in the status) and looked for again
-//!   every second.
+//! - A pod the CNI plugin announced ([`sandboxes`]) is enrolled from the runtime's network
+//!   namespace and addresses at once, before its first process runs; a pod whose sandbox
+//!   the runtime deleted is left out.
+//! - Any other enrolled pod's network namespace is found under `/proc` ([`procfs`]): pods
+//!   that ran before ambit, or before a restart. Until one of its processes exists it is
+//!   left out (with the reason in the status) and looked for again every second.
 //! - The API going away, a watch ending, or `410 Gone` are handled by kube's watcher: re-watch
 //!   from the last version, or list again from scratch, with jittered exponential backoff
 //!   (0.8 s doubling to 30 s). The last complete view stays in force meanwhile.
 
 pub mod annotate;
+pub mod lookup;
 pub mod procfs;
+pub mod sandboxes;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -35,8 +40,12 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::meshfile::{Enrolment, Mesh, Namespace, PodSpec};
+use crate::{
+    enroll::EnrolledReport,
+    meshfile::{Enrolment, Mesh, Namespace, PodSpec},
+};
 use procfs::ProcNetns;
+use sandboxes::Sandboxes;
 
 /// How often pods' network namespaces are checked again: pending ones looked for, found
 /// ones confirmed (the process found may have ended).
@@ -53,6 +62,9 @@ pub struct KubeSettings {
     /// The host's `/proc` (where pods' processes are visible).
     pub proc_dir: PathBuf,
     pub node_name: String,
+    /// Where sandboxes the CNI plugin announced are kept across restarts (`None`: no CNI
+    /// plugin, or in memory only).
+    pub sandbox_file: Option<PathBuf>,
 }
 
 /// What the pod source has seen (config dump, tests).
@@ -71,6 +83,8 @@ pub struct KubeStatus {
     pub pending: BTreeMap<String, String>,
     /// Pods of this node never captured, and why (host network, sidecar, finished, no IP).
     pub skipped: BTreeMap<String, String>,
+    /// Pods enrolled from the sandbox the CNI plugin announced: `namespace/name` → netns.
+    pub cni_sandboxes: BTreeMap<String, PathBuf>,
 }
 
 /// A running pod source.
@@ -78,9 +92,14 @@ pub struct KubeSource {
     pub meshes: watch::Receiver<Arc<Mesh>>,
     pub synced: watch::Receiver<bool>,
     pub status: Arc<Mutex<KubeStatus>>,
-    /// The node reports here which pods (`namespace/name`) it has enrolled, after every
-    /// reconcile: their `ambient.istio.io/redirection` annotation follows (see [`annotate`]).
-    pub enrolled: Arc<watch::Sender<Option<BTreeSet<String>>>>,
+    /// The node reports here which pods it has enrolled (and which failed), after every
+    /// reconcile: their `ambient.istio.io/redirection` annotation follows (see [`annotate`]),
+    /// and the CNI plugin's ADD waits for its pod in it.
+    pub enrolled: Arc<watch::Sender<Option<EnrolledReport>>>,
+    /// Sandboxes the CNI plugin announced.
+    pub sandboxes: Arc<Sandboxes>,
+    /// For fresh lookups (the CNI plugin's ADD).
+    pub client: Client,
 }
 
 /// Objects of one kind as the watcher reports them: the current complete view, and the one
@@ -125,8 +144,10 @@ impl<K: ResourceExt> Objects<K> {
     }
 }
 
-async fn client(settings: &KubeSettings) -> anyhow::Result<Client> {
-    let config = match &settings.kubeconfig {
+/// A client from a kubeconfig file, or (`None`) `KUBECONFIG`, `~/.kube/config`, then the
+/// in-cluster service account.
+pub async fn client_from(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
         Some(path) => {
             let kc = Kubeconfig::read_from(path)
                 .with_context(|| format!("reading kubeconfig {}", path.display()))?;
@@ -157,18 +178,23 @@ pub async fn start(
             settings.proc_dir.display()
         );
     }
-    let client = client(&settings).await?;
+    let client = client_from(settings.kubeconfig.as_deref()).await?;
     let (tx, meshes) = watch::channel(Arc::new(Mesh::default()));
     let (synced_tx, synced) = watch::channel(false);
     let status = Arc::new(Mutex::new(KubeStatus::default()));
-    let builder =
-        Builder { rules, node: settings.node_name.clone(), netns: ProcNetns::new(&settings.proc_dir) };
+    let sandboxes = Arc::new(Sandboxes::new(settings.sandbox_file.clone()));
+    let builder = Builder {
+        rules,
+        node: settings.node_name.clone(),
+        netns: ProcNetns::new(&settings.proc_dir),
+        sandboxes: sandboxes.clone(),
+    };
     let (enrolled, enrolled_rx) = watch::channel(None);
     let (annotations_tx, annotations) = watch::channel(annotate::Annotations::new());
     tokio::spawn(annotate::run(client.clone(), enrolled_rx, annotations, stop.clone()));
     let outputs = Outputs { meshes: tx, synced: synced_tx, annotations: annotations_tx };
-    tokio::spawn(run(client, settings.node_name, builder, outputs, status.clone(), stop));
-    Ok(KubeSource { meshes, synced, status, enrolled: Arc::new(enrolled) })
+    tokio::spawn(run(client.clone(), settings.node_name, builder, outputs, status.clone(), stop));
+    Ok(KubeSource { meshes, synced, status, enrolled: Arc::new(enrolled), sandboxes, client })
 }
 
 /// What the watch loop publishes.
@@ -203,6 +229,7 @@ async fn run(
     let mut pod_events = watcher(pod_api, pod_config).default_backoff().boxed();
     let (mut namespaces, mut pods) = (Objects::<KubeNamespace>::new(), Objects::<Pod>::new());
     let mut retry = tokio::time::interval(NETNS_RETRY);
+    let mut announced = builder.sandboxes.subscribe();
     loop {
         let changed = tokio::select! {
             () = stop.cancelled() => return,
@@ -230,18 +257,15 @@ async fn run(
             // Pending pods may have started; a pod's process found earlier may have ended
             // (its namespace is then found through another one).
             _ = retry.tick() => true,
+            // The CNI plugin added or deleted a sandbox.
+            r = announced.changed() => r.is_ok(),
         };
         let (Some(ns), Some(ps)) = (&namespaces.current, &pods.current) else { continue };
         if !changed && *synced.borrow() {
             continue;
         }
-        let current: annotate::Annotations = ps
-            .values()
-            .map(|p| {
-                let key = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
-                (key, p.annotations().get(annotate::REDIRECTION).cloned())
-            })
-            .collect();
+        let current: annotate::Annotations =
+            ps.values().map(|p| (pod_key(p), p.annotations().get(annotate::REDIRECTION).cloned())).collect();
         annotations.send_if_modified(|a| {
             let differs = *a != current;
             if differs {
@@ -249,6 +273,7 @@ async fn run(
             }
             differs
         });
+        builder.sandboxes.expire(|uid, key| ps.contains_key(uid) || ps.values().any(|p| pod_key(p) == key));
         let (mesh, pending, skipped) = builder.build(ns, ps);
         {
             let mut s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -265,6 +290,8 @@ async fn run(
             s.pods = ps.len();
             s.pending = pending;
             s.skipped = skipped;
+            s.cni_sandboxes =
+                builder.sandboxes.snapshot().added.values().map(|b| (b.key(), b.netns.clone())).collect();
         }
         tx.send_if_modified(|m| {
             let differs = **m != mesh;
@@ -287,6 +314,31 @@ struct Builder {
     rules: Enrolment,
     node: String,
     netns: ProcNetns,
+    sandboxes: Arc<Sandboxes>,
+}
+
+fn pod_key(pod: &Pod) -> String {
+    format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any())
+}
+
+/// The pod as the rest of ambit sees it; `netns` is filled in once found.
+fn pod_spec(pod: &Pod, node: &str, ips: Vec<IpAddr>) -> PodSpec {
+    PodSpec {
+        name: pod.name_any(),
+        namespace: pod.namespace().unwrap_or_default(),
+        labels: pod.labels().clone(),
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".into()),
+        ips,
+        netns: PathBuf::new(),
+        node: Some(node.to_string()),
+        interface: "eth0".into(),
+        healthy: ready(pod),
+    }
 }
 
 /// Why a pod of this node is never captured, if it is not.
@@ -335,44 +387,48 @@ impl Builder {
             mesh.namespaces.insert(name.clone(), Namespace { name, labels });
         }
         let (mut pending, mut skipped) = (Reasons::new(), Reasons::new());
+        let announced = self.sandboxes.snapshot();
+        // A pod announced by the CNI plugin may not have reached the watch yet.
+        let early: BTreeMap<&String, &Pod> = announced
+            .added
+            .iter()
+            .filter(|(uid, _)| !pods.contains_key(*uid))
+            .filter_map(|(uid, s)| s.pod.as_ref().map(|p| (uid, p)))
+            .collect();
         let mut candidates: Vec<(String, PodSpec)> = Vec::new();
-        for (uid, pod) in pods {
-            let key = format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any());
+        for (uid, pod) in pods.iter().chain(early) {
+            let key = pod_key(pod);
+            if announced.is_deleted(uid, &key) {
+                skipped.insert(key, "sandbox deleted (CNI DEL)".into());
+                continue;
+            }
             if let Some(why) = never_captured(pod) {
                 skipped.insert(key, why.to_string());
                 continue;
             }
-            let ips = pod_ips(pod);
+            let ips = match announced.sandbox(uid) {
+                Some(s) if !s.ips.is_empty() => s.ips.clone(),
+                _ => pod_ips(pod),
+            };
             if ips.is_empty() {
                 skipped.insert(key, "no IP yet".into());
                 continue;
             }
-            let spec = PodSpec {
-                name: pod.name_any(),
-                namespace: pod.namespace().unwrap_or_default(),
-                labels: pod.labels().clone(),
-                service_account: pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.clone())
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| "default".into()),
-                ips,
-                netns: PathBuf::new(),
-                node: Some(self.node.clone()),
-                interface: "eth0".into(),
-                healthy: ready(pod),
-            };
-            candidates.push((uid.clone(), spec));
+            candidates.push((uid.clone(), pod_spec(pod, &self.node, ips)));
         }
         let enrolled: Vec<&str> = candidates
             .iter()
-            .filter(|(_, p)| self.rules.is_enrolled(&mesh, p))
+            .filter(|(uid, p)| announced.sandbox(uid).is_none() && self.rules.is_enrolled(&mesh, p))
             .map(|(u, _)| u.as_str())
             .collect();
         let mut found = self.netns.resolve(&enrolled);
         self.netns.retain(|uid| pods.contains_key(uid));
         for (uid, mut spec) in candidates {
+            if let Some(s) = announced.sandbox(&uid) {
+                spec.netns = s.netns.clone();
+                mesh.pods.push(spec);
+                continue;
+            }
             match found.remove(&uid) {
                 None => mesh.pods.push(spec),
                 Some(Ok(path)) => {
@@ -387,8 +443,10 @@ impl Builder {
                 }
             }
         }
-        mesh.pods.sort_by_key(PodSpec::key);
-        // Two objects with one name (a pod replaced under the same name): the first wins.
+        // Two objects with one name (a pod replaced under the same name): the one whose
+        // sandbox the runtime announced wins, else the first.
+        let from_cni: BTreeSet<&PathBuf> = announced.added.values().map(|s| &s.netns).collect();
+        mesh.pods.sort_by_key(|p| (p.key(), !from_cni.contains(&p.netns)));
         mesh.pods.dedup_by(|a, b| a.key() == b.key());
         (mesh, pending, skipped)
     }
@@ -444,7 +502,12 @@ mod tests {
         ]);
         let proc = std::env::temp_dir().join(format!("ambit-kube-proc-{}", std::process::id()));
         std::fs::create_dir_all(&proc).expect("empty proc");
-        let mut b = Builder { rules: Enrolment::default(), node: "n1".into(), netns: ProcNetns::new(&proc) };
+        let mut b = Builder {
+            rules: Enrolment::default(),
+            node: "n1".into(),
+            netns: ProcNetns::new(&proc),
+            sandboxes: Arc::new(Sandboxes::new(None)),
+        };
         let (mesh, pending, skipped) = b.build(&namespaces, &pods);
         let names: Vec<&str> = mesh.pods.iter().map(|p| p.name.as_str()).collect();
         // The opted-out pod is listed (not enrolled, so no namespace needed); the enrolled
@@ -471,6 +534,27 @@ mod tests {
         let plain = mesh.pods.iter().find(|p| p.name == "plain").expect("plain");
         assert_eq!((plain.service_account.as_str(), plain.netns.clone()), ("web", proc.join("7/ns/net")));
         assert!(!mesh.pods.iter().find(|p| p.name == "unready").expect("unready").healthy);
+
+        // Announced by the CNI plugin: enrolled from the sandbox before the watch has the pod
+        // (and before its status has IPs); a deleted sandbox leaves its pod out.
+        let (_, early) = pod("early", serde_json::json!({"status": {"phase": "Pending", "podIPs": []}}));
+        let sandbox = |name: &str, pod: Option<Pod>| sandboxes::Sandbox {
+            namespace: "demo".into(),
+            name: name.into(),
+            container_id: "c".into(),
+            netns: PathBuf::from(format!("/var/run/netns/{name}")),
+            ips: vec!["10.1.0.9".parse().expect("ip")],
+            pod,
+            seen: 0,
+        };
+        b.sandboxes.add("uid-early", sandbox("early", Some(early)));
+        b.sandboxes.delete("uid-plain", "demo/plain");
+        let (mesh, _, skipped) = b.build(&namespaces, &pods);
+        let e = mesh.pods.iter().find(|p| p.name == "early").expect("the announced pod");
+        assert_eq!(e.netns, PathBuf::from("/var/run/netns/early"));
+        assert_eq!(e.ips, vec!["10.1.0.9".parse::<IpAddr>().expect("ip")]);
+        assert!(mesh.pods.iter().all(|p| p.name != "plain"));
+        assert_eq!(skipped.get("demo/plain").map(String::as_str), Some("sandbox deleted (CNI DEL)"));
         std::fs::remove_dir_all(&proc).expect("cleanup");
     }
 }
