@@ -3,7 +3,8 @@
 //! Module map (see ARCHITECTURE.md for the data flow):
 //! - [`capture`]: the eBPF programs, maps and pins;
 //! - [`inpod`]: enrolled pods — netns handles, in-pod listeners, enrol/unenrol/reconcile;
-//! - [`enroll`]: pod sources (the local mesh file);
+//! - [`enroll`]: pod sources (the local mesh file, the Kubernetes API);
+//! - [`cni`]: the `ambit-cni` plugin, its install, and the node's socket it calls;
 //! - [`meshfile`]: the mesh file format and its validation;
 //! - [`proxy`]: accept loops, outbound and inbound handling, the relay;
 //! - [`metrics`], [`admin`], [`telemetry`]: what operators see;
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod authz;
 pub mod capture;
+pub mod cni;
 pub mod config;
 pub mod controlplane;
 pub mod enroll;

@@ -38,15 +38,26 @@ enum Command {
     },
     /// Remove everything an instance pinned (programs, links, maps): capture stops for every
     /// pod it had enrolled. Run it when removing ambit from a node, not between restarts.
+    /// Also takes the `ambit-cni` plugin out of the node's CNI configuration (restoring the
+    /// primary CNI's file) and removes its binary.
     Uninstall {
         #[arg(long, env = "AMBIT_BPFFS", default_value = "/sys/fs/bpf")]
         bpffs: PathBuf,
         #[arg(long, env = "AMBIT_INSTANCE", default_value = "default")]
         instance: String,
+        #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+        cni_conf_dir: PathBuf,
+        #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+        cni_bin_dir: PathBuf,
     },
 }
 
 fn main() -> std::process::ExitCode {
+    // Installed as the CNI plugin, the same binary speaks CNI (the runtime runs it so).
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == ambit::cni::BINARY_NAME) {
+        return ambit::cni::plugin::main();
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -98,8 +109,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(refusal) => Err(anyhow::anyhow!(refusal)),
             }
         }
-        Command::Uninstall { bpffs, instance } => {
+        Command::Uninstall { bpffs, instance, cni_conf_dir, cni_bin_dir } => {
             telemetry::init("info", telemetry::LogFormat::Text)?;
+            // The plugin first: from now on new pods start as they would without ambit.
+            let cni = ambit::cni::install::uninstall(&cni_conf_dir, &cni_bin_dir)
+                .context("taking ambit-cni out of the node's CNI configuration")?;
+            tracing::info!(restored = ?cni.restored, edited = ?cni.edited, removed = ?cni.removed, "ambit-cni uninstalled");
             let removed = ambit::capture::uninstall(&bpffs, &instance).with_context(|| {
                 format!("removing pinned state of instance {instance:?} under {}", bpffs.display())
             })?;

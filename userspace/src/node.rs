@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::{self, AdminState, Routes},
     capture::Capture,
+    cni::{
+        install::{Chained, CniSettings},
+        server::CniServer,
+    },
     config::{self, NodeSettings},
     enroll,
     identity::{caclient::CaClient, IdentityManager},
@@ -191,13 +195,14 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     }
     let pod_source_status = source.kube_status();
     let report_enrolled = source.enrolled_reporter();
+    let cni = cni_server(&settings, &source)?;
     let report = |pods: &PodManager| {
         if let Some(r) = &report_enrolled {
-            let keys = pods.enrolled_keys();
+            let now = enroll::EnrolledReport { pods: pods.enrolled_netns(), failed: pods.failures().clone() };
             r.send_if_modified(|held| {
-                let differs = held.as_ref() != Some(&keys);
+                let differs = held.as_ref() != Some(&now);
                 if differs {
-                    *held = Some(keys);
+                    *held = Some(now);
                 }
                 differs
             });
@@ -214,6 +219,12 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     report(&pods);
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
+    // The plugin's socket from now on: the node captures what it is handed.
+    let cni_stop = shutdown.child_token();
+    if let Some((server, bound, install)) = cni {
+        tokio::spawn(server.serve(bound, cni_stop.clone()));
+        tokio::spawn(crate::cni::install::keep_installed(install, cni_stop.clone()));
+    }
     {
         let (proxy, identities, state) = (proxy.clone(), identities.clone(), state.clone());
         let xds_status = xds_status.clone();
@@ -284,6 +295,8 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     }
 
     admin.set_ready(Some("draining".into()));
+    // New pods' ADDs fail (closed) until the next proxy answers; the plugin stays chained.
+    cni_stop.cancel();
     // Listeners close now: new connects of enrolled pods are refused (fail closed) or let
     // through (fail open) by the still-attached programs until the next proxy starts.
     pods.stop_accepting().await;
@@ -296,6 +309,36 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     shutdown.cancel();
     Ok(())
+}
+
+/// The CNI plugin installed and its socket bound, when `--cni` is on: the server, its bound
+/// socket and what keeps the plugin installed. Refused with the reason (a missing CNI
+/// directory, an unwritable socket) before any pod is touched.
+fn cni_server(
+    settings: &NodeSettings,
+    source: &enroll::Source,
+) -> anyhow::Result<Option<(Arc<CniServer>, crate::cni::server::Bound, CniSettings)>> {
+    let (Some(cni), enroll::Source::Kubernetes(k)) = (&settings.cni, source) else { return Ok(None) };
+    match crate::cni::install::install(cni).context("installing the ambit-cni plugin (--cni)")? {
+        Chained::Inserted(file) | Chained::Unchanged(file) => {
+            tracing::info!(file = %file.display(), bin_dir = %cni.bin_dir.display(), "ambit-cni chained into the node's CNI configuration")
+        }
+        Chained::NoPrimary => tracing::warn!(
+            conf_dir = %cni.conf_dir.display(),
+            "no CNI network configuration yet: ambit-cni is chained once the primary CNI writes one"
+        ),
+    }
+    let bound = crate::cni::server::bind(&cni.socket).context("the CNI plugin's socket (--cni-socket)")?;
+    let server = CniServer {
+        client: k.client.clone(),
+        node: settings.node_name.clone(),
+        rules: settings.enrolment.clone(),
+        sandboxes: k.sandboxes.clone(),
+        report: k.enrolled.subscribe(),
+        // The plugin's own deadline is the same: answer a little before it gives up.
+        timeout: cni.timeout.saturating_sub(Duration::from_secs(1)).max(Duration::from_secs(1)),
+    };
+    Ok(Some((Arc::new(server), bound, cni.clone())))
 }
 
 /// A node proxy holds two or three sockets per proxied connection: the soft limit on open

@@ -74,6 +74,35 @@ pub struct NodeArgs {
     #[arg(long, env = "AMBIT_PROC_DIR", default_value = "/proc")]
     pub proc_dir: PathBuf,
 
+    /// Kubernetes: install the `ambit-cni` plugin into the node's CNI configuration and
+    /// answer it, so that new pods are captured from their first packet (see docs/cni.md).
+    /// The DaemonSet turns it on.
+    #[arg(long, env = "AMBIT_CNI")]
+    pub cni: bool,
+
+    /// The node's CNI network configuration directory (the host's, mounted at the same path:
+    /// the plugin's configuration names paths as the host sees them).
+    #[arg(long, env = "AMBIT_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+
+    /// The node's CNI plugin directory, where `ambit-cni` is installed.
+    #[arg(long, env = "AMBIT_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+
+    /// The unix socket the plugin calls (root only). Its directory also keeps the sandboxes
+    /// the plugin announced, across restarts.
+    #[arg(long, env = "AMBIT_CNI_SOCKET", default_value = crate::cni::protocol::DEFAULT_SOCKET)]
+    pub cni_socket: PathBuf,
+
+    /// Let a pod start uncaptured when it cannot be captured (the node proxy is down or
+    /// refuses). Default: its sandbox fails, and the kubelet retries (fail closed).
+    #[arg(long, env = "AMBIT_CNI_FAIL_OPEN")]
+    pub cni_fail_open: bool,
+
+    /// How long the plugin's ADD waits for the pod's capture.
+    #[arg(long, env = "AMBIT_CNI_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub cni_timeout: Duration,
+
     /// The label (on a namespace, or a pod) that enrols pods.
     #[arg(long, env = "AMBIT_ENROL_LABEL", default_value = "istio.io/dataplane-mode=ambient")]
     pub enrol_label: Label,
@@ -338,6 +367,8 @@ pub struct NodeSettings {
     pub ca: Option<crate::identity::caclient::CaSettings>,
     /// `None`: workloads and services from the mesh file.
     pub xds: Option<crate::xds::client::XdsSettings>,
+    /// `None`: no CNI plugin; pods are found under /proc once they run.
+    pub cni: Option<crate::cni::install::CniSettings>,
     pub unknown_destination: UnknownDestination,
     pub identity: crate::identity::IdentitySettings,
     pub hbone: crate::proxy::hbone::HboneSettings,
@@ -397,6 +428,30 @@ impl NodeSettings {
             }
             other => other.clone(),
         };
+        let enrolment = Enrolment { enrol: args.enrol_label, opt_out: args.opt_out_label };
+        let cni = match (args.cni, args.pod_source) {
+            (false, _) => None,
+            (true, PodSourceKind::File) => {
+                bail!("--cni needs --pod-source kubernetes: the plugin looks pods up in the API")
+            }
+            (true, PodSourceKind::Kubernetes) => {
+                if args.cni_timeout < Duration::from_secs(1) {
+                    bail!("--cni-timeout {:?}: must be at least 1s", args.cni_timeout);
+                }
+                if !args.cni_socket.is_absolute() {
+                    bail!("--cni-socket {}: must be an absolute path", args.cni_socket.display());
+                }
+                Some(crate::cni::install::CniSettings {
+                    conf_dir: args.cni_conf_dir,
+                    bin_dir: args.cni_bin_dir,
+                    socket: args.cni_socket,
+                    fail_open: args.cni_fail_open,
+                    timeout: args.cni_timeout,
+                    kubeconfig: args.kubeconfig.clone(),
+                    rules: enrolment.clone(),
+                })
+            }
+        };
         let pod_source = match (args.pod_source, args.mesh_file) {
             (PodSourceKind::File, Some(mesh_file)) => {
                 PodSource::File { mesh_file, poll: args.mesh_file_poll }
@@ -411,11 +466,12 @@ impl NodeSettings {
                 kubeconfig: args.kubeconfig,
                 proc_dir: args.proc_dir,
                 node_name: node_name.clone(),
+                sandbox_file: cni.as_ref().map(|c| c.socket.with_file_name("sandboxes.json")),
             }),
         };
         Ok(NodeSettings {
             pod_source,
-            enrolment: Enrolment { enrol: args.enrol_label, opt_out: args.opt_out_label },
+            enrolment,
             node_name: node_name.clone(),
             cgroup,
             bpffs: args.bpffs,
@@ -465,6 +521,7 @@ impl NodeSettings {
                 }),
                 _ => None,
             },
+            cni,
             unknown_destination: args.unknown_destination,
             identity: crate::identity::IdentitySettings {
                 trust_domain: args.trust_domain,
