@@ -341,8 +341,22 @@ impl Bed {
 
     /// Deletes a pod's namespace before teardown (a pod that went away).
     pub fn delete_pod(&self, pod: &Pod) {
-        cleanup::delete_netns(&pod.netns);
-        self.state().netns.retain(|n| *n != pod.netns);
+        self.delete_netns(&pod.netns);
+    }
+
+    /// An empty network namespace on `node` (not even `lo` up), as a container runtime
+    /// creates for a pod sandbox before running the CNI plugins. Returns its name.
+    pub fn sandbox_netns(&self, node: &Node, name: &str) -> String {
+        let netns = format!("{}-{name}", node.netns);
+        sh(&["ip", "netns", "add", &netns]).unwrap_or_else(|e| panic!("creating netns {netns}: {e:#}"));
+        self.state().netns.push(netns.clone());
+        netns
+    }
+
+    /// Deletes a network namespace of the bed before teardown.
+    pub fn delete_netns(&self, name: &str) {
+        cleanup::delete_netns(name);
+        self.state().netns.retain(|n| n != name);
     }
 }
 

@@ -65,6 +65,26 @@ pub fn start_ambit<'b>(
     node: &Node,
     extra: &[&str],
 ) -> anyhow::Result<Ambit<'b>> {
+    start_daemonset_pod(bed, kube, Some(istiod), node, extra)
+}
+
+/// [`start_ambit`] with no control plane: pods from the API, captured, relayed without mTLS.
+pub fn start_ambit_alone<'b>(
+    bed: &'b Bed,
+    kube: &Kube<'_>,
+    node: &Node,
+    extra: &[&str],
+) -> anyhow::Result<Ambit<'b>> {
+    start_daemonset_pod(bed, kube, None, node, extra)
+}
+
+fn start_daemonset_pod<'b>(
+    bed: &'b Bed,
+    kube: &Kube<'_>,
+    istiod: Option<&Istiod<'_>>,
+    node: &Node,
+    extra: &[&str],
+) -> anyhow::Result<Ambit<'b>> {
     let pod = format!("ambit-{}", node.name);
     kube.apply(&format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {pod}\n  namespace: {AMBIT_NAMESPACE}\n  labels:\n    app.kubernetes.io/name: ambit\nspec:\n  nodeName: {}\n  serviceAccountName: {AMBIT_SA}\n  hostNetwork: true\n  containers:\n  - name: ambit\n    image: ambit\n",
@@ -74,28 +94,33 @@ pub fn start_ambit<'b>(
     kube.set_pod_status(AMBIT_NAMESPACE, &pod, ip, &[ip], true)?;
     let dir = bed.dir().join(format!("ambit-{}", node.name));
     std::fs::create_dir_all(&dir)?;
-    // The projected token istiod authenticates (bound to this Pod: its node authorizer reads
-    // the pod from it), and one for the API server, where the manifests' RBAC applies.
-    let istio_token = dir.join("istio-token");
-    std::fs::write(&istio_token, kube.token(AMBIT_NAMESPACE, AMBIT_SA, Some("istio-ca"), Some(&pod))?)?;
+    // A token for the API server, where the manifests' RBAC applies.
     let kubeconfig = dir.join("kubeconfig");
     kube.token_kubeconfig(&kubeconfig, &kube.token(AMBIT_NAMESPACE, AMBIT_SA, None, Some(&pod))?)?;
     let s = |p: &std::path::Path| p.display().to_string();
-    let mut flags: Vec<String> = [
-        "--xds-address",
-        &istiod.address,
-        "--ca-address",
-        &istiod.address,
-        "--root-cert",
-        &s(&istiod.root_cert),
-        "--token-file",
-        &s(&istio_token),
-        "--control-plane-name",
-        SERVING_NAME,
-    ]
-    .iter()
-    .map(|x| x.to_string())
-    .collect();
+    let mut flags: Vec<String> = Vec::new();
+    if let Some(istiod) = istiod {
+        // The projected token istiod authenticates (bound to this Pod: its node authorizer
+        // reads the pod from it).
+        let istio_token = dir.join("istio-token");
+        std::fs::write(&istio_token, kube.token(AMBIT_NAMESPACE, AMBIT_SA, Some("istio-ca"), Some(&pod))?)?;
+        flags.extend(
+            [
+                "--xds-address",
+                &istiod.address,
+                "--ca-address",
+                &istiod.address,
+                "--root-cert",
+                &s(&istiod.root_cert),
+                "--token-file",
+                &s(&istio_token),
+                "--control-plane-name",
+                SERVING_NAME,
+            ]
+            .iter()
+            .map(|x| x.to_string()),
+        );
+    }
     flags.extend(extra.iter().map(|x| x.to_string()));
     let flag_refs: Vec<&str> = flags.iter().map(String::as_str).collect();
     let args = Ambit::kube_args(bed, node, &kubeconfig, &flag_refs);

@@ -11,6 +11,7 @@ pub mod bed;
 pub mod bpf;
 pub mod certs;
 pub mod cleanup;
+pub mod cni;
 pub mod controlplane;
 pub mod exec;
 pub mod frames;

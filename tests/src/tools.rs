@@ -13,6 +13,13 @@ pub const ISTIO: &str = "v0.0.0-20260827124520-eed52ebb66ad";
 /// The Istio release the pinned snapshot is on its way to (what it reports as its version).
 pub const ISTIO_RELEASE: &str = "1.31-dev";
 
+/// `github.com/containernetworking/plugins`: the reference plugins a pod's sandbox is set up
+/// with (`bridge`, `host-local`, `loopback`).
+pub const CNI_PLUGINS: &str = "v1.10.0";
+/// `github.com/containernetworking/cni`: `cnitool`, which runs a network configuration's
+/// plugins against a network namespace as a container runtime does (through libcni).
+pub const CNI: &str = "v1.3.1";
+
 /// The cache of built tools: `$AMBIT_TOOLS_CACHE`, else `/var/cache/ambit-tools`.
 pub fn cache() -> PathBuf {
     std::env::var_os("AMBIT_TOOLS_CACHE")
@@ -26,6 +33,10 @@ pub fn kubernetes_dir() -> PathBuf {
 
 pub fn istio_dir() -> PathBuf {
     cache().join(format!("istio-{ISTIO}"))
+}
+
+pub fn cni_dir() -> PathBuf {
+    cache().join(format!("cni-{CNI_PLUGINS}-{CNI}"))
 }
 
 /// A built binary or file of the pinned sets; fails the test with the setup hint if missing.
@@ -58,4 +69,14 @@ pub fn pilot_discovery() -> PathBuf {
 /// Istio's CRDs, from the same module as pilot-discovery.
 pub fn istio_crds() -> PathBuf {
     tool(istio_dir(), "crd-all.gen.yaml")
+}
+
+/// The directory of the reference CNI plugins (a CNI bin dir).
+pub fn cni_plugins() -> PathBuf {
+    tool(cni_dir(), "bridge");
+    cni_dir()
+}
+
+pub fn cnitool() -> PathBuf {
+    tool(cni_dir(), "cnitool")
 }

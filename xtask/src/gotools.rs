@@ -9,12 +9,14 @@
 //!   generated: it requires `k8s.io/kubernetes` and replaces each staging module (listed from
 //!   that release's go.mod) with its published `v0.X.Y`; etcd is the version it selects.
 //!
+//! - The CNI reference plugins and cnitool: `go install` of each, by package path.
+//!
 //! Binaries go to `<cache>/<set>-<version>/`, marked complete last; a set already there is
 //! not rebuilt. Go's own module and build caches make a rebuild after a version change quick.
 
 use std::{path::Path, process::Command, time::Instant};
 
-use ambit_testbed::tools::{self, ISTIO, ISTIO_RELEASE, KUBERNETES};
+use ambit_testbed::tools::{self, CNI, CNI_PLUGINS, ISTIO, ISTIO_RELEASE, KUBERNETES};
 use anyhow::{bail, Context};
 
 fn go() -> Command {
@@ -54,7 +56,7 @@ fn complete(dir: &Path) -> bool {
 
 /// Builds whichever pinned set is missing; prints what it does from its first second.
 pub fn ensure() -> anyhow::Result<()> {
-    if complete(&tools::kubernetes_dir()) && complete(&tools::istio_dir()) {
+    if complete(&tools::kubernetes_dir()) && complete(&tools::istio_dir()) && complete(&tools::cni_dir()) {
         return Ok(());
     }
     let version = run(
@@ -72,6 +74,28 @@ pub fn ensure() -> anyhow::Result<()> {
     if !complete(&tools::kubernetes_dir()) {
         kubernetes(&tools::kubernetes_dir())?;
     }
+    if !complete(&tools::cni_dir()) {
+        cni(&tools::cni_dir())?;
+    }
+    Ok(())
+}
+
+fn cni(dir: &Path) -> anyhow::Result<()> {
+    fresh(dir)?;
+    timed("the CNI reference plugins and cnitool", "under a minute", || {
+        for package in [
+            format!("github.com/containernetworking/plugins/plugins/main/bridge@{CNI_PLUGINS}"),
+            format!("github.com/containernetworking/plugins/plugins/main/loopback@{CNI_PLUGINS}"),
+            format!("github.com/containernetworking/plugins/plugins/ipam/host-local@{CNI_PLUGINS}"),
+            format!("github.com/containernetworking/cni/cnitool@{CNI}"),
+        ] {
+            let mut c = go();
+            c.args(["install", "-trimpath", "-ldflags", "-s -w"]).arg(&package).env("GOBIN", dir);
+            run(c, &format!("building {package}"))?;
+        }
+        Ok(())
+    })?;
+    std::fs::write(dir.join(".complete"), format!("{CNI_PLUGINS} {CNI}"))?;
     Ok(())
 }
 
