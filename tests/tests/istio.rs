@@ -12,7 +12,6 @@ use ambit::identity::{
     Identity,
 };
 use ambit_testbed::{
-    ambit::pinned_map_len,
     apps::http_server,
     istio::{self, workload, Spec},
     istiod::{Istiod, SERVING_NAME},
@@ -52,16 +51,7 @@ fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identi
         served(&p1, "b")
     );
     assert_eq!(ok_body(&curl(&a, &url)), "b\n");
-    assert!(
-        eventually(T, || access_lines(&p1, &["direction=outbound", "security=mutual_tls", CLIENT, SERVER])
-            == 1),
-        "{}",
-        p1.log()
-    );
-    assert!(eventually(T, || access_lines(
-        &p2,
-        &["direction=inbound", "security=mutual_tls", CLIENT, SERVER]
-    ) == 1));
+    tunnelled_once(&p1, &p2);
 
     // istiod's node authorizer: n1's token gets a's identity, not b's (b runs on n2). Asked
     // from n1's namespace, as its proxy asks.
@@ -92,22 +82,13 @@ fn a_labelled_namespace_is_enrolled_annotated_and_tunnelled_with_istiod_s_identi
     assert!(eventually(SLOW, || enrolled(&p1).is_empty() && enrolled(&p2).is_empty()));
     assert!(eventually(SLOW, || annotation(&kube, "a").is_empty() && annotation(&kube, "b").is_empty()));
     for p in [&p1, &p2] {
-        assert!(eventually(T, || kernel_state(p) == (0, 0, 0, 0)), "state left behind: {:?}", kernel_state(p));
+        assert!(
+            eventually(T, || kernel_state(p) == (0, 0, 0, 0)),
+            "state left behind: {:?}",
+            kernel_state(p)
+        );
     }
     assert!(eventually(SLOW, || curl(&a, &url).status.success()));
-}
-
-/// Map entries and listeners the proxy holds in the kernel: (enrolled netns cookies, pod
-/// addresses, tc links, registered listeners).
-fn kernel_state(p: &Ambit) -> (usize, usize, usize, u64) {
-    let pins = p.pin_dir();
-    let listeners = p.config_dump()["capture"]["registered_listeners"].as_u64().expect("listeners");
-    (
-        pinned_map_len(&pins.join("AMBIT_ENROLLED")).expect("enrolled map"),
-        pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips map"),
-        std::fs::read_dir(pins.join("tc")).map(|d| d.count()).unwrap_or(0),
-        listeners,
-    )
 }
 
 #[test]

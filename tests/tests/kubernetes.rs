@@ -11,7 +11,7 @@ use std::{
 };
 
 use ambit_testbed::{
-    ambit::{pinned_map_len, write_mesh},
+    ambit::write_mesh,
     controlplane::ControlPlane,
     istio,
     kubeapi::{pod_object, sandbox, sandbox_in, CgroupDriver, KubeApi, PodObject},
@@ -66,19 +66,6 @@ fn enrolled(p: &Ambit) -> Vec<String> {
 
 fn pod_source(p: &Ambit) -> serde_json::Value {
     p.config_dump()["pod_source"].clone()
-}
-
-/// Map entries and listeners the proxy holds in the kernel: (enrolled netns cookies, pod
-/// addresses, tc links, registered listeners).
-fn kernel_state(p: &Ambit) -> (usize, usize, usize, u64) {
-    let pins = p.pin_dir();
-    let listeners = p.config_dump()["capture"]["registered_listeners"].as_u64().expect("listeners");
-    (
-        pinned_map_len(&pins.join("AMBIT_ENROLLED")).expect("enrolled map"),
-        pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips map"),
-        std::fs::read_dir(pins.join("tc")).map(|d| d.count()).unwrap_or(0),
-        listeners,
-    )
 }
 
 fn start_node<'b>(bed: &'b Bed, node: &Node, kubeconfig: &Path, extra: &[String]) -> Ambit<'b> {

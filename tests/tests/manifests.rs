@@ -236,7 +236,15 @@ fn the_daemonset_runs_with_capabilities_not_privileged_and_mounts_what_ambit_nee
                 )
             })
             .collect();
-        for path in ["/sys/fs/bpf", "/sys/fs/cgroup", "/host/proc", "/var/run/netns"] {
+        for path in [
+            "/sys/fs/bpf",
+            "/sys/fs/cgroup",
+            "/host/proc",
+            "/var/run/netns",
+            "/etc/cni/net.d",
+            "/opt/cni/bin",
+            "/var/run/ambit",
+        ] {
             assert!(mounts.contains_key(path), "{variant}: {path} not mounted ({mounts:?})");
         }
         assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_u64(), Some(15021));
@@ -258,6 +266,20 @@ fn the_daemonset_runs_with_capabilities_not_privileged_and_mounts_what_ambit_nee
             .collect();
         assert_eq!(env.get("AMBIT_POD_SOURCE").map(String::as_str), Some("kubernetes"));
         assert_eq!(env.get("AMBIT_PROC_DIR").map(String::as_str), Some("/host/proc"));
+        // The CNI plugin is on, and its directories are the host's, at the host's paths:
+        // the plugin runs on the host and reads the paths ambit writes.
+        assert_eq!(env.get("AMBIT_CNI").map(String::as_str), Some("true"), "{variant}");
+        let volumes: BTreeMap<String, String> = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .filter_map(|v| {
+                Some((v["name"].as_str()?.to_string(), v["hostPath"]["path"].as_str()?.to_string()))
+            })
+            .collect();
+        for path in ["/etc/cni/net.d", "/opt/cni/bin", "/var/run/ambit"] {
+            assert_eq!(volumes.get(&mounts[path]).map(String::as_str), Some(path), "{variant}: {path}");
+        }
     }
 }
 

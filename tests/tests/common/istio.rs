@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::{access_lines, eventually, T};
+
 use ambit_testbed::{
     istio::{self, Spec},
     realkube::Kube,
@@ -65,4 +67,21 @@ pub fn in_netns<R: Send + 'static>(node: &Node, f: impl FnOnce() -> R + Send + '
 /// The workload istiod serves for a pod, as the proxy holds it.
 pub fn served(p: &Ambit, pod: &str) -> Option<serde_json::Value> {
     p.config_dump()["mesh"]["workloads"].as_array().into_iter().flatten().find(|w| w["name"] == pod).cloned()
+}
+
+/// Both proxies logged exactly one mutual-TLS connection from the client's identity to the
+/// server's: `from` as outbound, `to` as inbound.
+pub fn tunnelled_once(from: &Ambit, to: &Ambit) {
+    assert!(
+        eventually(T, || access_lines(from, &["direction=outbound", "security=mutual_tls", CLIENT, SERVER])
+            == 1),
+        "{}",
+        from.log()
+    );
+    assert!(
+        eventually(T, || access_lines(to, &["direction=inbound", "security=mutual_tls", CLIENT, SERVER])
+            == 1),
+        "{}",
+        to.log()
+    );
 }

@@ -10,12 +10,25 @@ pub use ambit_testbed::apps::{http_server, netprobe};
 #[allow(unused_imports)]
 pub use ambit_testbed::eventually;
 use ambit_testbed::{
-    ambit::write_mesh,
+    ambit::{pinned_map_len, write_mesh},
     mesh::{Mesh, AMBIENT},
     pod_command, run_with_timeout, Ambit, Bed, Node, Pod,
 };
 
 pub const T: Duration = Duration::from_secs(20);
+
+/// Map entries and listeners the proxy holds in the kernel: (enrolled netns cookies, pod
+/// addresses, tc links, registered listeners).
+pub fn kernel_state(p: &Ambit) -> (usize, usize, usize, u64) {
+    let pins = p.pin_dir();
+    let listeners = p.config_dump()["capture"]["registered_listeners"].as_u64().expect("listeners");
+    (
+        pinned_map_len(&pins.join("AMBIT_ENROLLED")).expect("enrolled map"),
+        pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips map"),
+        std::fs::read_dir(pins.join("tc")).map(|d| d.count()).unwrap_or(0),
+        listeners,
+    )
+}
 
 pub fn curl(pod: &Pod, url: &str) -> Output {
     run_with_timeout(pod_command(pod, &["curl", "-sS", "--max-time", "5", url]), T).expect("curl runs")
