@@ -34,7 +34,7 @@ use crate::{
     xds::{
         self,
         server::{AdsServer, Snapshot},
-        translate::translate,
+        translate::{translate_in, Origin},
     },
 };
 
@@ -86,6 +86,11 @@ pub struct ControlPlaneArgs {
 
     #[arg(long, env = "AMBIT_TRUST_DOMAIN", default_value = "cluster.local")]
     pub trust_domain: String,
+
+    /// The cluster's name: the `cluster` of the workloads served (metrics' `*_cluster`
+    /// labels, workload uids), as istiod's CLUSTER_ID.
+    #[arg(long, env = "AMBIT_CLUSTER_ID", default_value = crate::xds::CLUSTER_ID)]
+    pub cluster_id: String,
 
     /// Validity given when a request asks for none.
     #[arg(long, env = "AMBIT_DEFAULT_CERT_VALIDITY", default_value = "24h", value_parser = parse_duration)]
@@ -175,14 +180,15 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     // What xDS serves: one snapshot of the whole mesh, replaced on every valid change.
     let first = mesh.borrow().clone();
     let (snapshots_tx, snapshots) =
-        watch::channel(Arc::new(Snapshot::build(1, &translate(&first, &args.trust_domain))));
+        watch::channel(Arc::new(Snapshot::build(1, &translate_in(&first, &origin(&args)))));
     {
-        let (mut mesh, td) = (mesh.clone(), args.trust_domain.clone());
+        let (mut mesh, td, cluster) = (mesh.clone(), args.trust_domain.clone(), args.cluster_id.clone());
         tokio::spawn(async move {
             let mut generation = 1;
             while mesh.changed().await.is_ok() {
                 generation += 1;
-                let snapshot = Snapshot::build(generation, &translate(&mesh.borrow_and_update(), &td));
+                let origin = Origin { trust_domain: &td, cluster_id: &cluster };
+                let snapshot = Snapshot::build(generation, &translate_in(&mesh.borrow_and_update(), &origin));
                 let n: usize = snapshot.types.values().map(|t| t.len()).sum();
                 tracing::info!(generation, resources = n, "serving a new version of the mesh");
                 snapshots_tx.send_replace(Arc::new(snapshot));
@@ -248,6 +254,11 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .context("serving")?;
     shutdown.cancel();
     Ok(())
+}
+
+/// The served workloads' trust domain and cluster.
+fn origin(args: &ControlPlaneArgs) -> Origin<'_> {
+    Origin { trust_domain: &args.trust_domain, cluster_id: &args.cluster_id }
 }
 
 #[cfg(test)]

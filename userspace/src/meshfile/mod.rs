@@ -97,7 +97,37 @@ impl ServiceSpec {
     }
 }
 
+/// The canonical service of a workload, as Istio derives it from the pod's labels (what
+/// Kiali and the dashboards group by): `service.istio.io/canonical-name`, then
+/// `app.kubernetes.io/name`, then `app`, then the workload's name. A label that is present
+/// wins even when empty, as in istiod (the metrics then say `unknown`).
+pub fn canonical_name<'a>(labels: &'a BTreeMap<String, String>, workload: &'a str) -> &'a str {
+    ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|k| labels.get(*k))
+        .map_or(workload, String::as_str)
+}
+
+/// The canonical revision: `service.istio.io/canonical-revision`, then
+/// `app.kubernetes.io/version`, then `version`, then `latest`.
+pub fn canonical_revision(labels: &BTreeMap<String, String>) -> &str {
+    ["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"]
+        .iter()
+        .find_map(|k| labels.get(*k))
+        .map_or("latest", String::as_str)
+}
+
 impl PodSpec {
+    /// The pod's canonical service (see [`canonical_name`]); its workload is the pod.
+    pub fn canonical_name(&self) -> &str {
+        canonical_name(&self.labels, &self.name)
+    }
+
+    /// The pod's canonical revision (see [`canonical_revision`]).
+    pub fn canonical_revision(&self) -> &str {
+        canonical_revision(&self.labels)
+    }
+
     /// `namespace/name`, unique in a mesh.
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)

@@ -319,3 +319,35 @@ mod hostile {
         }
     }
 }
+
+fn label_map(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+    kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+#[test]
+fn canonical_service_and_revision_follow_istio_s_precedence() {
+    let all = label_map(&[
+        ("service.istio.io/canonical-name", "cn"),
+        ("app.kubernetes.io/name", "k8s-name"),
+        ("app", "app"),
+        ("service.istio.io/canonical-revision", "cr"),
+        ("app.kubernetes.io/version", "k8s-v"),
+        ("version", "v"),
+    ]);
+    assert_eq!((canonical_name(&all, "wl"), canonical_revision(&all)), ("cn", "cr"));
+    let k8s = label_map(&[
+        ("app.kubernetes.io/name", "k8s-name"),
+        ("app", "app"),
+        ("app.kubernetes.io/version", "k8s-v"),
+        ("version", "v"),
+    ]);
+    assert_eq!((canonical_name(&k8s, "wl"), canonical_revision(&k8s)), ("k8s-name", "k8s-v"));
+    let plain = label_map(&[("app", "app"), ("version", "v")]);
+    assert_eq!((canonical_name(&plain, "wl"), canonical_revision(&plain)), ("app", "v"));
+    // A present label wins even when empty, as in istiod; without labels: the
+    // workload's name and `latest`.
+    let empty = label_map(&[("app", ""), ("version", "")]);
+    assert_eq!((canonical_name(&empty, "wl"), canonical_revision(&empty)), ("", ""));
+    let none = label_map(&[]);
+    assert_eq!((canonical_name(&none, "wl"), canonical_revision(&none)), ("wl", "latest"));
+}

@@ -12,10 +12,14 @@ use crate::{identity::Identity, state::Workload};
 
 pub const UNKNOWN: &str = "unknown";
 
-/// The labels, in the order [`TcpLabels::values`] gives them.
-pub const LABELS: [&str; 19] = [
+/// The labels, in the order [`TcpLabels::values`] gives them: ztunnel's set and order. The
+/// canonical service and revision are what Kiali's graph groups by (it drops a series that
+/// lacks one); `*_app` and `*_version` carry the same values, as in ztunnel.
+pub const LABELS: [&str; 23] = [
     "reporter",
     "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
     "source_workload_namespace",
     "source_principal",
     "source_app",
@@ -25,6 +29,8 @@ pub const LABELS: [&str; 19] = [
     "destination_service_namespace",
     "destination_service_name",
     "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
     "destination_workload_namespace",
     "destination_principal",
     "destination_app",
@@ -152,13 +158,17 @@ pub struct TcpLabels {
     pub mtls: bool,
 }
 
-/// `response_flags`: no flag, denied by policy, upstream connect failed (ztunnel's values).
+/// `response_flags`: no flag, denied by policy, upstream connect failed, the tunnel's TLS
+/// or HTTP/2 handshake failed, no certificate for the source's identity (ztunnel's values).
 pub const FLAGS_NONE: &str = "-";
 pub const FLAGS_DENY: &str = "DENY";
 pub const FLAGS_CONNECT: &str = "CONNECT";
+pub const FLAGS_TLS_FAILURE: &str = "TLS_FAILURE";
+pub const FLAGS_H2_HANDSHAKE_FAILURE: &str = "H2_HANDSHAKE_FAILURE";
+pub const FLAGS_IDENTITY_ERROR: &str = "IDENTITY_ERROR";
 
 impl TcpLabels {
-    pub fn values<'a>(&'a self, response_flags: &'a str) -> [&'a str; 19] {
+    pub fn values<'a>(&'a self, response_flags: &'a str) -> [&'a str; 23] {
         let (host, name, ns) = match &self.service {
             Some(s) => (s.hostname.as_str(), s.name.as_str(), s.namespace.as_str()),
             None => (UNKNOWN, UNKNOWN, UNKNOWN),
@@ -170,6 +180,8 @@ impl TcpLabels {
                 Reporter::Destination => "destination",
             },
             &s.workload,
+            &s.app,
+            &s.version,
             &s.namespace,
             &s.principal,
             &s.app,
@@ -179,6 +191,8 @@ impl TcpLabels {
             ns,
             name,
             &d.workload,
+            &d.app,
+            &d.version,
             &d.namespace,
             &d.principal,
             &d.app,
@@ -186,7 +200,8 @@ impl TcpLabels {
             &d.cluster,
             "tcp",
             response_flags,
-            if self.mtls { "mutual_tls" } else { "none" },
+            // ztunnel's value for a connection without mTLS.
+            if self.mtls { "mutual_tls" } else { UNKNOWN },
         ]
     }
 }

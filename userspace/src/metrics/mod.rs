@@ -113,12 +113,22 @@ pub fn response_flags(reason: &str) -> &'static str {
         "authorization_denied" | "denied_by_destination" => istio::FLAGS_DENY,
         "no_healthy_endpoint" => "UH",
         "no_such_port" | "unknown_destination" | "not_synced" | "loop" | "no_original_destination" => "NR",
+        // ztunnel's flags for a tunnel that failed before its CONNECT was answered.
+        "hbone_tls_failed" | "tls_config" => istio::FLAGS_TLS_FAILURE,
+        "hbone_http2_failed" => istio::FLAGS_H2_HANDSHAKE_FAILURE,
+        "no_certificate" => istio::FLAGS_IDENTITY_ERROR,
         _ => istio::FLAGS_CONNECT,
     }
 }
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Self::with_component("ambit")
+    }
+
+    /// `component`: what `istio_build{component}` says (`ztunnel` keeps the version panel of
+    /// Istio's ztunnel dashboard working).
+    pub fn with_component(component: &str) -> Metrics {
         let registry = Registry::new();
         let opened = counter(
             &registry,
@@ -172,7 +182,7 @@ impl Metrics {
             &["component", "tag"],
         )
         .expect("valid metric");
-        build.with_label_values(&["ambit", env!("CARGO_PKG_VERSION")]).set(1);
+        build.with_label_values(&[component, env!("CARGO_PKG_VERSION")]).set(1);
         registry.register(Box::new(build)).expect("unique");
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
