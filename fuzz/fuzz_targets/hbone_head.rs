@@ -4,20 +4,21 @@
 //! change nothing. The baggage the proxy writes round-trips any workload names, and no name
 //! adds a member; baggage read from a peer never yields more members than asked for.
 //!
-//! Input: fields separated by 0xff: method, authority, forwarded, then three names (namespace,
-//! pod, app) for the baggage writer; the whole input is also read as a peer's baggage.
+//! Input: fields separated by 0xff: method, authority, forwarded, then five names (cluster,
+//! namespace, pod, app, version) for the baggage writer; the whole input is also read as a
+//! peer's baggage, and as a `forwarded` header whose `host=` is a plain name or nothing.
 #![no_main]
 
 use std::net::SocketAddr;
 
-use ambit::proxy::hbone::head::{self, BAGGAGE_APP, BAGGAGE_NAMESPACE, BAGGAGE_POD};
+use ambit::proxy::hbone::head::{self, SourceBaggage};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let mut f = data.split(|b| *b == 0xff);
     let mut next = || f.next().unwrap_or_default();
     let (method, authority, forwarded) = (next(), next(), next());
-    let (ns, pod, app) = (next(), next(), next());
+    let (cluster, ns, pod, app, version) = (next(), next(), next(), next(), next());
     if let Ok(method) = http::Method::from_bytes(method) {
         // The request as h2 would hand it over: `:authority` must be a valid URI authority.
         let mut req = http::Request::builder().method(method.clone());
@@ -41,14 +42,18 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-    let (ns, pod, app) =
-        (String::from_utf8_lossy(ns), String::from_utf8_lossy(pod), String::from_utf8_lossy(app));
-    let written = head::baggage(&ns, &pod, &app).expect("baggage is always a valid header");
+    let [cluster, ns, pod, app, version] = [cluster, ns, pod, app, version].map(String::from_utf8_lossy);
+    let source =
+        SourceBaggage { cluster: &cluster, namespace: &ns, pod: &pod, service: &app, version: &version };
+    let written = head::baggage(&source).expect("baggage is always a valid header");
     let read = head::parse_baggage(written.as_bytes(), 8);
-    let want = [(BAGGAGE_NAMESPACE, &ns), (BAGGAGE_POD, &pod), (BAGGAGE_APP, &app)];
-    assert_eq!(read.len(), 3, "{written:?}");
+    let want: Vec<(&str, &str)> = source.members().collect();
+    assert_eq!(read.len(), want.len(), "{written:?}");
     for ((k, v), (wk, wv)) in read.iter().zip(want) {
-        assert_eq!((k.as_str(), v.as_str()), (wk, wv.as_ref()));
+        assert_eq!((k.as_str(), v.as_str()), (wk, wv));
+    }
+    if let Some(host) = head::forwarded_host(data) {
+        assert!(!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
     }
     assert!(head::parse_baggage(data, 4).len() <= 4);
 });

@@ -65,6 +65,8 @@ pub struct Ports {
 }
 
 pub struct PodManager {
+    /// The cluster's name (`--cluster-id`), for the baggage of the pods' tunnels.
+    cluster: String,
     capture: Capture,
     proxy: Proxy,
     identities: IdentityManager,
@@ -113,8 +115,16 @@ pub struct StaleRemoved {
 }
 
 impl PodManager {
-    pub fn new(capture: Capture, proxy: Proxy, identities: IdentityManager, ports: Ports) -> PodManager {
+    /// `cluster`: the cluster's name, for the baggage pods' tunnels carry.
+    pub fn new(
+        capture: Capture,
+        proxy: Proxy,
+        identities: IdentityManager,
+        ports: Ports,
+        cluster: String,
+    ) -> PodManager {
         PodManager {
+            cluster,
             capture,
             proxy,
             identities,
@@ -238,12 +248,14 @@ impl PodManager {
         if let Some(id) = &identity {
             self.identities.acquire(id);
         }
-        let app = ["app.kubernetes.io/name", "app"]
-            .iter()
-            .find_map(|k| spec.labels.get(*k))
-            .cloned()
-            .unwrap_or_else(|| spec.name.clone());
-        let baggage = crate::proxy::hbone::head::baggage(&spec.namespace, &spec.name, &app);
+        let app = spec.canonical_name().to_string();
+        let baggage = crate::proxy::hbone::head::baggage(&crate::proxy::hbone::head::SourceBaggage {
+            cluster: &self.cluster,
+            namespace: &spec.namespace,
+            pod: &spec.name,
+            service: &app,
+            version: spec.canonical_revision(),
+        });
         let ctx = Arc::new(PodCtx {
             baggage,
             namespace: spec.namespace.clone(),

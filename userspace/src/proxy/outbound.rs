@@ -228,15 +228,19 @@ async fn hbone<'p>(
     started: Instant,
 ) -> Option<Ready<'p>> {
     let peer = record.src;
-    let open = inner.hbone.open(pod, &client, src_identity, dst, dst_identity, inner.settings.hbone_port);
+    // The source as the network sees it (the pod's address of the destination's family), in
+    // the refusal's record too: the accepted socket's peer is the capture's loopback.
+    if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
+        record.src = SocketAddr::new(*ip, peer.port());
+    }
+    // The service key is `<namespace>/<hostname>`.
+    let service = record.dst_service.as_deref().and_then(|k| k.split_once('/')).map(|(_, host)| host);
+    let open =
+        inner.hbone.open(pod, &client, src_identity, dst, dst_identity, inner.settings.hbone_port, service);
     let tunnel = match open.await {
         Ok(t) => t,
         Err(e) => return refused(inner, &record, client, e.reason(), &e.to_string()),
     };
     record.leg = tunnel.socket_cookie;
-    // The source as the network sees it: the pod's address of the destination's family.
-    if let Some(ip) = pod.ips.iter().find(|ip| ip.is_ipv4() == dst.is_ipv4()) {
-        record.src = SocketAddr::new(*ip, peer.port());
-    }
     Some(Ready { record, client, leg: Leg::Tunnel(tunnel), started })
 }

@@ -3,6 +3,7 @@
 //! the same translation) — and the routing decision for an outbound connection.
 
 pub mod model;
+mod ztunnel;
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -311,6 +312,25 @@ impl MeshState {
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {
         self.by_ip.get(&addr::canonical(ip)).and_then(|uid| self.workloads.get(uid)).cloned()
+    }
+
+    /// The service an inbound connection to `dst` was for, as ztunnel guesses it: among the
+    /// services of the workload at `dst`, the one named `host` (the client's `forwarded`
+    /// `host=`), else the first one that sends its traffic to `dst`'s port. Only for naming
+    /// `destination_service`: a service the workload is not part of is never named.
+    pub fn inbound_service(&self, dst: std::net::SocketAddr, host: Option<&str>) -> Option<&str> {
+        let w = self.workload_by_ip(dst.ip())?;
+        let named = host.and_then(|h| {
+            w.services.keys().find(|k| k.split_once('/').is_some_and(|(_, hostname)| hostname == h))
+        });
+        let key = named.or_else(|| {
+            w.services
+                .iter()
+                .find(|(_, ports)| ports.iter().any(|p| p.target_port == dst.port()))
+                .map(|(k, _)| k)
+        })?;
+        // The workload's own list names keys; the state's entry outlives this borrow.
+        self.services.get_key_value(key.as_str()).map(|(k, _)| k.as_str())
     }
 
     pub fn counts(&self) -> (usize, usize, usize) {

@@ -143,7 +143,10 @@ impl HboneClient {
 
     /// Opens a tunnel for `client` from `pod` (as `src_identity`) to `dst`, served by the
     /// workload `dst_identity` on `dst`'s IP, port 15008. What `client` has already sent
-    /// goes with the CONNECT ([`Tunnel::early`] bytes of it).
+    /// goes with the CONNECT ([`Tunnel::early`] bytes of it). `service`: the hostname of the
+    /// service the client dialled, named to the destination as ztunnel does (`forwarded`'s
+    /// `host=`), so both ends report the same `destination_service`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn open(
         &self,
         pod: &PodCtx,
@@ -152,6 +155,7 @@ impl HboneClient {
         dst: SocketAddr,
         dst_identity: &Identity,
         hbone_port: u16,
+        service: Option<&str>,
     ) -> Result<Tunnel, TunnelError> {
         if self.identities.wait(src_identity, self.settings.handshake_timeout).await.is_none() {
             return Err(TunnelError::NoCertificate(src_identity.clone()));
@@ -169,6 +173,7 @@ impl HboneClient {
             dst_ip: dst.ip(),
         };
         let hbone = SocketAddr::new(dst.ip(), hbone_port);
+        let forwarded = forwarded(src_ip, service);
         // A pooled connection may have died since it was last used: one more try on a fresh
         // one, unless the failed stream may have delivered early data (no bytes twice).
         let mut last = None;
@@ -177,7 +182,7 @@ impl HboneClient {
             let lease = self.pool.lease(&key, || self.connect(pod, &key, hbone)).await?;
             // Read once the connection is there: the client has had the longest to send.
             let early = early.get_or_insert_with(|| early_data(client));
-            match self.connect_stream(&lease, pod, src_ip, dst, hbone, early).await {
+            match self.connect_stream(&lease, pod, &forwarded, dst, hbone, early).await {
                 Ok((send, recv)) => {
                     let socket_cookie = lease.socket_cookie();
                     let early = early.len() as u64;
@@ -196,7 +201,7 @@ impl HboneClient {
         &self,
         lease: &Lease,
         pod: &PodCtx,
-        src_ip: IpAddr,
+        forwarded: &HeaderValue,
         dst: SocketAddr,
         hbone: SocketAddr,
         early: &Bytes,
@@ -208,7 +213,7 @@ impl HboneClient {
         let mut req = Request::builder()
             .method(Method::CONNECT)
             .uri(authority(dst))
-            .header("forwarded", forwarded(src_ip));
+            .header("forwarded", forwarded.clone());
         if let Some(baggage) = &pod.baggage {
             req = req.header("baggage", baggage.clone());
         }
@@ -346,13 +351,25 @@ fn authority(dst: SocketAddr) -> String {
     out
 }
 
-/// The `forwarded` header naming the source pod's address.
-fn forwarded(src: IpAddr) -> HeaderValue {
-    let mut out = String::with_capacity(56);
+/// The `forwarded` header naming the source pod's address and, when a service was dialled,
+/// its hostname (`host=`, unquoted, as ztunnel writes it). A hostname that cannot stand in a
+/// header (it came over xDS) is left out rather than failing the tunnel.
+fn forwarded(src: IpAddr, service: Option<&str>) -> HeaderValue {
+    let mut out = String::with_capacity(56 + service.map_or(0, str::len));
     out.push_str("for=\"");
     push_ip(&mut out, src);
     out.push('"');
-    HeaderValue::try_from(out).expect("an address in quotes is a valid header value")
+    let with_host = service.filter(|h| is_host(h)).map(|h| format!("{out};host={h}"));
+    with_host
+        .and_then(|v| HeaderValue::try_from(v).ok())
+        .unwrap_or_else(|| HeaderValue::try_from(out).expect("an address in quotes is a valid header value"))
+}
+
+/// A DNS name as `host=` may carry it unquoted (RFC 7239 token characters).
+fn is_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// A new W3C trace context (sampled) per tunnel, marked never-indexed for HPACK: a value no
@@ -427,7 +444,20 @@ mod tests {
             assert_eq!(authority(sa), sa.to_string(), "{addr}");
             let ip: IpAddr = ip.parse().unwrap();
             let want = if ip.is_ipv4() { format!("for=\"{ip}\"") } else { format!("for=\"[{ip}]\"") };
-            assert_eq!(forwarded(ip), want.as_str(), "{ip}");
+            assert_eq!(forwarded(ip, None), want.as_str(), "{ip}");
+        }
+    }
+
+    #[test]
+    fn forwarded_names_the_dialled_service_as_ztunnel_does() {
+        let ip: IpAddr = "10.1.0.2".parse().unwrap();
+        assert_eq!(
+            forwarded(ip, Some("web.demo.svc.cluster.local")),
+            "for=\"10.1.0.2\";host=web.demo.svc.cluster.local"
+        );
+        // A name that would need quoting, or could add parameters, is left out.
+        for bad in ["", "a;for=evil", "a b", "\"x\"", "web\r\n"] {
+            assert_eq!(forwarded(ip, Some(bad)), "for=\"10.1.0.2\"", "{bad:?}");
         }
     }
 

@@ -28,10 +28,54 @@ pub fn connect_target(method: &Method, authority: Option<&str>) -> Result<Socket
     Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))
 }
 
+/// The service hostname a `forwarded` header names (`host=`, as ztunnel writes it when a
+/// service was dialled; quoted or not). Only a hint for naming the destination service in
+/// metrics and logs, never for authorization: `None` unless it is a plain DNS name.
+pub fn forwarded_host(value: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(value).ok()?;
+    let host = text
+        .split([';', ','])
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
+        .map(|(_, v)| v.trim())?;
+    let host = host.strip_prefix('"').and_then(|h| h.strip_suffix('"')).unwrap_or(host);
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
+    (!host.is_empty() && host.len() <= 253 && host.bytes().all(plain)).then_some(host)
+}
+
 /// The baggage keys ztunnel uses for the source workload.
+pub const BAGGAGE_CLUSTER: &str = "k8s.cluster.name";
 pub const BAGGAGE_NAMESPACE: &str = "k8s.namespace.name";
 pub const BAGGAGE_POD: &str = "k8s.pod.name";
 pub const BAGGAGE_APP: &str = "service.name";
+pub const BAGGAGE_VERSION: &str = "service.version";
+
+/// The source workload as the baggage describes it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SourceBaggage<'a> {
+    pub cluster: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    /// The canonical service.
+    pub service: &'a str,
+    /// The canonical revision.
+    pub version: &'a str,
+}
+
+impl<'a> SourceBaggage<'a> {
+    /// The members, in ztunnel's order; empty values are left out, as ztunnel does.
+    pub fn members(&self) -> impl Iterator<Item = (&'static str, &'a str)> {
+        [
+            (BAGGAGE_CLUSTER, self.cluster),
+            (BAGGAGE_NAMESPACE, self.namespace),
+            (BAGGAGE_POD, self.pod),
+            (BAGGAGE_APP, self.service),
+            (BAGGAGE_VERSION, self.version),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+    }
+}
 
 /// Whether a byte may stand unencoded in a W3C baggage value (`baggage-octet`); `%` is left
 /// out too, as it starts an escape.
@@ -54,11 +98,9 @@ fn encode(v: &str, out: &mut String) {
 /// W3C baggage describing the source workload, with the keys ztunnel uses. Values are
 /// percent-encoded, so any name or label round-trips. `None` only if the header would be
 /// invalid, which encoding rules out.
-pub fn baggage(namespace: &str, pod: &str, app: &str) -> Option<HeaderValue> {
-    let mut text = String::with_capacity(64 + namespace.len() + pod.len() + app.len());
-    for (i, (k, v)) in
-        [(BAGGAGE_NAMESPACE, namespace), (BAGGAGE_POD, pod), (BAGGAGE_APP, app)].iter().enumerate()
-    {
+pub fn baggage(source: &SourceBaggage<'_>) -> Option<HeaderValue> {
+    let mut text = String::with_capacity(128);
+    for (i, (k, v)) in source.members().enumerate() {
         if i > 0 {
             text.push(',');
         }
@@ -134,18 +176,51 @@ mod tests {
     }
 
     #[test]
+    fn forwarded_host_is_read_as_ztunnel_writes_it_and_nothing_else() {
+        let cases: [(&str, Option<&str>); 9] = [
+            ("for=\"10.1.0.2:4000\";host=web.demo.svc.cluster.local", Some("web.demo.svc.cluster.local")),
+            ("for=\"10.1.0.2\";host=\"web.demo.svc.cluster.local\"", Some("web.demo.svc.cluster.local")),
+            ("Host=web", Some("web")),
+            ("for=\"10.1.0.2\"", None),
+            ("for=\"10.1.0.2\";host=", None),
+            ("for=\"10.1.0.2\";host=\"\"", None),
+            ("host=a b", None),
+            ("host=a/b", None),
+            ("host=\"unterminated", None),
+        ];
+        for (value, want) in cases {
+            assert_eq!(forwarded_host(value.as_bytes()), want, "{value}");
+        }
+        assert_eq!(forwarded_host(b"host=\xff"), None);
+    }
+
+    #[test]
     fn baggage_names_the_pod_with_ztunnel_s_keys() {
-        let b = baggage("demo", "a-5f7", "shop").expect("valid");
-        assert_eq!(b, "k8s.namespace.name=demo,k8s.pod.name=a-5f7,service.name=shop");
-        // A value cannot smuggle in a member, a property or a line.
-        let b = baggage("demo", "a\nb", "x,k8s.namespace.name=evil;p").expect("encoded");
+        let source = SourceBaggage {
+            cluster: "Kubernetes",
+            namespace: "demo",
+            pod: "a-5f7",
+            service: "shop",
+            version: "v1",
+        };
+        let b = baggage(&source).expect("valid");
         assert_eq!(
             b,
-            "k8s.namespace.name=demo,k8s.pod.name=a%0Ab,service.name=x%2Ck8s.namespace.name=evil%3Bp"
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.pod.name=a-5f7,service.name=shop,service.version=v1"
+        );
+        // Empty values are left out, as ztunnel does.
+        let b = baggage(&SourceBaggage { version: "", cluster: "", ..source }).expect("valid");
+        assert_eq!(b, "k8s.namespace.name=demo,k8s.pod.name=a-5f7,service.name=shop");
+        // A value cannot smuggle in a member, a property or a line.
+        let hostile = SourceBaggage { pod: "a\nb", service: "x,k8s.namespace.name=evil;p", ..source };
+        let b = baggage(&hostile).expect("encoded");
+        assert_eq!(
+            b,
+            "k8s.cluster.name=Kubernetes,k8s.namespace.name=demo,k8s.pod.name=a%0Ab,service.name=x%2Ck8s.namespace.name=evil%3Bp,service.version=v1"
         );
         let parsed = parse_baggage(b.as_bytes(), 8);
-        assert_eq!(parsed.len(), 3);
-        assert_eq!(parsed[2], (BAGGAGE_APP.to_string(), "x,k8s.namespace.name=evil;p".to_string()));
+        assert_eq!(parsed.len(), 5);
+        assert_eq!(parsed[3], (BAGGAGE_APP.to_string(), "x,k8s.namespace.name=evil;p".to_string()));
     }
 
     proptest! {
@@ -167,11 +242,13 @@ mod tests {
         }
 
         #[test]
-        fn any_workload_round_trips_through_baggage(ns in "\\PC{0,20}", pod in ".{0,20}", app in ".{0,20}") {
-            let b = baggage(&ns, &pod, &app).expect("always a valid header");
+        fn any_workload_round_trips_through_baggage(
+            cluster in ".{0,10}", ns in "\\PC{0,20}", pod in ".{0,20}", app in ".{0,20}", version in ".{0,10}"
+        ) {
+            let source = SourceBaggage { cluster: &cluster, namespace: &ns, pod: &pod, service: &app, version: &version };
+            let b = baggage(&source).expect("always a valid header");
             let got = parse_baggage(b.as_bytes(), 8);
-            let want: Vec<(String, String)> = [(BAGGAGE_NAMESPACE, &ns), (BAGGAGE_POD, &pod), (BAGGAGE_APP, &app)]
-                .iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let want: Vec<(String, String)> = source.members().map(|(k, v)| (k.to_string(), v.to_string())).collect();
             prop_assert_eq!(got, want);
         }
     }

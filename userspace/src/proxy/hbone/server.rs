@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-use super::head::connect_target;
+use super::head::{connect_target, forwarded_host};
 use crate::{
     capture::addr,
     inpod::Direction,
@@ -280,11 +280,16 @@ async fn set_up<'p>(
             "the target is one of the proxy's own ports",
         );
     }
+    // The service the client dialled, as it named it (ztunnel's `forwarded` `host=`) or
+    // guessed from the port, so that both ends report the same `destination_service`.
+    let host = req.headers().get(http::header::FORWARDED).and_then(|v| forwarded_host(v.as_bytes()));
+    let service: Option<Box<str>> = inner.state.read().inbound_service(dst, host).map(Into::into);
     let subject = Subject { peer: peer_identity.clone(), src, dst, mtls: true };
     if authorize::check(inner, pod, &subject).is_err() {
         // Logged and counted by the check.
         answer(&mut respond, StatusCode::UNAUTHORIZED);
-        let record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
+        let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
+        record.dst_service = service;
         inner.metrics.connection_failed(
             Direction::Inbound,
             pod,
@@ -295,6 +300,7 @@ async fn set_up<'p>(
     }
     let registration = inner.open.register(pod.clone(), subject);
     let mut record = ConnRecord::inbound(pod, src, Some(dst), peer_uri(&peer_identity), true);
+    record.dst_service = service;
     // The HBONE connection's socket carries it over the network.
     record.leg = leg;
     let upstream = match inner.deliver(&mut record, dst).await {
