@@ -1,12 +1,13 @@
 //! The proxy's HTTP endpoints:
 //! - admin (default 127.0.0.1:15000): `GET /config_dump`, `POST /quitquitquit`,
-//!   `GET|POST /logging` (the log filter; `?level=<RUST_LOG filter>`, `?ebpf=<level>` for the
-//!   programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
+//!   `GET|POST /logging` (the log filter; `?level=<clauses>[&reset]` in ztunnel's syntax,
+//!   `?ebpf=<level>` for the programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
 //!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads), `GET|POST /tracing`
 //!   (`?enabled=true|false`: kernel tracing on or off without a reload);
 //! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
-//!   the first pod set is enrolled, 503 with the reason before.
+//!   the first pod set is enrolled, 503 with the reason before; `GET /healthz/live`, 200
+//!   while the process serves (the liveness probe).
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::Mutex};
 
@@ -116,30 +117,48 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     r
 }
 
-/// `GET /logging`: the filters in force; `POST /logging?level=..&ebpf=..`: changes them.
+/// `GET /logging`: the filters in force; `POST /logging?level=..[&reset]&ebpf=..`: changes
+/// them (`level` in ztunnel's syntax, see `telemetry::change_filter`).
 fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     use crate::capture::klog::KernelLogLevel;
     let mut kernel = state.kernel_log.lock().unwrap_or_else(|p| p.into_inner());
     if req.method() == Method::POST {
-        for (k, v) in form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()) {
-            let changed = match k.as_ref() {
-                "level" => crate::telemetry::set_filter(&v),
-                "ebpf" => match (<KernelLogLevel as clap::ValueEnum>::from_str(&v, true), kernel.as_mut()) {
-                    (Err(_), _) => Err(format!("ebpf={v}: one of off, error, warn, info, debug")),
-                    (Ok(_), None) => Err("the eBPF programs are not loaded".into()),
-                    (Ok(level), Some((set, current))) => set(level).map(|()| {
-                        *current = level;
-                        // The records pass the process filter only if it lets them.
-                        if let Some(d) = level.directive() {
-                            let filter = crate::telemetry::current_filter();
-                            if !filter.contains("ebpf=") {
-                                let _kept_as_it_was = crate::telemetry::set_filter(&format!("{filter},{d}"));
-                            }
+        let params: Vec<(String, String)> =
+            form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+        // ztunnel's `level` and `reset` (one change, merged into the filter in force), ours
+        // `ebpf`; anything else is refused before anything changes.
+        if let Some((other, _)) =
+            params.iter().find(|(k, _)| !matches!(k.as_str(), "level" | "reset" | "ebpf"))
+        {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("unknown parameter {other:?} (level, reset, ebpf)\n"),
+            );
+        }
+        let level = params.iter().find(|(k, _)| k == "level").map(|(_, v)| v.as_str());
+        let reset = params.iter().any(|(k, _)| k == "reset");
+        if level.is_some() || reset {
+            if let Err(e) = crate::telemetry::change_filter(level, reset) {
+                return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
+            }
+        }
+        for (_, v) in params.iter().filter(|(k, _)| k == "ebpf") {
+            let changed = match (<KernelLogLevel as clap::ValueEnum>::from_str(v, true), kernel.as_mut()) {
+                (Err(_), _) => Err(format!("ebpf={v}: one of off, error, warn, info, debug")),
+                (Ok(_), None) => Err("the eBPF programs are not loaded".into()),
+                (Ok(level), Some((set, current))) => set(level).map(|()| {
+                    *current = level;
+                    // The records pass the process filter only if it lets them.
+                    if let Some(d) = level.directive() {
+                        let filter = crate::telemetry::current_filter();
+                        if !filter.contains("ebpf=") {
+                            let _kept_as_it_was = crate::telemetry::set_filter(&format!("{filter},{d}"));
                         }
-                        tracing::info!(level = ?level, "eBPF log level changed");
-                    }),
-                },
-                other => Err(format!("unknown parameter {other:?} (level, ebpf)")),
+                    }
+                    tracing::info!(level = ?level, "eBPF log level changed");
+                }),
             };
             if let Err(e) = changed {
                 return text(StatusCode::BAD_REQUEST, format!("{e}\n"));
@@ -233,6 +252,9 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
                 Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
             }
         }
+        // Liveness: the process serves. Not readiness: a proxy waiting for istiod must not
+        // be restarted for it.
+        (Routes::Readiness, &Method::GET, "/healthz/live") => text(StatusCode::OK, "live\n"),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

@@ -3,6 +3,7 @@
 //! the separate target `access` (filter it with e.g. `--log-level info,access=off`).
 
 mod access;
+mod filter;
 
 use std::{
     io::IsTerminal,
@@ -12,7 +13,9 @@ use std::{
 use clap::ValueEnum;
 use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry};
 
-pub use access::{access_log, access_log_denied, access_log_refused, Kernel};
+pub use access::{
+    access_log, access_log_denied, access_log_refused, set_access_log_format, AccessLogFormat, Kernel,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -23,6 +26,8 @@ pub enum LogFormat {
 
 /// The installed filter, replaceable while running.
 static FILTER: OnceLock<(reload::Handle<EnvFilter, Registry>, Mutex<String>)> = OnceLock::new();
+/// The filter given at start, which `/logging?reset` returns to.
+static START_FILTER: OnceLock<String> = OnceLock::new();
 
 /// Installs the global subscriber. `filter` uses `RUST_LOG` syntax (`info`,
 /// `info,ambit::capture=debug`, ...).
@@ -41,6 +46,7 @@ pub fn init(filter: &str, format: LogFormat) -> anyhow::Result<()> {
         }
     }
     let _only_the_first_init_counts = FILTER.set((handle, Mutex::new(filter.to_string())));
+    let _only_the_first_start_counts = START_FILTER.set(filter.to_string());
     Ok(())
 }
 
@@ -57,4 +63,19 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
     *current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_string();
     tracing::info!(filter, "log filter changed");
     Ok(())
+}
+
+/// Changes the filter the way ztunnel's `/logging?level=<clauses>[&reset]` does (see
+/// [`filter`]): the clauses merged into the filter in force, or, with `reset`, into the
+/// filter given at start. Returns the new filter; on error nothing changes.
+pub fn change_filter(clauses: Option<&str>, reset: bool) -> Result<String, String> {
+    let base = if reset { START_FILTER.get().cloned().unwrap_or_default() } else { current_filter() };
+    let base = filter::Directives::parse_any(&base);
+    let next = match clauses {
+        Some(c) => base.merge(c)?,
+        None => base,
+    };
+    let text = next.to_string();
+    set_filter(&text)?;
+    Ok(text)
 }
