@@ -107,6 +107,32 @@ fn to_system_time(t: x509_parser::time::ASN1Time) -> SystemTime {
     }
 }
 
+/// One certificate as ztunnel's dump lists it (`istioctl ztunnel-config certificates` reads
+/// it): the PEM base64-encoded, the serial in decimal, validity in RFC 3339.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChainEntry {
+    pub pem: String,
+    pub serial_number: String,
+    pub valid_from: String,
+    pub expiration_time: String,
+}
+
+fn chain_entry(der: &CertificateDer<'_>) -> Option<ChainEntry> {
+    use base64::Engine as _;
+    let (_, c) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        base64::engine::general_purpose::STANDARD.encode(der.as_ref())
+    );
+    Some(ChainEntry {
+        pem: base64::engine::general_purpose::STANDARD.encode(pem),
+        serial_number: c.tbs_certificate.serial.to_string(),
+        valid_from: rfc3339(to_system_time(c.validity().not_before)),
+        expiration_time: rfc3339(to_system_time(c.validity().not_after)),
+    })
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -156,6 +182,14 @@ impl WorkloadCert {
         let certified = CertifiedKey::new(presented, signing_key);
         certified.keys_match().map_err(|e| CertError::Key(e.to_string()))?;
         Ok(WorkloadCert { identity, certified: Arc::new(certified), roots, serial, not_before, not_after })
+    }
+
+    /// The presented chain (leaf first) and the roots, as ztunnel's dump lists them.
+    pub fn chain_dump(&self) -> (Vec<ChainEntry>, Vec<ChainEntry>) {
+        (
+            self.certified.cert.iter().filter_map(chain_entry).collect(),
+            self.roots.iter().filter_map(chain_entry).collect(),
+        )
     }
 
     pub fn summary(&self) -> CertSummary {

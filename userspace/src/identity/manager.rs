@@ -80,6 +80,11 @@ pub struct CertDump {
     #[serde(flatten)]
     pub state: CertState,
     pub certificate: Option<CertSummary>,
+    /// ztunnel's fields, for `istioctl ztunnel-config certificates`.
+    #[serde(rename = "certChain")]
+    pub cert_chain: Vec<super::cert::ChainEntry>,
+    #[serde(rename = "rootCerts")]
+    pub root_certs: Vec<super::cert::ChainEntry>,
 }
 
 impl IdentityManager {
@@ -187,11 +192,17 @@ impl IdentityManager {
         let mut out: Vec<CertDump> = self
             .entries()
             .iter()
-            .map(|(id, e)| CertDump {
-                identity: id.clone(),
-                pods: e.refs,
-                state: e.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-                certificate: e.cert.borrow().as_ref().map(|c| c.summary()),
+            .map(|(id, e)| {
+                let cert = e.cert.borrow();
+                let (cert_chain, root_certs) = cert.as_ref().map(|c| c.chain_dump()).unwrap_or_default();
+                CertDump {
+                    identity: id.clone(),
+                    pods: e.refs,
+                    state: e.state.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+                    certificate: cert.as_ref().map(|c| c.summary()),
+                    cert_chain,
+                    root_certs,
+                }
             })
             .collect();
         out.sort_by(|a, b| a.identity.cmp(&b.identity));
