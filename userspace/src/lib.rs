@@ -18,6 +18,7 @@ pub mod cni;
 pub mod config;
 pub mod controlplane;
 pub mod enroll;
+pub mod errors;
 pub mod heap;
 pub mod identity;
 pub mod inpod;

@@ -89,6 +89,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let format = args.log_format;
             let settings = config::NodeSettings::resolve(*args)?;
             telemetry::init(&settings.log_filter(), format)?;
+            telemetry::set_access_log_format(settings.access_log_format, settings.hbone_port);
             runtime(Some(settings.worker_threads))?.block_on(node::run(settings))
         }
         Command::Trace(args) => ambit::trace::run(&args),

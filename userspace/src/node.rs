@@ -25,18 +25,32 @@ use crate::{
     proxy::{Proxy, ProxyDeps, ProxySettings},
     state::StateStore,
     trace::Tracer,
-    xds::{client::XdsClient, translate::translate},
+    xds::{
+        client::XdsClient,
+        translate::{translate_in, Origin},
+    },
 };
 
 /// How often enrolment of pods that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
 
 pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
+    // One short line; every setting is in the debug log and in /config_dump.
+    let pods = match &settings.pod_source {
+        config::PodSource::File { mesh_file, .. } => format!("mesh file {}", mesh_file.display()),
+        config::PodSource::Kubernetes(_) => "Kubernetes API".to_string(),
+    };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        config = %serde_json::to_string(&settings).unwrap_or_default(),
+        node = %settings.node_name,
+        pods = %pods,
+        control_plane = %settings.xds.as_ref().map_or("none (workloads from the mesh file)", |x| x.address.as_str()),
+        ca = %settings.ca.as_ref().map_or("none (no mTLS)", |c| c.address.as_str()),
+        cni = settings.cni.is_some(),
+        fail_open = settings.fail_open,
         "starting ambit node"
     );
+    tracing::debug!(config = %serde_json::to_string(&settings).unwrap_or_default(), "ambit node settings");
     raise_fd_limit();
     match (&settings.kubelet_cgroup, &settings.kubelet_cgroup_found) {
         (Some(dir), found) => tracing::info!(
@@ -76,7 +90,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     crate::heap::spawn_trimmer(shutdown.clone());
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::with_component(&settings.metrics_component));
     let admin = Arc::new(AdminState::new(metrics.clone(), shutdown.clone()));
     for (addr, routes) in [
         (settings.admin_addr, Routes::Admin),
@@ -171,6 +185,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             hbone: settings.hbone_port,
             delivery_mark: settings.original_source.then_some(settings.delivery_mark),
         },
+        settings.cluster_id.clone(),
     );
 
     // Workloads and services: from the control plane over xDS, or from the mesh file.
@@ -212,7 +227,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     metrics.register_health(xds_status.clone(), identities.clone());
     let mesh = meshes.borrow_and_update().clone();
     if settings.xds.is_none() {
-        apply_mesh(&state, &mesh, &settings.identity.trust_domain);
+        apply_mesh(&state, &mesh, &settings.origin());
     }
     let rules = &settings.enrolment;
     pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
@@ -231,11 +246,18 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
         let pod_source_status = pod_source_status.clone();
         admin.set_live_dump(Arc::new(move || {
             let xds = xds_status.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
+            let mesh = state.read().dump();
+            // ztunnel's shape at the top (what `istioctl ztunnel-config` reads); ambit's own
+            // detail under the other keys.
+            let (workloads, services, policies) = mesh.ztunnel();
             serde_json::json!({
+                "workloads": workloads,
+                "services": services,
+                "policies": policies,
                 "certificates": identities.dump(),
                 "hbone_pools": proxy.hbone_pools(),
                 "active_connections": proxy.active_connections(),
-                "mesh": state.read().dump(),
+                "mesh": mesh,
                 "xds": xds,
                 "pod_source": pod_source_status.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()),
             })
@@ -265,7 +287,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
                 }
                 let mesh = meshes.borrow_and_update().clone();
                 if settings.xds.is_none() {
-                    apply_mesh(&state, &mesh, &settings.identity.trust_domain);
+                    apply_mesh(&state, &mesh, &settings.origin());
                 }
                 pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
                 report(&pods);
@@ -371,8 +393,8 @@ fn lacks_privilege(e: &(dyn std::error::Error + 'static)) -> bool {
 
 /// Offline mode: the mesh file's workloads and services, through the same translation the
 /// control plane serves.
-fn apply_mesh(state: &StateStore, mesh: &crate::meshfile::Mesh, trust_domain: &str) {
-    for (name, error) in state.replace_all(&translate(mesh, trust_domain)) {
+fn apply_mesh(state: &StateStore, mesh: &crate::meshfile::Mesh, origin: &Origin<'_>) {
+    for (name, error) in state.replace_all(&translate_in(mesh, origin)) {
         tracing::error!(resource = %name, %error, "mesh file resource refused");
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     enroll::kube::KubeSettings,
     meshfile::{Enrolment, Label},
     proxy::UnknownDestination,
-    telemetry::LogFormat,
+    telemetry::{AccessLogFormat, LogFormat},
 };
 
 /// `--pod-source`.
@@ -171,12 +171,12 @@ pub struct NodeArgs {
     /// Mesh CA (`https://host:port`, Istio's certificate API: ambit controlplane or istiod).
     /// With it, traffic between enrolled pods travels in mutual-TLS HBONE tunnels with the
     /// workloads' SPIFFE identities; without it, captured traffic is relayed in plaintext.
-    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["root_cert", "token_file"])]
+    #[arg(long, env = "AMBIT_CA_ADDRESS", requires_all = ["root_cert", "token_file"], value_parser = parse_https_address)]
     pub ca_address: Option<String>,
 
     /// Control plane serving Delta ADS with Istio's workload API (`https://host:port`: ambit
     /// controlplane or istiod). Without it, workloads and services come from --mesh-file.
-    #[arg(long, env = "AMBIT_XDS_ADDRESS", requires_all = ["root_cert", "token_file"])]
+    #[arg(long, env = "AMBIT_XDS_ADDRESS", requires_all = ["root_cert", "token_file"], value_parser = parse_https_address)]
     pub xds_address: Option<String>,
 
     /// PEM root(s) the control plane's serving certificates (CA and xDS) chain to: the mesh
@@ -307,6 +307,16 @@ pub struct NodeArgs {
     /// Log format; the access log (target `access`) follows it.
     #[arg(long, env = "AMBIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// The access log's field names: ambit's, or ztunnel's (`src.addr`, `dst.hbone_addr`,
+    /// `bytes_recv`, `duration="12ms"`, ...) for log pipelines written for ztunnel.
+    #[arg(long, env = "AMBIT_ACCESS_LOG_FORMAT", value_enum, default_value_t = AccessLogFormat::Ambit)]
+    pub access_log_format: AccessLogFormat,
+
+    /// What `istio_build{component}` says: `ztunnel` keeps the version panel of Istio's
+    /// ztunnel dashboard working.
+    #[arg(long, env = "AMBIT_METRICS_COMPONENT", default_value = "ambit", value_parser = ["ambit", "ztunnel"])]
+    pub metrics_component: String,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -315,6 +325,25 @@ fn parse_u32(s: &str) -> Result<u32, String> {
         None => s.parse(),
     };
     r.map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// A control plane's address: `https://<host>:<port>`. ztunnel's chart writes istiod's
+/// without a scheme (`istiod.istio-system.svc:15012`); taking that would only fail later, on
+/// every retry, so it is refused here, saying what to write instead.
+pub fn parse_https_address(s: &str) -> Result<String, String> {
+    let example = "https://istiod.istio-system.svc:15012";
+    let uri: http::Uri =
+        s.parse().map_err(|e| format!("expected https://<host>:<port>, e.g. {example} ({e})"))?;
+    let problem = match (uri.scheme_str(), uri.host(), uri.port_u16()) {
+        (None, ..) => format!("no scheme; write https://{s}"),
+        (Some("https"), Some(h), Some(_)) if !h.is_empty() && matches!(uri.path(), "" | "/") => {
+            return Ok(s.trim_end_matches('/').to_string())
+        }
+        (Some("https"), _, None) => "no port (istiod serves on 15012)".to_string(),
+        (Some("https"), ..) => "expected only a host and a port, no path".to_string(),
+        (Some(other), ..) => format!("scheme {other}: the control plane is reached over TLS (https)"),
+    };
+    Err(format!("{problem}: expected https://<host>:<port>, e.g. {example}"))
 }
 
 /// `500ms`, `10s`, `2m`, `24h`.
@@ -361,6 +390,8 @@ pub struct NodeSettings {
     pub log_level: String,
     pub ebpf_log_level: KernelLogLevel,
     pub log_format: LogFormat,
+    pub access_log_format: AccessLogFormat,
+    pub metrics_component: String,
     pub kernel_tracing: bool,
     pub worker_threads: usize,
     /// `None`: no mesh CA, no mTLS.
@@ -370,6 +401,9 @@ pub struct NodeSettings {
     /// `None`: no CNI plugin; pods are found under /proc once they run.
     pub cni: Option<crate::cni::install::CniSettings>,
     pub unknown_destination: UnknownDestination,
+    /// The cluster's name (`--cluster-id`): sent to istiod, and the cluster of the mesh
+    /// file's workloads offline.
+    pub cluster_id: String,
     pub identity: crate::identity::IdentitySettings,
     pub hbone: crate::proxy::hbone::HboneSettings,
 }
@@ -381,6 +415,14 @@ mod humantime_ms {
 }
 
 impl NodeSettings {
+    /// The trust domain and cluster the mesh file's workloads are given offline.
+    pub fn origin(&self) -> crate::xds::translate::Origin<'_> {
+        crate::xds::translate::Origin {
+            trust_domain: &self.identity.trust_domain,
+            cluster_id: &self.cluster_id,
+        }
+    }
+
     pub fn resolve(args: NodeArgs) -> anyhow::Result<NodeSettings> {
         if args.instance.is_empty() || args.instance.contains('/') || args.instance.starts_with('.') {
             bail!("--instance {:?}: must be a plain name (no '/')", args.instance);
@@ -494,6 +536,8 @@ impl NodeSettings {
             log_level: args.log_level,
             ebpf_log_level: args.ebpf_log_level,
             log_format: args.log_format,
+            access_log_format: args.access_log_format,
+            metrics_component: args.metrics_component.clone(),
             kernel_tracing: args.kernel_tracing,
             worker_threads: args.worker_threads.max(1),
             ca: match (&args.ca_address, &args.root_cert, &token_file) {
@@ -523,6 +567,7 @@ impl NodeSettings {
             },
             cni,
             unknown_destination: args.unknown_destination,
+            cluster_id: args.cluster_id.clone(),
             identity: crate::identity::IdentitySettings {
                 trust_domain: args.trust_domain,
                 validity: args.cert_validity,
@@ -663,5 +708,26 @@ mod tests {
         assert_eq!(parse_u32("0x539"), Ok(0x539));
         assert_eq!(parse_u32("1337"), Ok(1337));
         assert!(parse_u32("0xzz").is_err());
+    }
+
+    #[test]
+    fn a_control_plane_address_is_https_host_and_port_or_refused_saying_why() {
+        assert_eq!(
+            parse_https_address("https://istiod.istio-system.svc:15012"),
+            Ok("https://istiod.istio-system.svc:15012".into())
+        );
+        assert_eq!(parse_https_address("https://10.3.0.1:15012/"), Ok("https://10.3.0.1:15012".into()));
+        assert_eq!(parse_https_address("https://[fd00::1]:15012"), Ok("https://[fd00::1]:15012".into()));
+        for (bad, says) in [
+            ("istiod.istio-system.svc:15012", "write https://istiod.istio-system.svc:15012"),
+            ("http://istiod:15012", "scheme http"),
+            ("https://istiod", "no port"),
+            ("https://istiod:15012/xds", "no path"),
+            ("", "expected https://<host>:<port>"),
+            ("https://:15012", "expected https://<host>:<port>"),
+        ] {
+            let e = parse_https_address(bad).expect_err(bad);
+            assert!(e.contains(says) && e.contains("e.g. https://"), "{bad}: {e}");
+        }
     }
 }

@@ -43,7 +43,8 @@ pub enum CaError {
 
 impl From<tonic::Status> for CaError {
     fn from(s: tonic::Status) -> Self {
-        CaError::Status { code: s.code(), message: s.message().to_string() }
+        // The message alone is often "transport error"; the reason is in its sources.
+        CaError::Status { code: s.code(), message: crate::errors::with_sources(s.message().to_string(), &s) }
     }
 }
 

@@ -131,37 +131,56 @@ impl Report {
 
     /// The refusal message: every blocker, with the version that brought it.
     pub fn refusal(&self) -> Option<String> {
-        let missing: Vec<String> = self
-            .blockers()
-            .map(|f| {
-                let detail = match &f.status {
-                    Status::Missing(d) | Status::Error(d) => d.as_str(),
-                    Status::Ok(_) => "",
-                };
-                format!(
-                    "{} (Linux {}+, for {}): {detail}",
-                    f.requirement.name, f.requirement.since, f.requirement.used_for
-                )
-            })
-            .collect();
-        if missing.is_empty() {
+        let blockers: Vec<&Finding> = self.blockers().collect();
+        if blockers.is_empty() {
             return None;
         }
-        let privileges = self
+        let not_permitted = self
             .findings
             .iter()
-            .any(|f| matches!(&f.status, Status::Error(e) if e.contains("not permitted")));
-        let hint = if privileges {
-            "; some probes were not permitted: run as root, or with CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN"
+            .filter(|f| matches!(&f.status, Status::Error(e) if e.contains("not permitted")))
+            .count();
+        let blocked = |name: &str| blockers.iter().any(|f| f.requirement.name == name);
+        // The cause first, and what to do about it; the kernel is blamed only when nothing
+        // else explains the missing features.
+        let headline = if not_permitted > 0 {
+            format!(
+                "ambit needs root, or CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_SYS_PTRACE: the kernel \
+                 refused {not_permitted} of its checks as not permitted"
+            )
+        } else if blocked("bpf filesystem") {
+            "no bpf filesystem where ambit pins its programs: mount one (`mount -t bpf bpf /sys/fs/bpf`) \
+             or point --bpffs at one"
+                .to_string()
+        } else if blocked("cgroup v2") {
+            "no cgroup v2 hierarchy: ambit attaches its programs to cgroup v2 (point --cgroup at its mount)"
+                .to_string()
         } else {
-            ""
+            format!(
+                "this kernel ({}) cannot run ambit, which needs Linux {MIN_KERNEL} or newer with BPF, cgroup v2 and a \
+                 bpf filesystem",
+                self.kernel
+            )
         };
-        Some(format!(
-            "this kernel ({}) cannot run ambit, which needs Linux {MIN_KERNEL} or newer with BPF, cgroup v2 and a bpf \
-             filesystem; missing: {}{hint}",
-            self.kernel,
-            missing.join("; ")
-        ))
+        const LISTED: usize = 6;
+        let mut out = format!("{headline}. Missing:");
+        for f in blockers.iter().take(LISTED) {
+            let detail = match &f.status {
+                Status::Missing(d) | Status::Error(d) => d.as_str(),
+                Status::Ok(_) => "",
+            };
+            out.push_str(&format!(
+                "\n  - {} (Linux {}+, for {}): {detail}",
+                f.requirement.name, f.requirement.since, f.requirement.used_for
+            ));
+        }
+        if blockers.len() > LISTED {
+            out.push_str(&format!(
+                "\n  - and {} more (`ambit probe` lists every check)",
+                blockers.len() - LISTED
+            ));
+        }
+        Some(out)
     }
 
     /// Whether inbound capture will use tcx (else clsact).
@@ -342,7 +361,35 @@ mod tests {
             "program type sock_ops",
             Status::Error("not permitted (bpf_prog_load: Operation not permitted)".into()),
         );
-        assert!(r.refusal().expect("refused").contains("run as root"));
+        let msg = r.refusal().expect("refused");
+        assert!(msg.starts_with("ambit needs root, or CAP_BPF"), "the cause comes first: {msg}");
+        assert!(!msg.contains("this kernel"), "the kernel is not to blame: {msg}");
+    }
+
+    #[test]
+    fn a_missing_bpffs_is_named_as_such_with_the_fix() {
+        let mut r = Report { kernel: "6.18".into(), findings: Vec::new() };
+        r.add("bpf filesystem", Status::Missing("/sys/fs/bpf: not a bpf filesystem".into()));
+        r.add("map type sockhash", Status::Ok(String::new()));
+        let msg = r.refusal().expect("refused");
+        assert!(
+            msg.starts_with("no bpf filesystem") && msg.contains("mount -t bpf bpf /sys/fs/bpf"),
+            "{msg}"
+        );
+        assert!(!msg.contains("this kernel"), "{msg}");
+    }
+
+    #[test]
+    fn a_long_refusal_lists_a_few_per_line_and_points_at_probe() {
+        let mut r = Report { kernel: "4.19".into(), findings: Vec::new() };
+        for req in REQUIREMENTS.iter().filter(|q| q.required) {
+            r.add(req.name, Status::Missing("not supported by this kernel".into()));
+        }
+        let msg = r.refusal().expect("refused");
+        let lines: Vec<&str> = msg.lines().collect();
+        assert!(lines.len() <= 8, "{msg}");
+        assert!(lines.iter().all(|l| l.len() < 300), "{msg}");
+        assert!(msg.contains("`ambit probe` lists every check"), "{msg}");
     }
 
     #[test]

@@ -67,7 +67,7 @@ pub struct XdsStatus {
 enum StreamError {
     #[error("connecting: {0}")]
     Connect(String),
-    #[error("stream: {0}")]
+    #[error("stream: {}", crate::errors::status(.0))]
     Status(#[from] tonic::Status),
     #[error("the request channel closed")]
     Closed,
@@ -159,12 +159,7 @@ impl XdsClient {
             .keep_alive_timeout(Duration::from_secs(20))
             .connect()
             .await
-            .map_err(|e| {
-                StreamError::Connect(format!(
-                    "{e}: {}",
-                    std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
-                ))
-            })?;
+            .map_err(|e| StreamError::Connect(crate::errors::chain(&e)))?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
         // Wildcard subscriptions, with what we hold, so the server sends only what changed.
         for (i, type_url) in TYPES.iter().enumerate() {
