@@ -18,7 +18,7 @@ use crate::{
     bed::{Bed, Node, Pod},
     exec::Proc,
     istiod::{Istiod, SERVING_NAME},
-    kubeapi::{sandbox, CgroupDriver},
+    pods::{sandbox, CgroupDriver},
     realkube::Kube,
 };
 

@@ -17,12 +17,16 @@ pub mod exec;
 pub mod frames;
 pub mod istio;
 pub mod istiod;
+#[cfg(feature = "peers")]
 pub mod kubeapi;
 pub mod mesh;
 pub mod netns;
+pub mod pods;
 pub mod realkube;
 pub mod tools;
+#[cfg(feature = "peers")]
 pub mod xdsfake;
+#[cfg(feature = "peers")]
 pub mod xdsload;
 
 pub use ambit::{eventually, Ambit};

@@ -20,6 +20,9 @@ pub const CNI_PLUGINS: &str = "v1.10.0";
 /// plugins against a network namespace as a container runtime does (through libcni).
 pub const CNI: &str = "v1.3.1";
 
+/// `helm.sh/helm/v4`: renders and lints ambit's chart as users install it.
+pub const HELM: &str = "v4.3.2";
+
 /// The cache of built tools: `$AMBIT_TOOLS_CACHE`, else `/var/cache/ambit-tools`.
 pub fn cache() -> PathBuf {
     std::env::var_os("AMBIT_TOOLS_CACHE")
@@ -37,6 +40,11 @@ pub fn istio_dir() -> PathBuf {
 
 pub fn cni_dir() -> PathBuf {
     cache().join(format!("cni-{CNI_PLUGINS}-{CNI}"))
+}
+
+/// The tools users point at a cluster: istioctl (from the pinned Istio module) and helm.
+pub fn clients_dir() -> PathBuf {
+    cache().join(format!("clients-{ISTIO}-helm-{HELM}"))
 }
 
 /// A built binary or file of the pinned sets; fails the test with the setup hint if missing.
@@ -79,4 +87,12 @@ pub fn cni_plugins() -> PathBuf {
 
 pub fn cnitool() -> PathBuf {
     tool(cni_dir(), "cnitool")
+}
+
+pub fn istioctl() -> PathBuf {
+    tool(clients_dir(), "istioctl")
+}
+
+pub fn helm() -> PathBuf {
+    tool(clients_dir(), "helm")
 }

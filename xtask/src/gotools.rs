@@ -10,13 +10,14 @@
 //!   that release's go.mod) with its published `v0.X.Y`; etcd is the version it selects.
 //!
 //! - The CNI reference plugins and cnitool: `go install` of each, by package path.
+//! - istioctl (same Istio module) and helm: `go install` by package path.
 //!
 //! Binaries go to `<cache>/<set>-<version>/`, marked complete last; a set already there is
 //! not rebuilt. Go's own module and build caches make a rebuild after a version change quick.
 
 use std::{path::Path, process::Command, time::Instant};
 
-use ambit_testbed::tools::{self, CNI, CNI_PLUGINS, ISTIO, ISTIO_RELEASE, KUBERNETES};
+use ambit_testbed::tools::{self, CNI, CNI_PLUGINS, HELM, ISTIO, ISTIO_RELEASE, KUBERNETES};
 use anyhow::{bail, Context};
 
 fn go() -> Command {
@@ -56,7 +57,8 @@ fn complete(dir: &Path) -> bool {
 
 /// Builds whichever pinned set is missing; prints what it does from its first second.
 pub fn ensure() -> anyhow::Result<()> {
-    if complete(&tools::kubernetes_dir()) && complete(&tools::istio_dir()) && complete(&tools::cni_dir()) {
+    let dirs = [tools::kubernetes_dir(), tools::istio_dir(), tools::cni_dir(), tools::clients_dir()];
+    if dirs.iter().all(|d| complete(d)) {
         return Ok(());
     }
     let version = run(
@@ -77,6 +79,26 @@ pub fn ensure() -> anyhow::Result<()> {
     if !complete(&tools::cni_dir()) {
         cni(&tools::cni_dir())?;
     }
+    if !complete(&tools::clients_dir()) {
+        clients(&tools::clients_dir())?;
+    }
+    Ok(())
+}
+
+fn clients(dir: &Path) -> anyhow::Result<()> {
+    fresh(dir)?;
+    timed("istioctl and helm", "about 4 min (istioctl shares istiod's build cache)", || {
+        for (package, tags) in [
+            (format!("istio.io/istio/istioctl/cmd/istioctl@{ISTIO}"), "-tags=vtprotobuf,disable_pgv"),
+            (format!("helm.sh/helm/v4/cmd/helm@{HELM}"), "-tags="),
+        ] {
+            let mut c = go();
+            c.args(["install", "-trimpath", tags, "-ldflags", "-s -w"]).arg(&package).env("GOBIN", dir);
+            run(c, &format!("building {package}"))?;
+        }
+        Ok(())
+    })?;
+    std::fs::write(dir.join(".complete"), format!("{ISTIO} {HELM}"))?;
     Ok(())
 }
 

@@ -104,15 +104,22 @@ fn run(mut cmd: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Installs what is missing for the tests, the kernel matrix and the benchmarks.
 fn ensure_setup() -> anyhow::Result<()> {
-    if !setup::is_complete() {
-        setup::setup()?;
+    ensure_setup_for(setup::Scope::All)
+}
+
+fn ensure_setup_for(scope: setup::Scope) -> anyhow::Result<()> {
+    if !setup::is_complete(scope) {
+        setup::setup(scope)?;
     }
     Ok(())
 }
 
+/// Builds ambit and the bed's programs; installs only what building needs (the demo needs
+/// no more).
 pub fn build(release: bool) -> anyhow::Result<()> {
-    ensure_setup()?;
+    ensure_setup_for(setup::Scope::Build)?;
     let mut c = cargo();
     // The fuzz targets are built by `cargo fuzz`, instrumented; a plain build of them is
     // only libFuzzer's C++ compiled for nothing.
@@ -187,7 +194,7 @@ fn main() -> std::process::ExitCode {
 fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Setup => {
-            setup::setup()?;
+            setup::setup(setup::Scope::All)?;
             gotools::ensure()
         }
         Cmd::Build { release } => build(release),
@@ -202,6 +209,7 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Lint => lint(),
         Cmd::Kernels => {
+            ensure_setup()?;
             build(false)?;
             kernels::run(&root())
         }

@@ -6,8 +6,16 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 
-/// Debian packages and why each is needed.
-pub const PACKAGES: &[(&str, &str)] = &[
+/// How much to install: what building ambit and running the demo need, or everything the
+/// tests, the kernel matrix and the benchmarks use as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Build,
+    All,
+}
+
+/// Debian packages for building ambit and running the demo, and why each is needed.
+pub const BUILD_PACKAGES: &[(&str, &str)] = &[
     ("rustc-web", "Debian's rustc and its library sources build the eBPF programs"),
     ("rust-web-src", "library sources for -Z build-std=core"),
     ("cargo-web", "the cargo that drives the eBPF build"),
@@ -18,6 +26,10 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("util-linux", "nsenter and setpriv in the test bed"),
     ("curl", "a real HTTP client in the tests and the demo"),
     ("python3", "a real HTTP server in the tests and the demo"),
+];
+
+/// Debian packages only the tests, the kernel matrix and the benchmarks use.
+pub const PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", "a private virtual environment for kubernetes-validate"),
     ("python3-scapy", "crafted packets for the mesh-boundary attack tests"),
     ("iperf3", "bulk transfers"),
@@ -107,13 +119,21 @@ pub fn tools_venv() -> std::path::PathBuf {
 }
 
 /// promtool, taken out of Debian's `prometheus` package (installing the package would also
-/// start a Prometheus server).
+/// start a Prometheus server as a system service).
 pub fn promtool() -> std::path::PathBuf {
     crate::root().join("target/tools/bin/promtool")
 }
 
+/// The Prometheus server from the same package: the tests run it in the bed, scraping the
+/// proxies, to run the queries of Kiali and Istio's dashboards.
+pub fn prometheus() -> std::path::PathBuf {
+    crate::root().join("target/tools/bin/prometheus")
+}
+
 fn promtool_ok() -> bool {
-    Command::new(promtool()).arg("--version").output().is_ok_and(|o| o.status.success())
+    [promtool(), prometheus()]
+        .iter()
+        .all(|bin| Command::new(bin).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
 fn install_promtool() -> anyhow::Result<()> {
@@ -127,9 +147,11 @@ fn install_promtool() -> anyhow::Result<()> {
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
         .context("apt-get download left no .deb")?;
     run(Command::new("dpkg").arg("-x").arg(&deb).arg(work.join("root")))?;
-    let bin = promtool();
-    std::fs::create_dir_all(bin.parent().expect("a parent"))?;
-    std::fs::copy(work.join("root/usr/bin/promtool"), &bin).context("copying promtool")?;
+    for (name, bin) in [("promtool", promtool()), ("prometheus", prometheus())] {
+        std::fs::create_dir_all(bin.parent().expect("a parent"))?;
+        std::fs::copy(work.join("root/usr/bin").join(name), &bin)
+            .with_context(|| format!("copying {name}"))?;
+    }
     std::fs::remove_dir_all(&work)?;
     Ok(())
 }
@@ -141,13 +163,15 @@ fn kubernetes_validate_ok() -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
-/// Whether everything is in place (no output, no changes).
-pub fn is_complete() -> bool {
-    missing_packages(PACKAGES).is_ok_and(|m| m.is_empty())
-        && bpf_linker_ok()
-        && cargo_fuzz_ok()
-        && kubernetes_validate_ok()
-        && promtool_ok()
+/// Whether everything `scope` needs is in place (no output, no changes).
+pub fn is_complete(scope: Scope) -> bool {
+    let build = missing_packages(BUILD_PACKAGES).is_ok_and(|m| m.is_empty()) && bpf_linker_ok();
+    build
+        && (scope == Scope::Build
+            || (missing_packages(PACKAGES).is_ok_and(|m| m.is_empty())
+                && cargo_fuzz_ok()
+                && kubernetes_validate_ok()
+                && promtool_ok()))
 }
 
 /// Installs those of `packages` that are missing (as root); nothing when all are there.
@@ -167,8 +191,11 @@ pub fn ensure_packages(packages: &[(&'static str, &str)]) -> anyhow::Result<()> 
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-pub fn setup() -> anyhow::Result<()> {
-    ensure_packages(PACKAGES)?;
+pub fn setup(scope: Scope) -> anyhow::Result<()> {
+    ensure_packages(BUILD_PACKAGES)?;
+    if scope == Scope::All {
+        ensure_packages(PACKAGES)?;
+    }
     match ebpf_rustc_version() {
         Some(v) if v >= MIN_EBPF_RUSTC => {}
         other => bail!(
@@ -187,6 +214,9 @@ pub fn setup() -> anyhow::Result<()> {
             .env("PATH", path)
             .env("LLVM_PREFIX", LLVM))?;
     }
+    if scope == Scope::Build {
+        return Ok(());
+    }
     if !cargo_fuzz_ok() {
         eprintln!("xtask setup: installing cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)");
         run(Command::new("cargo").args([
@@ -198,7 +228,7 @@ pub fn setup() -> anyhow::Result<()> {
         ]))?;
     }
     if !promtool_ok() {
-        eprintln!("xtask setup: extracting promtool from Debian's prometheus package");
+        eprintln!("xtask setup: extracting promtool and prometheus from Debian's prometheus package");
         install_promtool()?;
     }
     if !kubernetes_validate_ok() {
