@@ -15,13 +15,13 @@ use ambit_testbed::{
     ambit::{sample_value, write_mesh},
     apps::http_server,
     controlplane::ControlPlane,
-    exec::{kubelet_command, run_with_timeout},
+    exec::{kubelet_command, node_command, run_with_timeout, workspace_bin},
     mesh::{Mesh, AMBIENT},
-    pod_command, Ambit, Bed, Node, Pod,
+    pod_command, Ambit, Bed, Node, Pod, Proc,
 };
 
 const T: Duration = Duration::from_secs(20);
-const STEPS: u32 = 8;
+const STEPS: u32 = 11;
 const VIP: &str = "10.96.0.10";
 
 fn step(n: u32, text: &str) {
@@ -84,6 +84,60 @@ fn kernel_counters(node: &str, ambit: &Ambit) {
             })
             .collect();
     println!("  {node} eBPF counters: {}", line.join(" "));
+}
+
+/// A few `istio_tcp_*` series of a proxy's scrape, with the labels that tell the story.
+fn metrics_excerpt(node: &str, ambit: &Ambit) {
+    let scrape = ambit.metrics();
+    let keep = [
+        "reporter",
+        "source_workload",
+        "destination_workload",
+        "destination_service",
+        "response_flags",
+        "connection_security_policy",
+    ];
+    let mut shown = 0;
+    for line in scrape.lines().filter(|l| {
+        l.starts_with("istio_tcp_connections_opened_total{")
+            || l.starts_with("istio_tcp_connections_failed_total{")
+    }) {
+        let Some((name, rest)) = line.split_once('{') else { continue };
+        let Some((labels, value)) = rest.rsplit_once("} ") else { continue };
+        let labels: Vec<&str> =
+            labels.split(',').filter(|kv| keep.iter().any(|k| kv.starts_with(&format!("{k}=")))).collect();
+        println!("  {node} {name}{{{}}} {value}", labels.join(","));
+        shown += 1;
+        if shown == 6 {
+            break;
+        }
+    }
+    println!("  (all of it: nsenter --net=<node netns> curl -s localhost:15020/stats/prometheus)");
+}
+
+/// `ambit trace` on `node` while `client` calls `server`: the first lines of what it streams.
+fn trace_excerpt(bed: &Bed, node: &Node, client: &Pod, server: &Pod) -> anyhow::Result<()> {
+    let bin = workspace_bin("ambit");
+    let argv = [
+        bin.to_str().unwrap_or("ambit"),
+        "trace",
+        "--timeout",
+        "20s",
+        "--output",
+        "text",
+        "--workload",
+        "demo/client",
+    ];
+    let mut trace = Proc::spawn(bed, "demo-trace", node_command(node, &argv));
+    trace.wait_for_output("streaming kernel events", T)?;
+    pod_curl(client, &format!("http://{}:8080/", server.ipv4), "client -> server, traced")?;
+    std::thread::sleep(Duration::from_secs(1));
+    let out = trace.output();
+    for line in out.lines().filter(|l| !l.trim().is_empty() && !l.contains("streaming kernel events")).take(8)
+    {
+        println!("  {line}");
+    }
+    Ok(())
 }
 
 pub(crate) fn settle() {
@@ -196,7 +250,48 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         }
     }
 
-    step(7, "unenrolling namespace demo by editing the mesh file (no restart)");
+    step(7, "a policy: only the client's identity may call hello (AuthorizationPolicy in the mesh file)");
+    let allow_client = "  - apiVersion: security.istio.io/v1\n    kind: AuthorizationPolicy\n    metadata:\n      \
+        name: hello-from-client\n      namespace: demo\n    spec:\n      selector:\n        matchLabels:\n          \
+        app: hello\n      action: ALLOW\n      rules:\n        - from:\n            - source:\n                \
+        principals: [cluster.local/ns/demo/sa/client]\n";
+    let policed = mesh.clone().policies(allow_client);
+    write_mesh(&mesh_path, &policed.yaml());
+    // Served to the destination's proxy, which enforces it.
+    let served = ambit_testbed::eventually(T, || {
+        p2.config_dump()["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["name"] == "hello-from-client"))
+    });
+    if !served {
+        bail!("the policy did not reach n2");
+    }
+    let out = run_with_timeout(
+        pod_command(
+            &neighbour,
+            &["curl", "-sS", "--max-time", "3", &format!("http://{}:8080/", server.ipv4)],
+        ),
+        T,
+    )?;
+    if out.status.success() {
+        bail!("the policy did not deny the neighbour");
+    }
+    println!("  {:<48} -> refused (connection reset)", "neighbour -> server");
+    pod_curl(&client, &format!("http://{}:8080/", server.ipv4), "client -> server: still allowed")?;
+    settle();
+    s1 = access_log("n1", &p1, s1);
+    s2 = access_log("n2", &p2, s2);
+
+    step(8, "Istio's metrics, as Prometheus, Kiali and Istio's dashboards read them (n2, excerpt)");
+    metrics_excerpt("n2", &p2);
+
+    step(9, "ambit trace: the kernel's view of a connection, tied to the workloads (n1)");
+    trace_excerpt(&bed, &n1, &client, &server)?;
+    s1 = access_log("n1", &p1, s1);
+    s2 = access_log("n2", &p2, s2);
+    write_mesh(&mesh_path, &mesh.yaml());
+
+    step(10, "unenrolling namespace demo by editing the mesh file (no restart)");
     write_mesh(&mesh_path, &mesh.clone().relabel_namespace("demo", &[]).yaml());
     let gone = ambit_testbed::eventually(T, || {
         [&p1, &p2].iter().all(|p| p.config_dump()["pods"].as_array().is_some_and(Vec::is_empty))
