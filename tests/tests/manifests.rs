@@ -250,11 +250,14 @@ fn the_daemonset_runs_with_capabilities_not_privileged_and_mounts_what_ambit_nee
         assert_eq!(c["readinessProbe"]["httpGet"]["port"].as_u64(), Some(15021));
         let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(annotations["prometheus.io/port"].as_str(), Some("15020"));
-        assert!(
-            c["resources"]["requests"].is_mapping() && c["resources"]["limits"].is_mapping(),
-            "{variant}"
-        );
-        assert_eq!(ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].as_u64(), Some(1));
+        // Requests, and no limit that could OOM-kill or throttle the node's proxy.
+        assert!(c["resources"]["requests"].is_mapping(), "{variant}");
+        assert!(c["resources"].get("limits").is_none(), "{variant}: no limits");
+        // Upgrades hand over (surge, takeover): none refuses a connection.
+        let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!((rolling["maxSurge"].as_u64(), rolling["maxUnavailable"].as_u64()), (Some(1), Some(0)));
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"].as_str(), Some("/healthz/live"));
+        assert_eq!(pod["nodeSelector"]["kubernetes.io/os"].as_str(), Some("linux"));
         // The environment names flags ambit has: the pod source and the /proc mount.
         let env: BTreeMap<String, String> = c["env"]
             .as_sequence()
@@ -269,6 +272,7 @@ fn the_daemonset_runs_with_capabilities_not_privileged_and_mounts_what_ambit_nee
         // The CNI plugin is on, and its directories are the host's, at the host's paths:
         // the plugin runs on the host and reads the paths ambit writes.
         assert_eq!(env.get("AMBIT_CNI").map(String::as_str), Some("true"), "{variant}");
+        assert_eq!(env.get("AMBIT_TAKEOVER").map(String::as_str), Some("true"), "{variant}");
         let volumes: BTreeMap<String, String> = pod["volumes"]
             .as_sequence()
             .expect("volumes")
