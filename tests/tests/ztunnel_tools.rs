@@ -129,3 +129,67 @@ fn istioctl_ztunnel_config_reads_ambit_s_dump() {
         "ambit's names too: {line}"
     );
 }
+
+/// A raw `GET` in `netns`: status and body bytes.
+fn get_bytes(netns: &std::path::Path, addr: &str, path: &str) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().expect("addr");
+    let mut s =
+        ambit_testbed::netns::connect_in(netns, addr, std::time::Duration::from_secs(2)).expect("connect");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("response");
+    let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a head") + 4;
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_string();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).expect("a status");
+    (status, raw[head_end..].to_vec())
+}
+
+#[test]
+fn a_cpu_profile_is_served_as_ztunnel_serves_it() {
+    let bed = Bed::new("pprof");
+    let n1 = bed.node("n1");
+    let a = bed.pod(&n1, "a");
+    let mesh_path = bed.dir().join("mesh.yaml");
+    ambit_testbed::ambit::write_mesh(
+        &mesh_path,
+        &Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).yaml(),
+    );
+    let p = ambit_testbed::Ambit::start(&bed, &n1, &mesh_path, &[]);
+    let ns = n1.netns_path();
+    // Two at once: the second is told to wait, and says why.
+    let first = {
+        let ns = ns.clone();
+        std::thread::spawn(move || get_bytes(&ns, "127.0.0.1:15000", "/debug/pprof/profile?seconds=2"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (status, body) = get_bytes(&ns, "127.0.0.1:15000", "/debug/pprof/profile?seconds=1");
+    assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    let (status, profile) = first.join().expect("the first request");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&profile));
+    // Go's own pprof reads it.
+    let file = bed.dir().join("cpu.pb");
+    std::fs::write(&file, &profile).expect("write");
+    let mut c = Command::new("go");
+    c.args(["tool", "pprof", "-raw"]).arg(&file).env("GOTOOLCHAIN", "local");
+    let out = run_with_timeout(c, T).expect("go tool pprof runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    // A CPU profile of the two seconds asked for (an idle proxy may have few samples).
+    assert!(text.contains("PeriodType: cpu nanoseconds") && text.contains("Duration: 2.00"), "{text}");
+    // Bad requests are refused, naming what is expected; no heap profile, saying why.
+    for bad in [
+        "/debug/pprof/profile?seconds=0",
+        "/debug/pprof/profile?seconds=61",
+        "/debug/pprof/profile?seconds=x",
+    ] {
+        let (status, body) = get_bytes(&ns, "127.0.0.1:15000", bad);
+        assert_eq!(status, 400, "{bad}");
+        assert!(String::from_utf8_lossy(&body).contains("from 1 to 60"), "{bad}");
+    }
+    let (status, body) = get_bytes(&ns, "127.0.0.1:15000", "/debug/pprof/heap");
+    assert_eq!(status, 501);
+    assert!(String::from_utf8_lossy(&body).contains("system allocator"));
+    drop(p);
+}

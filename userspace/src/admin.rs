@@ -3,7 +3,8 @@
 //!   `GET|POST /logging` (the log filter; `?level=<clauses>[&reset]` in ztunnel's syntax,
 //!   `?ebpf=<level>` for the programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
 //!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads), `GET|POST /tracing`
-//!   (`?enabled=true|false`: kernel tracing on or off without a reload);
+//!   (`?enabled=true|false`: kernel tracing on or off without a reload), `GET
+//!   /debug/pprof/profile?seconds=N` (a CPU profile, pprof's protobuf);
 //! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
 //!   the first pod set is enrolled, 503 with the reason before; `GET /healthz/live`, 200
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 
 /// Which endpoints a listener serves.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Routes {
     Admin,
     Stats,
@@ -225,6 +226,37 @@ fn trace(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     r
 }
 
+/// `GET /debug/pprof/profile?seconds=N` (default 10, at most 60): a CPU profile in pprof's
+/// protobuf format, as ztunnel serves it (`go tool pprof` reads it).
+async fn cpu_profile(req: &Request<Incoming>) -> Response<Body> {
+    let seconds = form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "seconds")
+        .map(|(_, v)| v.into_owned());
+    let max = crate::profiling::MAX.as_secs();
+    let seconds = match seconds.as_deref().map(str::parse::<u64>) {
+        None => 10,
+        Some(Ok(n)) if (1..=max).contains(&n) => n,
+        Some(_) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("seconds: expected a whole number from 1 to {max}\n"),
+            )
+        }
+    };
+    let slot = match crate::profiling::reserve() {
+        Ok(s) => s,
+        Err(e) => return text(StatusCode::CONFLICT, format!("{e}\n")),
+    };
+    match crate::profiling::cpu(std::time::Duration::from_secs(seconds), slot).await {
+        Ok(profile) => {
+            let mut r = text(StatusCode::OK, profile);
+            r.headers_mut().insert("content-type", "application/octet-stream".parse().expect("static"));
+            r
+        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
 fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     match (routes, req.method(), req.uri().path()) {
         (Routes::Admin, &Method::GET, "/config_dump") => {
@@ -255,6 +287,10 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
         // Liveness: the process serves. Not readiness: a proxy waiting for istiod must not
         // be restarted for it.
         (Routes::Readiness, &Method::GET, "/healthz/live") => text(StatusCode::OK, "live\n"),
+        (Routes::Admin, _, "/debug/pprof/heap") => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "no heap profile: ambit uses the system allocator, which keeps none (CPU profiles: /debug/pprof/profile)\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -289,8 +325,17 @@ pub async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = route(routes, &state, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                // A profile takes seconds: answered when it is done, off the other routes.
+                let profile = routes == Routes::Admin
+                    && req.method() == Method::GET
+                    && req.uri().path() == "/debug/pprof/profile";
+                let resp = (!profile).then(|| route(routes, &state, &req));
+                async move {
+                    Ok::<_, Infallible>(match resp {
+                        Some(r) => r,
+                        None => cpu_profile(&req).await,
+                    })
+                }
             });
             if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "admin connection");

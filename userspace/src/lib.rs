@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod node;
 pub mod pb;
 pub mod probe;
+pub mod profiling;
 pub mod proxy;
 pub mod sparse;
 pub mod state;
