@@ -213,7 +213,12 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     let cni = cni_server(&settings, &source)?;
     let report = |pods: &PodManager| {
         if let Some(r) = &report_enrolled {
-            let now = enroll::EnrolledReport { pods: pods.enrolled_netns(), failed: pods.failures().clone() };
+            let failed = pods
+                .failures()
+                .iter()
+                .map(|(k, f)| (k.clone(), (f.netns.clone(), f.reason.clone())))
+                .collect();
+            let now = enroll::EnrolledReport { pods: pods.enrolled_netns(), failed };
             r.send_if_modified(|held| {
                 let differs = held.as_ref() != Some(&now);
                 if differs {

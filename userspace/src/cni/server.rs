@@ -222,7 +222,9 @@ impl CniServer {
                 if rep.pods.get(&key) == Some(&r.netns) {
                     break Ok(());
                 }
-                if let Some(why) = rep.failed.get(&key) {
+                // Only a failure in this sandbox's netns: an earlier sandbox's may still be
+                // reported until the next reconcile.
+                if let Some((_, why)) = rep.failed.get(&key).filter(|(netns, _)| *netns == r.netns) {
                     break Err(format!("enrolment failed: {why}"));
                 }
             }

@@ -25,8 +25,9 @@ use crate::config::PodSource;
 pub struct EnrolledReport {
     /// `namespace/name` → the network namespace it is captured in.
     pub pods: BTreeMap<String, PathBuf>,
-    /// `namespace/name` → why it could not be enrolled (retried).
-    pub failed: BTreeMap<String, String>,
+    /// `namespace/name` → the network namespace tried, and why it could not be enrolled
+    /// there (retried).
+    pub failed: BTreeMap<String, (PathBuf, String)>,
 }
 
 /// The node's running pod source.

@@ -74,7 +74,7 @@ pub struct PodManager {
     pods: BTreeMap<String, EnrolledPod>,
     /// Pods that should be enrolled but could not be, with the reason; retried on every
     /// reconcile.
-    failed: BTreeMap<String, String>,
+    failed: BTreeMap<String, Failure>,
     /// Unenrolled pods whose delivery settings stay until their last delivered connection
     /// has closed (the application's replies to it need them): see [`PodManager::tidy`].
     leaving: Vec<Leaving>,
@@ -104,6 +104,14 @@ pub struct PodDump {
     pub listeners: Vec<(Direction, SocketAddr)>,
     /// Inbound connections reach the application from the client's address.
     pub deliver_from_client: bool,
+}
+
+/// Why a wanted pod is not enrolled, and in which network namespace it was tried: a CNI ADD
+/// for a new sandbox must not take the failure of an earlier one for its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub netns: std::path::PathBuf,
+    pub reason: String,
 }
 
 /// Kernel state left from an earlier run that no current pod accounts for.
@@ -181,7 +189,7 @@ impl PodManager {
                 }
                 Err(e) => {
                     tracing::error!(pod = %key, error = %e, "cannot enrol pod; will retry");
-                    self.failed.insert(key, e.to_string());
+                    self.failed.insert(key, Failure { netns: spec.netns.clone(), reason: e.to_string() });
                 }
             }
         }
@@ -441,7 +449,7 @@ impl PodManager {
                 deliver_from_client: p.deliver_from_client,
             })
             .collect();
-        (pods, self.failed.clone())
+        (pods, self.failed.iter().map(|(k, f)| (k.clone(), f.reason.clone())).collect())
     }
 
     /// The enrolled pods, as `namespace/name`.
@@ -450,8 +458,8 @@ impl PodManager {
         self.pods.iter().map(|(k, p)| (k.clone(), p.spec.netns.clone())).collect()
     }
 
-    /// The pods that should be enrolled and are not, and why.
-    pub fn failures(&self) -> &BTreeMap<String, String> {
+    /// The pods that should be enrolled and are not, the netns that was tried, and why.
+    pub fn failures(&self) -> &BTreeMap<String, Failure> {
         &self.failed
     }
 
