@@ -19,7 +19,7 @@ use ambit_testbed::{
     realkube::Kube,
     Ambit, Bed, Node, Pod,
 };
-use common::*;
+use common::{istio::enrolled, *};
 
 const API_PORT: u16 = 6443;
 /// Long enough for the watcher's backoff (0.8 s doubling) after an outage of a few seconds.
@@ -50,18 +50,6 @@ fn object(
         host_network: false,
         ready: true,
     })
-}
-
-fn enrolled(p: &Ambit) -> Vec<String> {
-    let dump = p.config_dump();
-    let mut names: Vec<String> = dump["pods"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|p| p["name"].as_str().map(String::from))
-        .collect();
-    names.sort();
-    names
 }
 
 fn pod_source(p: &Ambit) -> serde_json::Value {

@@ -11,7 +11,9 @@ impl StateDump {
     /// `(workloads, services, policies)` as ztunnel dumps them.
     pub fn ztunnel(&self) -> (Value, Value, Value) {
         let workloads = self.workloads.iter().map(workload).collect();
-        let healthy = |uid: &str| self.workloads.iter().any(|w| w.uid == uid && w.healthy);
+        let by_uid: std::collections::HashMap<&str, &super::model::Workload> =
+            self.workloads.iter().map(|w| (w.uid.as_str(), w)).collect();
+        let healthy = |uid: &str| by_uid.get(uid).is_some_and(|w| w.healthy);
         let services = self
             .services
             .iter()
@@ -23,17 +25,15 @@ impl StateDump {
                     .endpoints
                     .iter()
                     .map(|uid| {
-                        let ports = self
-                            .workloads
-                            .iter()
-                            .find(|w| &w.uid == uid)
+                        let ports: Map<String, Value> = by_uid
+                            .get(uid.as_str())
                             .and_then(|w| w.services.get(&svc.key))
                             .map(|pm| {
                                 pm.iter()
                                     .map(|p| (p.service_port.to_string(), json!(p.target_port)))
                                     .collect()
                             })
-                            .unwrap_or_else(Map::new);
+                            .unwrap_or_default();
                         (uid.clone(), json!({ "workloadUid": uid, "service": svc.key, "port": ports }))
                     })
                     .collect();

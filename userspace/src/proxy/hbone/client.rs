@@ -359,17 +359,10 @@ fn forwarded(src: IpAddr, service: Option<&str>) -> HeaderValue {
     out.push_str("for=\"");
     push_ip(&mut out, src);
     out.push('"');
-    let with_host = service.filter(|h| is_host(h)).map(|h| format!("{out};host={h}"));
+    let with_host = service.filter(|h| super::head::is_plain_host(h)).map(|h| format!("{out};host={h}"));
     with_host
         .and_then(|v| HeaderValue::try_from(v).ok())
         .unwrap_or_else(|| HeaderValue::try_from(out).expect("an address in quotes is a valid header value"))
-}
-
-/// A DNS name as `host=` may carry it unquoted (RFC 7239 token characters).
-fn is_host(h: &str) -> bool {
-    !h.is_empty()
-        && h.len() <= 253
-        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// A new W3C trace context (sampled) per tunnel, marked never-indexed for HPACK: a value no

@@ -39,8 +39,15 @@ pub fn forwarded_host(value: &[u8]) -> Option<&str> {
         .find(|(k, _)| k.trim().eq_ignore_ascii_case("host"))
         .map(|(_, v)| v.trim())?;
     let host = host.strip_prefix('"').and_then(|h| h.strip_suffix('"')).unwrap_or(host);
-    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_');
-    (!host.is_empty() && host.len() <= 253 && host.bytes().all(plain)).then_some(host)
+    is_plain_host(host).then_some(host)
+}
+
+/// A DNS name as `forwarded`'s `host=` may carry it unquoted (RFC 7239 token characters):
+/// what ambit writes there and the only thing it reads back.
+pub fn is_plain_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 253
+        && h.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
 }
 
 /// The baggage keys ztunnel uses for the source workload.
