@@ -147,7 +147,7 @@ fn get_bytes(netns: &std::path::Path, addr: &str, path: &str) -> (u16, Vec<u8>) 
 }
 
 #[test]
-fn a_cpu_profile_is_served_as_ztunnel_serves_it() {
+fn cpu_and_heap_profiles_are_served_as_ztunnel_serves_them() {
     let bed = Bed::new("pprof");
     let n1 = bed.node("n1");
     let a = bed.pod(&n1, "a");
@@ -178,7 +178,7 @@ fn a_cpu_profile_is_served_as_ztunnel_serves_it() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     // A CPU profile of the two seconds asked for (an idle proxy may have few samples).
     assert!(text.contains("PeriodType: cpu nanoseconds") && text.contains("Duration: 2.00"), "{text}");
-    // Bad requests are refused, naming what is expected; no heap profile, saying why.
+    // Bad requests are refused, naming what is expected.
     for bad in [
         "/debug/pprof/profile?seconds=0",
         "/debug/pprof/profile?seconds=61",
@@ -188,8 +188,23 @@ fn a_cpu_profile_is_served_as_ztunnel_serves_it() {
         assert_eq!(status, 400, "{bad}");
         assert!(String::from_utf8_lossy(&body).contains("from 1 to 60"), "{bad}");
     }
-    let (status, body) = get_bytes(&ns, "127.0.0.1:15000", "/debug/pprof/heap");
-    assert_eq!(status, 501);
-    assert!(String::from_utf8_lossy(&body).contains("system allocator"));
+    // The heap profile: the sampled live allocations, read by Go's pprof, with the
+    // proxy's own functions in the stacks and the sampler's frames left out.
+    let (status, heap) = get_bytes(&ns, "127.0.0.1:15000", "/debug/pprof/heap");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&heap));
+    let file = bed.dir().join("heap.pb");
+    std::fs::write(&file, &heap).expect("write");
+    let mut c = Command::new("go");
+    c.args(["tool", "pprof", "-raw"]).arg(&file).env("GOTOOLCHAIN", "local");
+    let out = run_with_timeout(c, T).expect("go tool pprof runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("PeriodType: space bytes") && text.contains("Period: 524288"), "{text}");
+    assert!(text.contains("inuse_objects/count inuse_space/bytes"), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("userspace/src/") && !l.contains("userspace/src/profiling/")),
+        "no frame of the proxy's own code:\n{text}"
+    );
+    assert!(!text.contains("profiling/heap.rs"), "the sampler's frames are in the stacks:\n{text}");
     drop(p);
 }

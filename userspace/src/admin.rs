@@ -4,7 +4,8 @@
 //!   `?ebpf=<level>` for the programs' own logs), `GET /trace` (kernel events, one JSON object per line, filtered by
 //!   `?namespace=&workload=&peer=&kind=&leg=`; what `ambit trace` reads), `GET|POST /tracing`
 //!   (`?enabled=true|false`: kernel tracing on or off without a reload), `GET
-//!   /debug/pprof/profile?seconds=N` (a CPU profile, pprof's protobuf);
+//!   /debug/pprof/profile?seconds=N` (a CPU profile, pprof's protobuf), `GET /debug/pprof/heap`
+//!   (the sampled live heap, pprof's protobuf);
 //! - stats (default 15020): `GET /stats/prometheus` (also `/metrics`);
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
 //!   the first pod set is enrolled, 503 with the reason before; `GET /healthz/live`, 200
@@ -248,13 +249,31 @@ async fn cpu_profile(req: &Request<Incoming>) -> Response<Body> {
         Err(e) => return text(StatusCode::CONFLICT, format!("{e}\n")),
     };
     match crate::profiling::cpu(std::time::Duration::from_secs(seconds), slot).await {
-        Ok(profile) => {
-            let mut r = text(StatusCode::OK, profile);
-            r.headers_mut().insert("content-type", "application/octet-stream".parse().expect("static"));
-            r
-        }
+        Ok(profile) => octets(profile),
         Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
     }
+}
+
+/// The profiles, served off the request path.
+enum Profile {
+    Cpu,
+    Heap,
+}
+
+/// `GET /debug/pprof/heap`: the live heap as the sampler sees it, pprof's protobuf format
+/// (`inuse_objects`, `inuse_space`), as ztunnel serves it.
+async fn heap_profile() -> Response<Body> {
+    match crate::profiling::heap_profile().await {
+        Ok(profile) => octets(profile),
+        Err(e @ crate::profiling::ProfileError::HeapOff) => text(StatusCode::CONFLICT, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
+}
+
+fn octets(body: Vec<u8>) -> Response<Body> {
+    let mut r = text(StatusCode::OK, body);
+    r.headers_mut().insert("content-type", "application/octet-stream".parse().expect("static"));
+    r
 }
 
 fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
@@ -287,10 +306,6 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
         // Liveness: the process serves. Not readiness: a proxy waiting for istiod must not
         // be restarted for it.
         (Routes::Readiness, &Method::GET, "/healthz/live") => text(StatusCode::OK, "live\n"),
-        (Routes::Admin, _, "/debug/pprof/heap") => text(
-            StatusCode::NOT_IMPLEMENTED,
-            "no heap profile: ambit uses the system allocator, which keeps none (CPU profiles: /debug/pprof/profile)\n",
-        ),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
@@ -325,15 +340,18 @@ pub async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                // A profile takes seconds: answered when it is done, off the other routes.
-                let profile = routes == Routes::Admin
-                    && req.method() == Method::GET
-                    && req.uri().path() == "/debug/pprof/profile";
-                let resp = (!profile).then(|| route(routes, &state, &req));
+                // Profiles take a while: answered when done, off the other routes.
+                let profile = match (routes, req.method(), req.uri().path()) {
+                    (Routes::Admin, &Method::GET, "/debug/pprof/profile") => Some(Profile::Cpu),
+                    (Routes::Admin, &Method::GET, "/debug/pprof/heap") => Some(Profile::Heap),
+                    _ => None,
+                };
+                let resp = profile.is_none().then(|| route(routes, &state, &req));
                 async move {
-                    Ok::<_, Infallible>(match resp {
-                        Some(r) => r,
-                        None => cpu_profile(&req).await,
+                    Ok::<_, Infallible>(match (resp, profile) {
+                        (Some(r), _) => r,
+                        (None, Some(Profile::Heap)) => heap_profile().await,
+                        (None, _) => cpu_profile(&req).await,
                     })
                 }
             });

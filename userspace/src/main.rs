@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use ambit::{config, node, telemetry};
+use ambit::{config, node, profiling::heap::Sampling, telemetry};
+
+/// glibc's allocator, sampled for `/debug/pprof/heap` (off until `ambit node` sets a rate).
+#[global_allocator]
+static ALLOCATOR: Sampling<std::alloc::System> = Sampling(std::alloc::System);
 
 #[derive(Parser)]
 #[command(name = "ambit", version, about = "Sidecarless, eBPF-accelerated service-mesh node proxy")]

@@ -52,6 +52,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     );
     tracing::debug!(config = %serde_json::to_string(&settings).unwrap_or_default(), "ambit node settings");
     raise_fd_limit();
+    crate::profiling::heap::set_rate(settings.heap_sample_bytes);
     match (&settings.kubelet_cgroup, &settings.kubelet_cgroup_found) {
         (Some(dir), found) => tracing::info!(
             cgroup = %dir.display(),

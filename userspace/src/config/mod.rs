@@ -317,6 +317,11 @@ pub struct NodeArgs {
     /// ztunnel dashboard working.
     #[arg(long, env = "AMBIT_METRICS_COMPONENT", default_value = "ambit", value_parser = ["ambit", "ztunnel"])]
     pub metrics_component: String,
+
+    /// Heap profiling (`/debug/pprof/heap`): one allocation sampled per this many bytes
+    /// allocated, on average (Go's and jemalloc's default); 0 turns it off.
+    #[arg(long, env = "AMBIT_HEAP_SAMPLE_BYTES", default_value_t = crate::profiling::heap::DEFAULT_RATE)]
+    pub heap_sample_bytes: usize,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -392,6 +397,7 @@ pub struct NodeSettings {
     pub log_format: LogFormat,
     pub access_log_format: AccessLogFormat,
     pub metrics_component: String,
+    pub heap_sample_bytes: usize,
     pub kernel_tracing: bool,
     pub worker_threads: usize,
     /// `None`: no mesh CA, no mTLS.
@@ -538,6 +544,7 @@ impl NodeSettings {
             log_format: args.log_format,
             access_log_format: args.access_log_format,
             metrics_component: args.metrics_component.clone(),
+            heap_sample_bytes: args.heap_sample_bytes,
             kernel_tracing: args.kernel_tracing,
             worker_threads: args.worker_threads.max(1),
             ca: match (&args.ca_address, &args.root_cert, &token_file) {
