@@ -1,5 +1,5 @@
 //! `cargo xtask setup`: installs, idempotently, what a fresh Debian machine lacks to build
-//! and test ambit (../shared/reference/toolchain.md). Checks first; installs only what is
+//! and test ambit (ARCHITECTURE.md, "Toolchains"). Checks first; installs only what is
 //! missing, so every other command can call it cheaply.
 
 use std::process::Command;

@@ -1,4 +1,4 @@
-//! Load tools for `cargo xtask bench` (see ../shared/reference/perf-method.md):
+//! Load tools for `cargo xtask bench` (docs/benchmark.md, "Method"):
 //!
 //! - `bench-tool echo <listen addr>`: echoes every connection (a task each: 10,000 idle
 //!   connections cost little);

@@ -1,5 +1,5 @@
 //! L4 authorization with Istio's AuthorizationPolicy semantics, as the workload API carries
-//! them (`istio.security.Authorization`, ../shared/reference/wire.md):
+//! them (`istio.security.Authorization`, docs/istio.md):
 //!
 //! - a policy applies to a workload by scope: global, its namespace, or selected (listed by
 //!   name in the workload's `authorization_policies`);

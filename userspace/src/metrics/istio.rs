@@ -1,5 +1,5 @@
 //! Istio's TCP metrics, with the labels Istio's dashboards and Kiali key on
-//! (`../shared/reference/wire.md`): one label set per connection and reporter.
+//! (docs/observability.md): one label set per connection and reporter.
 
 use std::{
     collections::HashMap,

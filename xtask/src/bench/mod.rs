@@ -1,5 +1,5 @@
 //! `cargo xtask bench`: ambit against the baselines, side by side, in one run
-//! (../shared/reference/perf-method.md): alternating rounds, medians with min–max, ratios as
+//! (docs/benchmark.md, "Method"): alternating rounds, medians with min–max, ratios as
 //! the headline, results in `target/bench/` (markdown and JSON).
 
 pub mod count;

@@ -1,4 +1,4 @@
-//! The benchmark's bed (`../shared/reference/perf-method.md`): nodes A and B joined by a
+//! The benchmark's bed (docs/benchmark.md, "Method"): nodes A and B joined by a
 //! veth link (MTU 1500), a control plane, and for each configuration its own client pod on A
 //! and server pods on B (cross-node) and on A (same node) — so the configurations run side
 //! by side, unchanged, and a round only chooses which pods to drive.

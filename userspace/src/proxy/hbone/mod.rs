@@ -1,5 +1,5 @@
 //! HBONE: TCP tunnelled as HTTP/2 CONNECT streams over mutual TLS, between node proxies, as
-//! Istio's ztunnel speaks it (../shared/reference/wire.md).
+//! Istio's ztunnel speaks it (docs/istio.md, "HBONE").
 //!
 //! - `client`: outbound tunnels, over pooled connections made from the source pod's netns;
 //! - `pool`: connections keyed by (source identity, destination identity, source IP,
