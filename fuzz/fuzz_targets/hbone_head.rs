@@ -11,7 +11,10 @@
 
 use std::net::SocketAddr;
 
-use ambit::proxy::hbone::head::{self, SourceBaggage};
+use ambit::{
+    pod::baggage::{self, SourceBaggage},
+    proxy::hbone::head,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -45,8 +48,8 @@ fuzz_target!(|data: &[u8]| {
     let [cluster, ns, pod, app, version] = [cluster, ns, pod, app, version].map(String::from_utf8_lossy);
     let source =
         SourceBaggage { cluster: &cluster, namespace: &ns, pod: &pod, service: &app, version: &version };
-    let written = head::baggage(&source).expect("baggage is always a valid header");
-    let read = head::parse_baggage(written.as_bytes(), 8);
+    let written = baggage::baggage(&source).expect("baggage is always a valid header");
+    let read = baggage::parse_baggage(written.as_bytes(), 8);
     let want: Vec<(&str, &str)> = source.members().collect();
     assert_eq!(read.len(), want.len(), "{written:?}");
     for ((k, v), (wk, wv)) in read.iter().zip(want) {
@@ -55,5 +58,5 @@ fuzz_target!(|data: &[u8]| {
     if let Some(host) = head::forwarded_host(data) {
         assert!(!host.is_empty() && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)));
     }
-    assert!(head::parse_baggage(data, 4).len() <= 4);
+    assert!(baggage::parse_baggage(data, 4).len() <= 4);
 });

@@ -388,7 +388,7 @@ fn ask_ca(
     };
     let netns = from.netns_path();
     std::thread::spawn(move || {
-        ambit::tls::install_default_provider();
+        ambit::crypto::install_default_provider();
         let f = std::fs::File::open(&netns).expect("netns");
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");

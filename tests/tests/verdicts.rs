@@ -25,7 +25,7 @@ use std::{
 
 use ambit::{
     capture::{klog::KernelLogLevel, Capture, CaptureSettings, Opened},
-    inpod::netns::{netns_cookie, Netns},
+    os::netns::{netns_cookie, Netns},
 };
 use ambit_common::{
     maps::{ConnKey, ListenerKey},

@@ -83,7 +83,7 @@ fn runtime(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     // One TLS provider for every rustls user in the process.
-    ambit::tls::install_default_provider();
+    ambit::crypto::install_default_provider();
     match cli.command {
         Command::Controlplane(args) => {
             telemetry::init(&args.log_level, args.log_format)?;
@@ -93,7 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let format = args.log_format;
             let settings = config::NodeSettings::resolve(*args)?;
             telemetry::init(&settings.log_filter(), format)?;
-            telemetry::set_access_log_format(settings.access_log_format, settings.hbone_port);
+            ambit::proxy::set_access_log_format(settings.access_log_format, settings.hbone_port);
             runtime(Some(settings.worker_threads))?.block_on(node::run(settings))
         }
         Command::Trace(args) => ambit::trace::run(&args),

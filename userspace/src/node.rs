@@ -37,8 +37,8 @@ const RETRY: Duration = Duration::from_secs(2);
 pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     // One short line; every setting is in the debug log and in /config_dump.
     let pods = match &settings.pod_source {
-        config::PodSource::File { mesh_file, .. } => format!("mesh file {}", mesh_file.display()),
-        config::PodSource::Kubernetes(_) => "Kubernetes API".to_string(),
+        crate::enroll::PodSource::File { mesh_file, .. } => format!("mesh file {}", mesh_file.display()),
+        crate::enroll::PodSource::Kubernetes(_) => "Kubernetes API".to_string(),
     };
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -142,7 +142,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
 
     let identities = identities(&settings)?;
     let state = Arc::new(StateStore::default());
-    let pod_registry = Arc::new(crate::inpod::PodRegistry::default());
+    let pod_registry = Arc::new(crate::pod::PodRegistry::default());
     let tracer = if settings.kernel_tracing {
         let t = Tracer::new(
             &settings.node_name,

@@ -39,7 +39,7 @@ pub use maps::{KernelStats, OrigDstTable};
 pub use pins::{Adoption, PinDir};
 pub use tc::TcState;
 
-use crate::inpod::netns::Netns;
+use crate::os::netns::Netns;
 
 /// The eBPF object built from `ebpf/programs` by build.rs.
 pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));

@@ -18,7 +18,7 @@ use aya::{
 use serde::Serialize;
 
 use super::{pins::PinDir, CaptureError};
-use crate::inpod::netns::Netns;
+use crate::os::netns::Netns;
 
 /// cls_bpf priority and handle of the filter on clsact kernels; fixed so that a restarted
 /// proxy can address the filter an earlier run left.

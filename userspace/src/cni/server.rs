@@ -35,8 +35,8 @@ use crate::{
         },
         EnrolledReport,
     },
-    inpod::netns::Netns,
     meshfile::Enrolment,
+    os::netns::Netns,
 };
 
 /// How long a request may take to arrive once connected.

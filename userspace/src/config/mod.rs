@@ -17,10 +17,12 @@ use ambit_common::{DEFAULT_DELIVERY_MARK, DEFAULT_PROXY_MARK, HBONE_PORT, INBOUN
 
 use crate::{
     capture::klog::KernelLogLevel,
-    enroll::kube::KubeSettings,
+    enroll::{kube::KubeSettings, PodSource},
     meshfile::{Enrolment, Label},
+    proxy::AccessLogFormat,
     proxy::UnknownDestination,
-    telemetry::{AccessLogFormat, LogFormat},
+    telemetry::LogFormat,
+    units::{humantime_ms, parse_duration},
 };
 
 /// `--pod-source`.
@@ -29,18 +31,6 @@ use crate::{
 pub enum PodSourceKind {
     File,
     Kubernetes,
-}
-
-/// Where `ambit node` learns its pods.
-#[derive(Clone, Debug, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PodSource {
-    File {
-        mesh_file: PathBuf,
-        #[serde(with = "humantime_ms")]
-        poll: Duration,
-    },
-    Kubernetes(KubeSettings),
 }
 
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
@@ -351,20 +341,6 @@ pub fn parse_https_address(s: &str) -> Result<String, String> {
     Err(format!("{problem}: expected https://<host>:<port>, e.g. {example}"))
 }
 
-/// `500ms`, `10s`, `2m`, `24h`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 =
-        num.parse().map_err(|_| format!("{s:?}: expected a number with a unit (500ms, 10s, 2m, 24h)"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?}: unit must be ms, s, m or h")),
-    }
-}
-
 /// Everything `ambit node` runs with, after defaults and discovery.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeSettings {
@@ -412,12 +388,6 @@ pub struct NodeSettings {
     pub cluster_id: String,
     pub identity: crate::identity::IdentitySettings,
     pub hbone: crate::proxy::hbone::HboneSettings,
-}
-
-mod humantime_ms {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", d.as_millis()))
-    }
 }
 
 impl NodeSettings {

@@ -26,11 +26,11 @@ use tokio::sync::watch;
 
 use crate::{
     admin::{self, AdminState, Routes},
-    config::parse_duration,
     enroll,
     metrics::Metrics,
     pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer,
     telemetry::LogFormat,
+    units::parse_duration,
     xds::{
         self,
         server::{AdsServer, Snapshot},

@@ -6,19 +6,33 @@
 pub mod kube;
 pub mod local;
 
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
+
+use serde::Serialize;
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use self::kube::KubeSettings;
+
 use crate::meshfile::{Enrolment, Mesh, PodSpec};
+
+/// Where `ambit node` learns its pods.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PodSource {
+    File {
+        mesh_file: PathBuf,
+        #[serde(with = "crate::units::humantime_ms")]
+        poll: Duration,
+    },
+    Kubernetes(KubeSettings),
+}
 
 /// The pods of `node` that are enrolled in `mesh` under `rules`.
 pub fn enrolled_pods(mesh: &Mesh, node: &str, rules: &Enrolment) -> Vec<PodSpec> {
     mesh.pods_on(node).filter(|p| rules.is_enrolled(mesh, p)).cloned().collect()
 }
-
-use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
-
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
-
-use crate::config::PodSource;
 
 /// What the node has enrolled, reported after every reconcile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

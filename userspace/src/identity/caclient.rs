@@ -112,7 +112,7 @@ impl CaClient {
     pub async fn sign(&self, identity: &Identity, validity: Duration) -> Result<WorkloadCert, CaError> {
         let (key, csr) = cert::csr(identity)?;
         let chain = self.create_certificate(csr, validity, Some(&identity.to_string())).await?;
-        let provider = crate::tls::provider();
+        let provider = crate::crypto::provider();
         Ok(WorkloadCert::from_chain(identity, &key, &chain, &provider)?)
     }
 }

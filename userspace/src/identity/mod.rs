@@ -4,8 +4,8 @@
 pub mod caclient;
 pub mod cert;
 pub mod manager;
-mod spiffe;
 
 pub use cert::{CertSummary, WorkloadCert};
 pub use manager::{CertState, IdentityManager, IdentitySettings};
-pub use spiffe::{Identity, NotAnIdentity};
+// The identity type is pod vocabulary (`pod`); the certificates for it are made here.
+pub use crate::pod::{Identity, NotAnIdentity};

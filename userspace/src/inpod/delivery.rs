@@ -19,7 +19,7 @@
 
 use std::io;
 
-use super::{
+use crate::os::{
     netns::Netns,
     rtnetlink::{self, Family, Rtnl},
 };

@@ -3,10 +3,6 @@
 //! them with what the pod source wants.
 
 pub mod delivery;
-mod listeners;
-pub mod netns;
-mod registry;
-pub mod rtnetlink;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -18,16 +14,14 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use listeners::{Direction, PodListener};
-pub use registry::PodRegistry;
-
 use crate::{
     capture::{addr, Capture, CaptureError},
     identity::{Identity, IdentityManager},
     meshfile::PodSpec,
-    proxy::{PodCtx, Proxy},
+    os::netns::Netns,
+    pod::{Direction, PodCtx},
+    proxy::Proxy,
 };
-use netns::Netns;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -227,8 +221,9 @@ impl PodManager {
                 }
             }
         });
-        let made = listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound, hbone)
-            .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
+        let made =
+            crate::pod::listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound, hbone)
+                .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
         // Listeners first, so that capture never points at a socket that is not there yet.
         for l in &made {
             if let Some(key) = l.key(cookie) {
@@ -257,7 +252,7 @@ impl PodManager {
             self.identities.acquire(id);
         }
         let app = spec.canonical_name().to_string();
-        let baggage = crate::proxy::hbone::head::baggage(&crate::proxy::hbone::head::SourceBaggage {
+        let baggage = crate::pod::baggage::baggage(&crate::pod::baggage::SourceBaggage {
             cluster: &self.cluster,
             namespace: &spec.namespace,
             pod: &spec.name,

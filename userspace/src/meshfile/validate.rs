@@ -227,7 +227,7 @@ fn check_netns(path: &Path) -> Result<(), String> {
     if !path.is_absolute() {
         return Err(format!("{} is not an absolute path", path.display()));
     }
-    match crate::inpod::netns::is_network_namespace(path) {
+    match crate::os::netns::is_network_namespace(path) {
         Ok(true) => Ok(()),
         Ok(false) => Err(format!("{} is not a network namespace", path.display())),
         Err(e) => {

@@ -16,7 +16,10 @@ use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts
 
 pub use istio::{Reporter, ServiceLabel, Side, SideCache, TcpLabels};
 
-use crate::{capture::KernelStats, inpod::Direction, proxy::PodCtx};
+use crate::{
+    capture::KernelStats,
+    pod::{Direction, PodCtx},
+};
 
 /// One direction of a relayed connection, counted in the pod's family and Istio's.
 #[derive(Clone)]
@@ -90,13 +93,6 @@ pub struct Metrics {
     /// Each workload's labels, made once per version of it.
     pub sides: istio::SideCache,
     pub enrolled_pods: IntGauge,
-}
-
-fn direction_label(d: Direction) -> &'static str {
-    match d {
-        Direction::Outbound => "outbound",
-        Direction::Inbound | Direction::Hbone => "inbound",
-    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -225,7 +221,7 @@ impl Metrics {
     }
 
     fn resolve(&self, d: Direction, pod: &PodCtx, labels: &TcpLabels) -> Arc<Resolved> {
-        let key: ResolvedKey = (direction_label(d), pod.namespace.clone(), pod.name.clone(), labels.clone());
+        let key: ResolvedKey = (d.as_str(), pod.namespace.clone(), pod.name.clone(), labels.clone());
         let mut cache = self.resolved.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = cache.get(&key) {
             return r.clone();
@@ -271,9 +267,7 @@ impl Metrics {
     }
 
     pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str, labels: &TcpLabels) {
-        self.failed
-            .with_label_values(&[direction_label(d), pod.namespace.as_str(), pod.name.as_str(), reason])
-            .inc();
+        self.failed.with_label_values(&[d.as_str(), pod.namespace.as_str(), pod.name.as_str(), reason]).inc();
         self.istio.failed.with_label_values(&labels.values(response_flags(reason))).inc();
     }
 

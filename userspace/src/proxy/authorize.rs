@@ -15,7 +15,8 @@ use std::{
 
 use futures::task::AtomicWaker;
 
-use super::{ConnRecord, Inner, PodCtx};
+use super::{ConnRecord, Inner};
+use crate::pod::PodCtx;
 use crate::{
     authz::{self, Conn, Decision, Denial, Peer},
     capture::addr,
@@ -75,11 +76,11 @@ fn report(inner: &Inner, pod: &PodCtx, s: &Subject, d: &Decision, open: bool) {
     let record = s.record(pod);
     if let Some(dry) = &d.dry_run_denied {
         inner.metrics.authorization_denied(pod, dry.policy(), open, true);
-        crate::telemetry::access_log_denied(&record, dry, open, true);
+        super::access_log::denied(&record, dry, open, true);
     }
     if let Some(denied) = &d.denied {
         inner.metrics.authorization_denied(pod, denied.policy(), open, false);
-        crate::telemetry::access_log_denied(&record, denied, open, false);
+        super::access_log::denied(&record, denied, open, false);
     }
 }
 

@@ -10,9 +10,9 @@ use tokio::net::TcpStream;
 
 use super::{
     authorize::{self, Subject},
-    finish, refuse, relay, ConnRecord, Inner, PodCtx,
+    finish, refuse, relay, ConnRecord, Inner,
 };
-use crate::capture::addr;
+use crate::{capture::addr, pod::PodCtx};
 
 /// What a relayed connection holds while its bytes flow (see `outbound::Ready`).
 struct Ready<'p> {
@@ -78,7 +78,7 @@ async fn set_up<'p>(
     let registration = inner.open.register(pod.clone(), subject);
     let mut record = record;
     // The client's own socket carries the connection over the network.
-    record.leg = crate::inpod::netns::socket_cookie(&client).ok();
+    record.leg = crate::os::netns::socket_cookie(&client).ok();
     match inner.deliver(&mut record, dst).await {
         Ok(upstream) => Some(Ready { record, registration, client, upstream, started }),
         Err(e) => refuse(&record, client, "connect_failed", &e.to_string()),

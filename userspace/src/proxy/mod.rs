@@ -1,6 +1,7 @@
 //! The node proxy's data path: accept loops on the in-pod listeners, the outbound and inbound
 //! handlers, and the byte relay.
 
+mod access_log;
 mod authorize;
 pub mod hbone;
 mod inbound;
@@ -9,55 +10,24 @@ mod record;
 mod relay;
 mod upstream;
 
-use std::{io, net::IpAddr, sync::Arc, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capture::OrigDstTable,
-    identity::{Identity, IdentityManager},
-    inpod::PodRegistry,
-    inpod::{netns::Netns, Direction},
+    identity::IdentityManager,
     metrics::Metrics,
     metrics::RelayCounters,
+    pod::{Direction, PodCtx, PodRegistry},
     state::StateStore,
     trace::Tracer,
 };
 
+pub use access_log::{set_access_log_format, AccessLogFormat, Kernel};
 pub use record::ConnRecord;
 pub use relay::Transfer;
-
-/// A pod as the data path sees it.
-#[derive(Debug)]
-pub struct PodCtx {
-    pub namespace: String,
-    pub name: String,
-    pub service_account: String,
-    /// Its SPIFFE identity, when the mesh has a CA (mTLS); `None` without one.
-    pub identity: Option<Identity>,
-    /// `identity` as a URI, formatted once: every connection's record names it.
-    pub identity_uri: Option<Arc<str>>,
-    /// `app.kubernetes.io/name` or `app` label, else the pod name (telemetry).
-    pub app: String,
-    /// The W3C baggage its outbound tunnels carry ([`hbone::client::baggage`]), made once.
-    pub baggage: Option<http::HeaderValue>,
-    /// Canonical (IPv4-mapped addresses as IPv4).
-    pub ips: Vec<IpAddr>,
-    pub netns: Arc<Netns>,
-    /// Inbound connections reach the application from the client's address (the pod's
-    /// namespace is prepared for it, `inpod::delivery`); otherwise from the pod's own.
-    pub deliver_from_client: bool,
-    /// Connections delivered from the client's address and still open: their replies need
-    /// the pod's delivery settings, which stay until this is zero.
-    pub deliveries: std::sync::atomic::AtomicUsize,
-}
-
-impl PodCtx {
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-}
 
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
@@ -179,7 +149,7 @@ impl Proxy {
     pub fn serve(
         &self,
         pod: Arc<PodCtx>,
-        listener: crate::inpod::PodListener,
+        listener: crate::pod::PodListener,
         stop: CancellationToken,
     ) -> io::Result<JoinHandle<()>> {
         let direction = listener.direction;
@@ -259,7 +229,7 @@ impl Inner {
     fn failed(&self, record: &ConnRecord<'_>, reason: &str, detail: &str) {
         let labels = record.labels(&self.state.read(), &self.metrics.sides);
         self.metrics.connection_failed(record.direction, record.pod, reason, &labels);
-        crate::telemetry::access_log_refused(record, &labels, reason, detail);
+        access_log::refused(record, &labels, reason, detail);
     }
 
     /// Connects to the pod's application to deliver an inbound connection, telling the
@@ -331,15 +301,15 @@ impl Inner {
         // At the end, events the reader has not drained yet count too.
         let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie.get()));
         let kernel = match now {
-            Some(now) => crate::telemetry::Kernel {
+            Some(now) => Kernel {
                 rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),
                 retransmits: Some(u64::from(
                     now.retransmits.saturating_sub(open.retransmits_before.unwrap_or(0)),
                 )),
             },
-            None => crate::telemetry::Kernel::default(),
+            None => Kernel::default(),
         };
-        crate::telemetry::access_log(record, open.counters.labels(), transfer, started.elapsed(), kernel);
+        access_log::finished(record, open.counters.labels(), transfer, started.elapsed(), kernel);
     }
 }
 

@@ -11,7 +11,8 @@ use std::{net::SocketAddr, sync::Arc, time::Instant};
 use futures::future::Either;
 use tokio::net::TcpStream;
 
-use super::{refuse, upstream, ConnRecord, Inner, PodCtx, UnknownDestination};
+use super::{refuse, upstream, ConnRecord, Inner, UnknownDestination};
+use crate::pod::PodCtx;
 use crate::{
     capture::addr,
     identity::Identity,
@@ -205,7 +206,7 @@ async fn passthrough<'p>(
         Ok(upstream) => {
             let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
             record.dst_service = service;
-            record.leg = crate::inpod::netns::socket_cookie(&upstream).ok();
+            record.leg = crate::os::netns::socket_cookie(&upstream).ok();
             Some(Ready { record, client, leg: Leg::Plain(upstream), started })
         }
         Err(e) => {

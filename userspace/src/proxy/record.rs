@@ -5,12 +5,12 @@ use std::{num::NonZeroU64, sync::Arc};
 
 use crate::{
     identity::Identity,
-    inpod::Direction,
     metrics::{Reporter, ServiceLabel, Side, SideCache, TcpLabels},
+    pod::Direction,
     state::MeshState,
 };
 
-use super::PodCtx;
+use crate::pod::PodCtx;
 
 /// What an access-log line and a refusal say about a connection.
 pub struct ConnRecord<'a> {

@@ -10,7 +10,7 @@ use std::{
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::inpod::netns::Netns;
+use crate::os::netns::Netns;
 
 pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
     let sock = socket(netns, dst, mark)?;

@@ -3,6 +3,7 @@
 //! the same translation) — and the routing decision for an outbound connection.
 
 pub mod model;
+mod resources;
 mod ztunnel;
 
 use std::{
@@ -17,6 +18,7 @@ use std::{
 use serde::Serialize;
 
 pub use model::{Decoded, PortMap, Service, Tunnel, Workload};
+pub use resources::{version_of, Resources};
 
 use crate::{
     authz::{self, Policy},
@@ -219,7 +221,7 @@ impl MeshState {
             }
         }
         self.versions
-            .entry(crate::xds::ADDRESS_TYPE)
+            .entry(crate::pb::ADDRESS_TYPE)
             .or_default()
             .insert(name.to_string(), version.to_string());
         Ok(())
@@ -241,7 +243,7 @@ impl MeshState {
         self.policies.insert(name.to_string(), Arc::new(policy));
         self.reindex_policies();
         self.versions
-            .entry(crate::xds::AUTHORIZATION_TYPE)
+            .entry(crate::pb::AUTHORIZATION_TYPE)
             .or_default()
             .insert(name.to_string(), version.to_string());
         Ok(())
@@ -276,7 +278,7 @@ impl MeshState {
     }
 
     pub fn remove(&mut self, type_url: &str, name: &str) {
-        if type_url == crate::xds::ADDRESS_TYPE {
+        if type_url == crate::pb::ADDRESS_TYPE {
             self.unindex_workload(name);
             self.unindex_service(name);
         } else if self.policies.remove(name).is_some() {
@@ -462,17 +464,17 @@ impl StateStore {
 
     /// Makes the state exactly `resources` (the local mesh file's translation): changed
     /// resources applied, vanished ones removed. Returns errors per resource.
-    pub fn replace_all(&self, resources: &crate::xds::translate::Resources) -> Vec<(String, String)> {
+    pub fn replace_all(&self, resources: &Resources) -> Vec<(String, String)> {
         use prost::Message;
         let mut errors = Vec::new();
         let mut st = self.write();
-        let held = st.versions(crate::xds::ADDRESS_TYPE);
+        let held = st.versions(crate::pb::ADDRESS_TYPE);
         for name in held.keys().filter(|n| !resources.addresses.contains_key(*n)).cloned().collect::<Vec<_>>()
         {
-            st.remove(crate::xds::ADDRESS_TYPE, &name);
+            st.remove(crate::pb::ADDRESS_TYPE, &name);
         }
         for (name, a) in &resources.addresses {
-            let version = crate::xds::version_of(&a.encode_to_vec());
+            let version = version_of(&a.encode_to_vec());
             if held.get(name) == Some(&version) {
                 continue;
             }
@@ -480,14 +482,14 @@ impl StateStore {
                 errors.push((name.clone(), e));
             }
         }
-        let held = st.versions(crate::xds::AUTHORIZATION_TYPE);
+        let held = st.versions(crate::pb::AUTHORIZATION_TYPE);
         for name in
             held.keys().filter(|n| !resources.authorizations.contains_key(*n)).cloned().collect::<Vec<_>>()
         {
-            st.remove(crate::xds::AUTHORIZATION_TYPE, &name);
+            st.remove(crate::pb::AUTHORIZATION_TYPE, &name);
         }
         for (name, a) in &resources.authorizations {
-            let version = crate::xds::version_of(&a.encode_to_vec());
+            let version = version_of(&a.encode_to_vec());
             if held.get(name) != Some(&version) {
                 if let Err(e) = st.apply_authorization(name, &version, a) {
                     errors.push((name.clone(), e));

@@ -117,7 +117,7 @@ fn an_invalid_resource_is_refused_by_name_and_the_previous_version_stays() {
     assert_eq!(err, "addresses[0] has 5 bytes (an IP address has 4 or 16)");
     let w1 = s.workload_by_ip("10.1.0.2".parse().expect("ip")).expect("still there");
     assert_eq!(w1.services.len(), 1, "the previous version, with its service");
-    assert_eq!(s.versions(crate::xds::ADDRESS_TYPE).get("w1").map(String::as_str), Some("1"));
+    assert_eq!(s.versions(crate::pb::ADDRESS_TYPE).get("w1").map(String::as_str), Some("1"));
     assert!(
         s.apply_address("other", "1", &workload("w9", &["10.9.9.9"], true, &[])).is_err(),
         "name mismatch"
@@ -135,13 +135,13 @@ fn an_ipv4_mapped_address_is_removed_and_a_shared_one_survives() {
     s.apply_address("uid-mapped", "1", &mapped).expect("applies");
     let ip: IpAddr = "10.1.0.9".parse().expect("ip");
     assert_eq!(s.workload_by_ip(ip).map(|w| w.uid.clone()).as_deref(), Some("uid-mapped"));
-    s.remove(crate::xds::ADDRESS_TYPE, "uid-mapped");
+    s.remove(crate::pb::ADDRESS_TYPE, "uid-mapped");
     assert_eq!(s.index_sizes(), (0, 0, 0), "the mapped address left an index entry");
     s.check_invariants().expect("consistent");
     // Two workloads at one address: removing the one indexed leaves the other reachable.
     s.apply_address("a", "1", &workload("a", &["10.1.0.9"], true, &[])).expect("a");
     s.apply_address("b", "1", &workload("b", &["10.1.0.9"], true, &[])).expect("b");
-    s.remove(crate::xds::ADDRESS_TYPE, "b");
+    s.remove(crate::pb::ADDRESS_TYPE, "b");
     assert_eq!(s.workload_by_ip(ip).map(|w| w.uid.clone()).as_deref(), Some("a"));
     s.check_invariants().expect("consistent");
     // The fuzzer's input as it found it: an `istio.workload.Address` applied, then removed.
@@ -152,7 +152,7 @@ fn an_ipv4_mapped_address_is_removed_and_a_shared_one_survives() {
     let a = Address::decode(bytes.as_slice()).expect("decodes");
     let mut s = MeshState::default();
     s.apply_address("uid-mapped", "1", &a).expect("applies");
-    s.remove(crate::xds::ADDRESS_TYPE, "uid-mapped");
+    s.remove(crate::pb::ADDRESS_TYPE, "uid-mapped");
     assert_eq!(s.index_sizes(), (0, 0, 0));
 }
 
@@ -163,11 +163,11 @@ const REGRESSION_MAPPED: &str =
 fn removals_leave_no_index_behind() {
     let mut s = state_with_web();
     for name in ["w1", "w2", "w3", "demo/web.demo.svc.cluster.local"] {
-        s.remove(crate::xds::ADDRESS_TYPE, name);
+        s.remove(crate::pb::ADDRESS_TYPE, name);
     }
     assert_eq!(s.counts(), (0, 0, 0));
     assert_eq!(s.index_sizes(), (0, 0, 0));
-    assert!(s.versions(crate::xds::ADDRESS_TYPE).is_empty());
+    assert!(s.versions(crate::pb::ADDRESS_TYPE).is_empty());
 }
 
 proptest! {
@@ -207,7 +207,7 @@ proptest! {
             let result = match (kind, name.starts_with("demo/")) {
                 (0, false) => s.apply_address(name, "v", &workload(name, &ips, healthy, &[("demo/s0", port, port)])),
                 (0, true) => s.apply_address(name, "v", &service(&name[5..], ips.first().copied().unwrap_or("10.96.0.1"), port, port)),
-                (1, _) => { s.remove(crate::xds::ADDRESS_TYPE, name); live.remove(name); Ok(()) }
+                (1, _) => { s.remove(crate::pb::ADDRESS_TYPE, name); live.remove(name); Ok(()) }
                 _ => s.apply_address(name, "v", &workload("mismatch", &ips, healthy, &[])),
             };
             if kind == 0 && result.is_ok() {
@@ -220,7 +220,7 @@ proptest! {
             }
         }
         for name in names {
-            s.remove(crate::xds::ADDRESS_TYPE, name);
+            s.remove(crate::pb::ADDRESS_TYPE, name);
         }
         prop_assert_eq!(s.counts(), (0, 0, 0));
         prop_assert_eq!(s.index_sizes(), (0, 0, 0));

@@ -1,8 +1,7 @@
 //! Logging: the process log (tracing, text or JSON) whose filter can change at run time
-//! (admin `/logging`), and the access log ([`access`]), one line per proxied connection under
-//! the separate target `access` (filter it with e.g. `--log-level info,access=off`).
+//! (admin `/logging`). The access log (`proxy::access_log`) writes under the target `access`
+//! of this log (filter it with e.g. `--log-level info,access=off`).
 
-mod access;
 mod filter;
 
 use std::{
@@ -12,10 +11,6 @@ use std::{
 
 use clap::ValueEnum;
 use tracing_subscriber::{fmt, layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Registry};
-
-pub use access::{
-    access_log, access_log_denied, access_log_refused, set_access_log_format, AccessLogFormat, Kernel,
-};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

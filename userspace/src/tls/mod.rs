@@ -8,7 +8,6 @@ use std::sync::Arc;
 
 use rustls::{
     client::ResolvesClientCert,
-    crypto::{ring, CryptoProvider},
     server::{ClientHello, NoServerSessionStorage, ResolvesServerCert},
     sign::CertifiedKey,
     ClientConfig, ServerConfig, SignatureScheme,
@@ -20,24 +19,6 @@ use crate::identity::{Identity, IdentityManager};
 
 /// ALPN of HBONE.
 pub const ALPN_H2: &[u8] = b"h2";
-
-/// *ring* restricted to the two suites ztunnel accepts. *ring* rather than aws-lc-rs: its
-/// AES-GCM has a VAES/VPCLMULQDQ (AVX2) path that aws-lc 0.47 lacks, 1.9× the bytes per
-/// second on CPUs with those (AMD Zen 3 and later, Intel Ice Lake and later), and AES-GCM
-/// is the largest single cost of a bulk transfer through the tunnel.
-pub fn provider() -> Arc<CryptoProvider> {
-    let mut p = ring::default_provider();
-    p.cipher_suites =
-        vec![ring::cipher_suite::TLS13_AES_256_GCM_SHA384, ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
-    Arc::new(p)
-}
-
-/// Makes *ring* the process-wide default, so every rustls user in the binary (tonic's
-/// channels included) agrees on one provider.
-pub fn install_default_provider() {
-    // Err means one is installed already (a second call): nothing to do.
-    let _already_installed = ring::default_provider().install_default();
-}
 
 #[derive(Debug, thiserror::Error)]
 #[error("building a TLS configuration: {0}")]
@@ -76,7 +57,7 @@ pub fn server_config(
     manager: &IdentityManager,
     identity: &Identity,
 ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-    let provider = provider();
+    let provider = crate::crypto::provider();
     let verifier =
         Arc::new(MeshClientVerifier::new(manager.clone(), provider.clone(), identity.trust_domain.clone()));
     let mut c = ServerConfig::builder_with_provider(provider)
@@ -96,7 +77,7 @@ pub fn client_config(
     identity: &Identity,
     expected: Vec<Identity>,
 ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-    let provider = provider();
+    let provider = crate::crypto::provider();
     let verifier = Arc::new(MeshServerVerifier::new(manager.clone(), provider.clone(), expected));
     let mut c = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?

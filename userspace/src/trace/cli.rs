@@ -45,7 +45,7 @@ pub struct TraceArgs {
     #[arg(long)]
     pub count: Option<u64>,
     /// Exit after this long (e.g. 30s); default: until interrupted.
-    #[arg(long, value_parser = crate::config::parse_duration)]
+    #[arg(long, value_parser = crate::units::parse_duration)]
     pub timeout: Option<Duration>,
 }
 

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 pub use cli::{run, TraceArgs};
 pub use event::{Event, Filter, Peer};
 
-use crate::{inpod::PodRegistry, metrics::Metrics, sparse::ShrinkIfSparse as _, state::StateStore};
+use crate::{metrics::Metrics, pod::PodRegistry, sparse::ShrinkIfSparse as _, state::StateStore};
 
 /// Events a slow `/trace` subscriber may fall behind by before it loses some.
 const STREAM_BACKLOG: usize = 4096;

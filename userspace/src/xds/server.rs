@@ -22,7 +22,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::{wrappers::ReceiverStream, Stream};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{encode_address, encode_authorization, translate::Resources, version_of, TYPES};
+use super::{encode_address, encode_authorization, version_of, TYPES};
+use crate::state::Resources;
 
 /// Every resource served, by type URL and name.
 #[derive(Default, Debug)]

@@ -3,26 +3,15 @@
 //! endpoints expressed the Istio way — in each workload's `services` map — and the policies
 //! (`super::authorization`), which selected workloads list in `authorization_policies`.
 
-use std::collections::BTreeMap;
-
 use super::CLUSTER_ID;
 use crate::{
     meshfile::{Mesh, PodSpec},
-    pb::istio::{
-        security::Authorization,
-        workload::{
-            address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload,
-            WorkloadStatus, WorkloadType,
-        },
+    pb::istio::workload::{
+        address, Address, NetworkAddress, Port, PortList, Service, TunnelProtocol, Workload, WorkloadStatus,
+        WorkloadType,
     },
+    state::Resources,
 };
-
-/// Every resource, by name.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Resources {
-    pub addresses: BTreeMap<String, Address>,
-    pub authorizations: BTreeMap<String, Authorization>,
-}
 
 pub fn workload_uid(cluster_id: &str, namespace: &str, name: &str) -> String {
     format!("{cluster_id}//Pod/{namespace}/{name}")

@@ -35,7 +35,7 @@ fn verifies(chain: &[String]) {
     let root = ders.last().expect("root");
     let anchors = vec![webpki::anchor_from_trusted_cert(root).expect("anchor")];
     let leaf = webpki::EndEntityCert::try_from(&ders[0]).expect("leaf");
-    let algs = crate::tls::provider().signature_verification_algorithms.all;
+    let algs = crate::crypto::provider().signature_verification_algorithms.all;
     for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
         leaf.verify_for_usage(algs, &anchors, &ders[1..ders.len() - 1], UnixTime::now(), usage, None, None)
             .expect("chain verifies");
@@ -66,13 +66,13 @@ fn a_good_csr_yields_a_spiffe_certificate_for_both_uses() {
     let chain = a.issue(&id, &params, Duration::from_secs(3600)).expect("issued");
     assert_eq!(chain.len(), 2, "leaf and root");
     verifies(&chain);
-    let wc = WorkloadCert::from_chain(&id, &key, &chain, &crate::tls::provider()).expect("usable");
+    let wc = WorkloadCert::from_chain(&id, &key, &chain, &crate::crypto::provider()).expect("usable");
     assert_eq!(wc.identity, id);
     let life = wc.not_after.duration_since(wc.not_before).expect("ordered");
     assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3600 + 120), "{life:?}");
     // The key the certificate was issued for is the one generated with the CSR, and no other.
     let (other_key, _) = cert::csr(&id).expect("csr");
-    assert!(WorkloadCert::from_chain(&id, &other_key, &chain, &crate::tls::provider()).is_err());
+    assert!(WorkloadCert::from_chain(&id, &other_key, &chain, &crate::crypto::provider()).is_err());
     fs::remove_dir_all(dir).expect("cleanup");
 }
 

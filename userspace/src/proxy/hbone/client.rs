@@ -25,7 +25,8 @@ use super::{
 };
 use crate::{
     identity::{Identity, IdentityManager},
-    proxy::{upstream, PodCtx},
+    pod::PodCtx,
+    proxy::upstream,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -243,7 +244,7 @@ impl HboneClient {
         let tcp = upstream::connect(&pod.netns, hbone, self.mark, s.handshake_timeout)
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
-        let socket_cookie = crate::inpod::netns::socket_cookie(&tcp).ok();
+        let socket_cookie = crate::os::netns::socket_cookie(&tcp).ok();
         let tcp = super::read_buffer::ReadBuffered::new(tcp, super::TLS_READ_BUFFER);
         let tls_config =
             crate::tls::client_config(&self.identities, &key.src_identity, vec![key.dst_identity.clone()])?;

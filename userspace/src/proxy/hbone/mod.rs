@@ -5,7 +5,7 @@
 //! - `pool`: connections keyed by (source identity, destination identity, source IP,
 //!   destination IP), up to N streams each, idle ones closed, PING keepalives;
 //! - `server`: the 15008 listener in each enrolled pod's netns;
-//! - `head`: the CONNECT head's parts ambit reads (the target) and writes (baggage);
+//! - `head`: the CONNECT head's parts ambit reads (the target, `forwarded`'s `host=`);
 //! - `relay`: the byte relay between a TCP socket and a CONNECT stream;
 //! - `read_buffer`: the socket under TLS, with a read buffer only while bytes flow;
 //! - here: settings.

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::head::{connect_target, forwarded_host};
 use crate::{
     capture::addr,
-    inpod::Direction,
+    pod::Direction,
     proxy::{
         authorize::{self, Subject, VerifiedPeer},
         ConnRecord, Inner, PodCtx,
@@ -117,7 +117,7 @@ async fn connection(
 ) {
     let s = &inner.settings.hbone;
     let Ok(local) = tcp.local_addr() else { return };
-    let leg = crate::inpod::netns::socket_cookie(&tcp).ok();
+    let leg = crate::os::netns::socket_cookie(&tcp).ok();
     // HEADERS frames and small records must not wait for ACKs (Nagle).
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(error = %e, "TCP_NODELAY on an HBONE connection");

@@ -12,17 +12,8 @@ use std::{
 use ambit_common::{maps::ListenerKey, AF_INET, AF_INET6};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use super::netns::Netns;
-
-/// Which traffic a listener receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Outbound,
-    Inbound,
-    /// The HBONE listener on the pod's IP (mTLS tunnels from other proxies).
-    Hbone,
-}
+use super::Direction;
+use crate::os::netns::Netns;
 
 /// A listening socket created in a pod's netns, not yet handed to the runtime.
 pub struct PodListener {

@@ -7,11 +7,8 @@ use std::{
     time::Duration,
 };
 
-use crate::{
-    inpod::Direction,
-    metrics::TcpLabels,
-    proxy::{ConnRecord, Transfer},
-};
+use super::{ConnRecord, Transfer};
+use crate::metrics::TcpLabels;
 
 /// The access log's field names: ambit's, or ztunnel's (`src.addr`, `dst.hbone_addr`,
 /// `bytes_recv`, `duration="Nms"`, ...), for log pipelines written for ztunnel.
@@ -78,7 +75,7 @@ fn ztunnel_complete(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: D
                 dst.workload = known(&l.destination.workload),
                 dst.namespace = known(&l.destination.namespace),
                 dst.identity = dst_id,
-                direction = direction(r.direction),
+                direction = r.direction.as_str(),
                 bytes_sent = t.sent,
                 bytes_recv = t.received,
                 duration = duration.as_str(),
@@ -104,7 +101,7 @@ fn ztunnel_failed(r: &ConnRecord<'_>, error: &str) {
         src.addr = %r.src,
         dst.addr = dst.map(tracing::field::display),
         dst.hbone_addr = hbone.map(tracing::field::display),
-        direction = direction(r.direction),
+        direction = r.direction.as_str(),
         error,
     );
 }
@@ -117,15 +114,8 @@ pub struct Kernel {
     pub retransmits: Option<u64>,
 }
 
-fn direction(d: Direction) -> &'static str {
-    match d {
-        Direction::Outbound => "outbound",
-        Direction::Inbound | Direction::Hbone => "inbound",
-    }
-}
-
 /// One finished connection.
-pub fn access_log(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Duration, k: Kernel) {
+pub fn finished(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Duration, k: Kernel) {
     // The strings below cost a few thousand instructions per connection: only for a line
     // that is written.
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -140,7 +130,7 @@ pub fn access_log(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Dur
     let retransmits = k.retransmits.map_or_else(|| "-".to_string(), |v| v.to_string());
     tracing::info!(
         target: "access",
-        direction = %direction(r.direction),
+        direction = %r.direction.as_str(),
         namespace = %r.pod.namespace,
         pod = %r.pod.name,
         src = %r.src,
@@ -164,14 +154,14 @@ pub fn access_log(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Dur
 }
 
 /// One connection the proxy refused or could not complete.
-pub fn access_log_refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: &str, detail: &str) {
+pub fn refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: &str, detail: &str) {
     if ztunnel_fields() {
         return ztunnel_failed(r, &format!("{reason}: {detail}"));
     }
     let dst = r.dst.map(|a| a.to_string());
     tracing::warn!(
         target: "access",
-        direction = %direction(r.direction),
+        direction = %r.direction.as_str(),
         namespace = %r.pod.namespace,
         pod = %r.pod.name,
         src = %r.src,
@@ -192,7 +182,7 @@ pub fn access_log_refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: &str, detai
 
 /// An inbound connection denied by authorization (at connect, or closed while open after a
 /// policy change), or one a dry-run policy would deny.
-pub fn access_log_denied(r: &ConnRecord<'_>, denial: &crate::authz::Denial, open: bool, dry_run: bool) {
+pub fn denied(r: &ConnRecord<'_>, denial: &crate::authz::Denial, open: bool, dry_run: bool) {
     let dst = r.dst.map(|a| a.to_string());
     let message = match (dry_run, open) {
         (true, _) => "dry run: connection would be denied",
@@ -204,7 +194,7 @@ pub fn access_log_denied(r: &ConnRecord<'_>, denial: &crate::authz::Denial, open
     }
     tracing::warn!(
         target: "access",
-        direction = %direction(r.direction),
+        direction = %r.direction.as_str(),
         namespace = %r.pod.namespace,
         pod = %r.pod.name,
         src = %r.src,

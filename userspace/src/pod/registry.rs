@@ -6,7 +6,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::proxy::PodCtx;
+use super::PodCtx;
 
 #[derive(Default)]
 pub struct PodRegistry(RwLock<HashMap<u64, Arc<PodCtx>>>);
