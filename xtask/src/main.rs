@@ -17,6 +17,7 @@ mod demo;
 mod fuzz;
 mod gotools;
 mod kernels;
+mod layers;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -132,6 +133,7 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 
 fn lint() -> anyhow::Result<()> {
     ensure_setup()?;
+    layers::check(&root())?;
     let mut fmt = cargo();
     fmt.args(["fmt", "--all", "--", "--check"]);
     run(fmt)?;
