@@ -3,7 +3,7 @@
 # `ambit controlplane` (the Deployment). Build from the repository root:
 #   docker build -t ghcr.io/ambit-mesh/ambit:0.1.0 .
 # The eBPF programs are compiled and embedded by userspace/build.rs, with Debian's rustc and
-# bpf-linker exactly as on a development machine (../shared/reference/toolchain.md).
+# bpf-linker exactly as on a development machine (ARCHITECTURE.md, "Toolchains").
 
 FROM debian:bookworm AS build
 ARG RUST_VERSION=1.95.0
