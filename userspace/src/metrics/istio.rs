@@ -158,15 +158,6 @@ pub struct TcpLabels {
     pub mtls: bool,
 }
 
-/// `response_flags`: no flag, denied by policy, upstream connect failed, the tunnel's TLS
-/// or HTTP/2 handshake failed, no certificate for the source's identity (ztunnel's values).
-pub const FLAGS_NONE: &str = "-";
-pub const FLAGS_DENY: &str = "DENY";
-pub const FLAGS_CONNECT: &str = "CONNECT";
-pub const FLAGS_TLS_FAILURE: &str = "TLS_FAILURE";
-pub const FLAGS_H2_HANDSHAKE_FAILURE: &str = "H2_HANDSHAKE_FAILURE";
-pub const FLAGS_IDENTITY_ERROR: &str = "IDENTITY_ERROR";
-
 impl TcpLabels {
     pub fn values<'a>(&'a self, response_flags: &'a str) -> [&'a str; 23] {
         let (host, name, ns) = match &self.service {

@@ -18,7 +18,7 @@ pub use istio::{Reporter, ServiceLabel, Side, SideCache, TcpLabels};
 
 use crate::{
     capture::KernelStats,
-    pod::{Direction, PodCtx},
+    pod::{Direction, PodCtx, Refusal},
 };
 
 /// One direction of a relayed connection, counted in the pod's family and Istio's.
@@ -102,20 +102,6 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 }
 
 const POD_LABELS: [&str; 3] = ["direction", "namespace", "pod"];
-
-/// `response_flags` of a refusal, from the proxy's reason.
-pub fn response_flags(reason: &str) -> &'static str {
-    match reason {
-        "authorization_denied" | "denied_by_destination" => istio::FLAGS_DENY,
-        "no_healthy_endpoint" => "UH",
-        "no_such_port" | "unknown_destination" | "not_synced" | "loop" | "no_original_destination" => "NR",
-        // ztunnel's flags for a tunnel that failed before its CONNECT was answered.
-        "hbone_tls_failed" | "tls_config" => istio::FLAGS_TLS_FAILURE,
-        "hbone_http2_failed" => istio::FLAGS_H2_HANDSHAKE_FAILURE,
-        "no_certificate" => istio::FLAGS_IDENTITY_ERROR,
-        _ => istio::FLAGS_CONNECT,
-    }
-}
 
 impl Metrics {
     pub fn new() -> Metrics {
@@ -230,7 +216,7 @@ impl Metrics {
             cache.clear();
         }
         let pod_labels = [key.0, key.1.as_str(), key.2.as_str()];
-        let values = labels.values(istio::FLAGS_NONE);
+        let values = labels.values(crate::pod::flags::NONE);
         let r = Arc::new(Resolved {
             labels: Arc::new(labels.clone()),
             request: ByteCounter {
@@ -266,9 +252,11 @@ impl Metrics {
         r.active.dec();
     }
 
-    pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: &str, labels: &TcpLabels) {
-        self.failed.with_label_values(&[d.as_str(), pod.namespace.as_str(), pod.name.as_str(), reason]).inc();
-        self.istio.failed.with_label_values(&labels.values(response_flags(reason))).inc();
+    pub fn connection_failed(&self, d: Direction, pod: &PodCtx, reason: Refusal, labels: &TcpLabels) {
+        self.failed
+            .with_label_values(&[d.as_str(), pod.namespace.as_str(), pod.name.as_str(), reason.as_str()])
+            .inc();
+        self.istio.failed.with_label_values(&labels.values(reason.response_flags())).inc();
     }
 
     /// A denial by `policy` (`<namespace>/<name>`), of a new connection (`open` false) or an

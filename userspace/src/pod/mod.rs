@@ -7,11 +7,13 @@ pub mod baggage;
 mod ctx;
 mod identity;
 pub mod listeners;
+mod refusal;
 mod registry;
 
 pub use ctx::PodCtx;
 pub use identity::{Identity, NotAnIdentity};
 pub use listeners::PodListener;
+pub use refusal::{flags, Refusal};
 pub use registry::PodRegistry;
 
 /// Which traffic a listener receives.

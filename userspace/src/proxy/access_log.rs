@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{ConnRecord, Transfer};
-use crate::metrics::TcpLabels;
+use crate::{metrics::TcpLabels, pod::Refusal};
 
 /// The access log's field names: ambit's, or ztunnel's (`src.addr`, `dst.hbone_addr`,
 /// `bytes_recv`, `duration="Nms"`, ...), for log pipelines written for ztunnel.
@@ -154,7 +154,7 @@ pub fn finished(r: &ConnRecord<'_>, l: &TcpLabels, t: &Transfer, duration: Durat
 }
 
 /// One connection the proxy refused or could not complete.
-pub fn refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: &str, detail: &str) {
+pub fn refused(r: &ConnRecord<'_>, l: &TcpLabels, reason: Refusal, detail: &str) {
     if ztunnel_fields() {
         return ztunnel_failed(r, &format!("{reason}: {detail}"));
     }

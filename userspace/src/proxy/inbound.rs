@@ -12,7 +12,10 @@ use super::{
     authorize::{self, Subject},
     finish, refuse, relay, ConnRecord, Inner,
 };
-use crate::{capture::addr, pod::PodCtx};
+use crate::{
+    capture::addr,
+    pod::{PodCtx, Refusal},
+};
 
 /// What a relayed connection holds while its bytes flow (see `outbound::Ready`).
 struct Ready<'p> {
@@ -50,7 +53,7 @@ async fn set_up<'p>(
             return refuse(
                 &ConnRecord::inbound(pod, peer, None, None, false),
                 client,
-                "socket_error",
+                Refusal::SocketError,
                 &e.to_string(),
             )
         }
@@ -58,10 +61,10 @@ async fn set_up<'p>(
     let record = ConnRecord::inbound(pod, peer, Some(dst), None, false);
     if !pod.ips.contains(&dst.ip()) {
         // Reached the loopback listener directly from inside the pod, not through capture.
-        return refuse(&record, client, "not_this_pod", "destination is not this pod's address");
+        return refuse(&record, client, Refusal::NotThisPod, "destination is not this pod's address");
     }
     if inner.settings.own_ports.contains(&dst.port()) {
-        return refuse(&record, client, "loop", "destination is the proxy itself");
+        return refuse(&record, client, Refusal::Loop, "destination is the proxy itself");
     }
     let subject = Subject { peer: None, src: peer, dst, mtls: false };
     if authorize::check(inner, pod, &subject).is_err() {
@@ -69,7 +72,7 @@ async fn set_up<'p>(
         inner.metrics.connection_failed(
             record.direction,
             pod,
-            "authorization_denied",
+            Refusal::AuthorizationDenied,
             &record.labels(&inner.state.read(), &inner.metrics.sides),
         );
         relay::linger_zero(&client);
@@ -81,6 +84,6 @@ async fn set_up<'p>(
     record.leg = crate::os::netns::socket_cookie(&client).ok();
     match inner.deliver(&mut record, dst).await {
         Ok(upstream) => Some(Ready { record, registration, client, upstream, started }),
-        Err(e) => refuse(&record, client, "connect_failed", &e.to_string()),
+        Err(e) => refuse(&record, client, Refusal::ConnectFailed, &e.to_string()),
     }
 }

@@ -20,7 +20,7 @@ use crate::{
     identity::IdentityManager,
     metrics::Metrics,
     metrics::RelayCounters,
-    pod::{Direction, PodCtx, PodRegistry},
+    pod::{Direction, PodCtx, PodRegistry, Refusal},
     state::StateStore,
     trace::Tracer,
 };
@@ -226,7 +226,7 @@ fn accept_queued(listener: &TcpListener) -> Option<(tokio::net::TcpStream, std::
 
 impl Inner {
     /// Counts a connection that failed (with its metric labels) and logs it.
-    fn failed(&self, record: &ConnRecord<'_>, reason: &str, detail: &str) {
+    fn failed(&self, record: &ConnRecord<'_>, reason: Refusal, detail: &str) {
         let labels = record.labels(&self.state.read(), &self.metrics.sides);
         self.metrics.connection_failed(record.direction, record.pod, reason, &labels);
         access_log::refused(record, &labels, reason, detail);
@@ -340,7 +340,7 @@ fn refuse(
     inner: &Inner,
     record: &ConnRecord<'_>,
     client: tokio::net::TcpStream,
-    reason: &'static str,
+    reason: Refusal,
     detail: &str,
 ) {
     inner.failed(record, reason, detail);

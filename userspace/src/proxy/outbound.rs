@@ -12,7 +12,7 @@ use futures::future::Either;
 use tokio::net::TcpStream;
 
 use super::{refuse, upstream, ConnRecord, Inner, UnknownDestination};
-use crate::pod::PodCtx;
+use crate::pod::{PodCtx, Refusal};
 use crate::{
     capture::addr,
     identity::Identity,
@@ -95,7 +95,7 @@ fn refused<'p>(
     inner: &Inner,
     record: &ConnRecord<'_>,
     client: TcpStream,
-    reason: &'static str,
+    reason: Refusal,
     detail: &str,
 ) -> Option<Ready<'p>> {
     refuse(inner, record, client, reason, detail);
@@ -120,7 +120,7 @@ async fn set_up<'p>(
                 inner,
                 &ConnRecord::outbound(pod, peer, None),
                 client,
-                "map_error",
+                Refusal::MapError,
                 &e.to_string(),
             )
         }
@@ -132,7 +132,7 @@ async fn set_up<'p>(
             inner,
             &ConnRecord::outbound(pod, peer, None),
             client,
-            "no_original_destination",
+            Refusal::NoOriginalDestination,
             detail,
         );
     };
@@ -140,7 +140,7 @@ async fn set_up<'p>(
         || (pod.ips.contains(&dst.ip()) && inner.settings.own_ports.contains(&dst.port()))
     {
         let record = ConnRecord::outbound(pod, peer, Some(dst));
-        return refused(inner, &record, client, "loop", "destination is the proxy itself");
+        return refused(inner, &record, client, Refusal::Loop, "destination is the proxy itself");
     }
     let route = inner.state.read().route(dst);
     match route {
@@ -170,7 +170,7 @@ async fn set_up<'p>(
                 inner,
                 &record,
                 client,
-                "not_synced",
+                Refusal::NotSynced,
                 "no complete view of the mesh yet (first xDS sync pending)",
             )
         }
@@ -184,7 +184,7 @@ async fn set_up<'p>(
                     inner,
                     &record,
                     client,
-                    "unknown_destination",
+                    Refusal::UnknownDestination,
                     "the destination is not part of the mesh",
                 )
             }
@@ -212,7 +212,7 @@ async fn passthrough<'p>(
         Err(e) => {
             let mut record = ConnRecord::outbound(pod, peer, Some(dst));
             record.dst_service = service;
-            refused(inner, &record, client, "connect_failed", &e.to_string())
+            refused(inner, &record, client, Refusal::ConnectFailed, &e.to_string())
         }
     }
 }

@@ -39,7 +39,7 @@ pub enum Route {
     /// A workload: connect to `target` (through HBONE when the workload is in the mesh).
     Workload { workload: Arc<Workload>, target: SocketAddr, service: Option<String> },
     /// A service address with no endpoint to take the connection.
-    NoEndpoint { service: String, reason: &'static str },
+    NoEndpoint { service: String, reason: crate::pod::Refusal },
     /// Not an address of the mesh.
     Unknown,
     /// Not known yet: the first sync has not completed, so this may be a mesh address.
@@ -354,7 +354,7 @@ impl MeshState {
             let Some(entry) = self.services.get(key) else { return Route::Unknown };
             let svc = &entry.service;
             let Some(port) = svc.ports.iter().find(|p| p.service_port == dst.port()) else {
-                return Route::NoEndpoint { service: key.clone(), reason: "no_such_port" };
+                return Route::NoEndpoint { service: key.clone(), reason: crate::pod::Refusal::NoSuchPort };
             };
             let candidates: Vec<&Arc<Workload>> = self
                 .endpoints
@@ -365,7 +365,10 @@ impl MeshState {
                 .filter(|w| w.healthy && !w.addresses.is_empty())
                 .collect();
             if candidates.is_empty() {
-                return Route::NoEndpoint { service: key.clone(), reason: "no_healthy_endpoint" };
+                return Route::NoEndpoint {
+                    service: key.clone(),
+                    reason: crate::pod::Refusal::NoHealthyEndpoint,
+                };
             }
             let w = candidates[entry.next.fetch_add(1, Ordering::Relaxed) % candidates.len()];
             let target_port = w

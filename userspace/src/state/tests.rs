@@ -89,7 +89,7 @@ fn a_service_vip_is_balanced_over_healthy_endpoints_on_their_target_ports() {
     assert_eq!(seen.get("w3"), None, "the unhealthy endpoint gets nothing");
     assert!(matches!(
         s.route("10.96.0.10:81".parse().expect("addr")),
-        Route::NoEndpoint { reason: "no_such_port", .. }
+        Route::NoEndpoint { reason: crate::pod::Refusal::NoSuchPort, .. }
     ));
     assert!(matches!(s.route("10.2.0.2:22".parse().expect("addr")), Route::Workload { service: None, .. }));
     assert!(matches!(s.route("192.0.2.1:80".parse().expect("addr")), Route::NotSynced));

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     identity::{Identity, IdentityManager},
-    pod::PodCtx,
+    pod::{PodCtx, Refusal},
     proxy::upstream,
 };
 
@@ -50,20 +50,20 @@ pub enum TunnelError {
 }
 
 impl TunnelError {
-    /// Short machine-readable reason for metrics.
-    pub fn reason(&self) -> &'static str {
+    /// The refusal it is reported as.
+    pub fn reason(&self) -> Refusal {
         match self {
-            TunnelError::NoCertificate(_) => "no_certificate",
-            TunnelError::NoSourceAddress(_) => "no_source_address",
-            TunnelError::Connect { .. } => "hbone_connect_failed",
-            TunnelError::Tls { .. } => "hbone_tls_failed",
-            TunnelError::H2 { .. } => "hbone_http2_failed",
+            TunnelError::NoCertificate(_) => Refusal::NoCertificate,
+            TunnelError::NoSourceAddress(_) => Refusal::NoSourceAddress,
+            TunnelError::Connect { .. } => Refusal::HboneConnectFailed,
+            TunnelError::Tls { .. } => Refusal::HboneTlsFailed,
+            TunnelError::H2 { .. } => Refusal::HboneHttp2Failed,
             TunnelError::Status { status, .. } if *status == StatusCode::UNAUTHORIZED => {
-                "denied_by_destination"
+                Refusal::DeniedByDestination
             }
-            TunnelError::Status { .. } => "hbone_refused",
-            TunnelError::Timeout { .. } => "hbone_timeout",
-            TunnelError::Config(_) => "tls_config",
+            TunnelError::Status { .. } => Refusal::HboneRefused,
+            TunnelError::Timeout { .. } => Refusal::HboneTimeout,
+            TunnelError::Config(_) => Refusal::TlsConfig,
         }
     }
 }

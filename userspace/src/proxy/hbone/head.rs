@@ -9,20 +9,20 @@ use std::net::SocketAddr;
 
 use http::{Method, StatusCode};
 
-use crate::capture::addr;
+use crate::{capture::addr, pod::Refusal};
 
 /// Why a CONNECT's head is refused: status, reason (metrics, logs), detail.
-pub type HeadRefusal = (StatusCode, &'static str, &'static str);
+pub type HeadRefusal = (StatusCode, Refusal, &'static str);
 
 /// The target a CONNECT asks for, from its untrusted head: only CONNECT, and an `IP:port`
 /// authority (canonical: v4-mapped v6 addresses as v4).
 pub fn connect_target(method: &Method, authority: Option<&str>) -> Result<SocketAddr, HeadRefusal> {
     if method != Method::CONNECT {
-        return Err((StatusCode::METHOD_NOT_ALLOWED, "not_connect", "only CONNECT is served"));
+        return Err((StatusCode::METHOD_NOT_ALLOWED, Refusal::NotConnect, "only CONNECT is served"));
     }
     let dst = authority.and_then(|a| a.parse::<SocketAddr>().ok()).ok_or((
         StatusCode::BAD_REQUEST,
-        "bad_authority",
+        Refusal::BadAuthority,
         "the :authority is not an IP:port",
     ))?;
     Ok(SocketAddr::new(addr::canonical(dst.ip()), dst.port()))

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::head::{connect_target, forwarded_host};
 use crate::{
     capture::addr,
-    pod::Direction,
+    pod::{Direction, Refusal},
     proxy::{
         authorize::{self, Subject, VerifiedPeer},
         ConnRecord, Inner, PodCtx,
@@ -90,7 +90,7 @@ pub fn serve(
                         let record = ConnRecord::inbound(&pod, peer, tcp.local_addr().ok(), None, false);
                         let detail =
                             format!("{} has {max} HBONE connections open to this pod already", peer.ip());
-                        inner.failed(&record, "hbone_peer_limit", &detail);
+                        inner.failed(&record, Refusal::HbonePeerLimit, &detail);
                         continue;
                     };
                     let (inner, pod, acceptor) = (inner.clone(), pod.clone(), acceptor.clone());
@@ -129,14 +129,14 @@ async fn connection(
             tracing::warn!(pod = %pod.key(), %peer, error = %e, "HBONE TLS handshake refused");
             inner.failed(
                 &ConnRecord::inbound(&pod, peer, Some(local), None, false),
-                "hbone_tls_refused",
+                Refusal::HboneTlsRefused,
                 &e.to_string(),
             );
             return;
         }
         Err(_) => {
             let record = ConnRecord::inbound(&pod, peer, Some(local), None, false);
-            inner.failed(&record, "hbone_tls_timeout", "the TLS handshake did not complete in time");
+            inner.failed(&record, Refusal::HboneTlsTimeout, "the TLS handshake did not complete in time");
             return;
         }
     };
@@ -157,7 +157,7 @@ async fn connection(
         }
         Err(_) => {
             let record = ConnRecord::inbound(&pod, peer, Some(local), peer_uri(&peer_identity), true);
-            inner.failed(&record, "hbone_http2_timeout", "the HTTP/2 preface did not arrive in time");
+            inner.failed(&record, Refusal::HboneHttp2Timeout, "the HTTP/2 preface did not arrive in time");
             return;
         }
     };
@@ -259,7 +259,7 @@ async fn set_up<'p>(
     // authorization, logs or metrics; Istio's ztunnel trusts it only from its own waypoints,
     // which ambit does not run.
     let src = peer;
-    let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: &'static str, detail: &str| {
+    let mut fail = |status: StatusCode, dst: Option<SocketAddr>, reason: Refusal, detail: &str| {
         answer(&mut respond, status);
         inner.failed(&ConnRecord::inbound(pod, src, dst, peer_uri(&peer_identity), true), reason, detail);
         None
@@ -270,13 +270,13 @@ async fn set_up<'p>(
     };
     if dst.ip() != addr::canonical(local.ip()) {
         let detail = format!("the tunnel arrived on {}, not {}", local.ip(), dst.ip());
-        return fail(StatusCode::BAD_REQUEST, Some(dst), "wrong_destination", &detail);
+        return fail(StatusCode::BAD_REQUEST, Some(dst), Refusal::WrongDestination, &detail);
     }
     if inner.settings.own_ports.contains(&dst.port()) {
         return fail(
             StatusCode::SERVICE_UNAVAILABLE,
             Some(dst),
-            "loop",
+            Refusal::Loop,
             "the target is one of the proxy's own ports",
         );
     }
@@ -293,7 +293,7 @@ async fn set_up<'p>(
         inner.metrics.connection_failed(
             Direction::Inbound,
             pod,
-            "authorization_denied",
+            Refusal::AuthorizationDenied,
             &record.labels(&inner.state.read(), &inner.metrics.sides),
         );
         return None;
@@ -305,7 +305,9 @@ async fn set_up<'p>(
     record.leg = leg;
     let upstream = match inner.deliver(&mut record, dst).await {
         Ok(u) => u,
-        Err(e) => return fail(StatusCode::SERVICE_UNAVAILABLE, Some(dst), "connect_failed", &e.to_string()),
+        Err(e) => {
+            return fail(StatusCode::SERVICE_UNAVAILABLE, Some(dst), Refusal::ConnectFailed, &e.to_string())
+        }
     };
     let ok = Response::builder().status(StatusCode::OK).body(()).expect("a status-only response");
     let send = match respond.send_response(ok, false) {
