@@ -6,12 +6,14 @@
 pub mod baggage;
 mod ctx;
 mod identity;
+mod leg;
 pub mod listeners;
 mod refusal;
 mod registry;
 
 pub use ctx::PodCtx;
 pub use identity::{Identity, NotAnIdentity};
+pub use leg::Leg;
 pub use listeners::PodListener;
 pub use refusal::{flags, Refusal};
 pub use registry::PodRegistry;

@@ -50,7 +50,6 @@ pub struct TraceArgs {
 }
 
 const KINDS: [&str; 7] = ["connect", "established", "state", "rtt", "retransmit", "close", "reset"];
-const LEGS: [&str; 5] = ["app", "tunnel", "upstream", "delivery", "inbound"];
 
 /// UTC now as RFC 3339 with microseconds.
 pub fn now_rfc3339() -> String {
@@ -75,8 +74,8 @@ impl TraceArgs {
             }
         }
         for l in &self.legs {
-            if !LEGS.contains(&l.as_str()) {
-                bail!("--leg {l}: one of {}", LEGS.join(", "));
+            if let Err(e) = l.parse::<crate::pod::Leg>() {
+                bail!("--leg {e}");
             }
         }
         Ok(Filter {

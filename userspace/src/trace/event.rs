@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::pod::Leg;
+
 /// The other end of the socket, as far as the mesh knows it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Peer {
@@ -42,7 +44,7 @@ pub struct Event {
     /// What the socket is: `app` (the pod's own), `tunnel` (HBONE between node proxies),
     /// `upstream` (the proxy's plaintext connection out of the pod), `delivery` (the proxy
     /// handing an inbound connection to the pod), `inbound` (accepted from the network).
-    pub leg: String,
+    pub leg: Leg,
     /// `outbound`: the socket connected; `inbound`: it was accepted.
     pub direction: String,
     pub namespace: String,
@@ -200,7 +202,7 @@ impl Filter {
             }
         }
         (self.kinds.is_empty() || self.kinds.contains(&e.kind))
-            && (self.legs.is_empty() || self.legs.contains(&e.leg))
+            && (self.legs.is_empty() || self.legs.iter().any(|l| l == e.leg.as_str()))
     }
 }
 
@@ -213,7 +215,7 @@ mod tests {
             time: "2026-11-23T00:00:00.000000Z".into(),
             node: "n1".into(),
             kind: "connect".into(),
-            leg: "app".into(),
+            leg: Leg::App,
             direction: "outbound".into(),
             namespace: "demo".into(),
             pod: "a-5d9f".into(),

@@ -29,7 +29,12 @@ use tokio_util::sync::CancellationToken;
 pub use cli::{run, TraceArgs};
 pub use event::{Event, Filter, Peer};
 
-use crate::{metrics::Metrics, pod::PodRegistry, sparse::ShrinkIfSparse as _, state::StateStore};
+use crate::{
+    metrics::Metrics,
+    pod::{Leg, PodRegistry},
+    sparse::ShrinkIfSparse as _,
+    state::StateStore,
+};
 
 /// Events a slow `/trace` subscriber may fall behind by before it loses some.
 const STREAM_BACKLOG: usize = 4096;
@@ -374,14 +379,14 @@ impl Tracer {
     /// The delivery hint a socket's event belongs to: (netns cookie, the delivering socket's
     /// port). The proxy's delivering socket by its local port, the pod's accepted end of it
     /// (passive, both ends on one address) by its remote port.
-    fn hint_key(raw: &k::TraceEvent, leg: &str) -> Option<(u64, u16)> {
+    fn hint_key(raw: &k::TraceEvent, leg: Leg) -> Option<(u64, u16)> {
         let same_host = raw.local == raw.remote;
         // The pod's accepted end of a delivery: from the client's address it carries the
         // delivery mark (taken from the proxy's SYN), from the pod's own it is on one address.
         let delivered = raw.proxy == k::PROXY_DELIVERY || same_host;
         match leg {
-            "delivery" => Some((raw.netns_cookie, raw.local_port)),
-            "app" if raw.passive != 0 && delivered => Some((raw.netns_cookie, raw.remote_port)),
+            Leg::Delivery => Some((raw.netns_cookie, raw.local_port)),
+            Leg::App if raw.passive != 0 && delivered => Some((raw.netns_cookie, raw.remote_port)),
             _ => None,
         }
     }
@@ -391,7 +396,7 @@ impl Tracer {
         let kind = kind_name(raw.kind);
         i.events.with_label_values(&[kind]).inc();
         let leg = self.leg_of(raw);
-        let crosses = matches!(leg, "tunnel" | "upstream" | "inbound");
+        let crosses = leg.crosses_network();
         self.account(raw, crosses);
         let hint = Self::hint_key(raw, leg);
         if let (Some(key), k::EV_ESTABLISHED, true) = (hint, raw.kind, raw.passive != 0) {
@@ -419,32 +424,32 @@ impl Tracer {
     }
 
     /// What the socket is (see [`Event::leg`]), from the event alone.
-    fn leg_of(&self, raw: &k::TraceEvent) -> &'static str {
+    fn leg_of(&self, raw: &k::TraceEvent) -> Leg {
         let passive = raw.passive != 0;
         let same_host = raw.local == raw.remote;
         if raw.local_port == self.0.hbone_port || (!passive && raw.remote_port == self.0.hbone_port) {
-            "tunnel"
+            Leg::Tunnel
         } else if raw.proxy == k::PROXY_DELIVERY {
             // The proxy's socket delivering from the client's address, or the application's
             // accepted end of it.
             if passive {
-                "app"
+                Leg::App
             } else {
-                "delivery"
+                Leg::Delivery
             }
         } else if raw.proxy == k::PROXY_OWN && same_host {
-            "delivery"
+            Leg::Delivery
         } else if raw.proxy == k::PROXY_OWN {
-            "upstream"
+            Leg::Upstream
         } else if passive && !same_host {
-            "inbound"
+            Leg::Inbound
         } else {
-            "app"
+            Leg::App
         }
     }
 
     /// The pod, the peer and the socket's role.
-    fn attribute(&self, raw: &k::TraceEvent, kind: &str, leg: &str) -> Event {
+    fn attribute(&self, raw: &k::TraceEvent, kind: &str, leg: Leg) -> Event {
         let i = &self.0;
         let local = SocketAddr::new(ip(raw.family, &raw.local), raw.local_port);
         let remote = SocketAddr::new(ip(raw.family, &raw.remote), raw.remote_port);
@@ -492,7 +497,7 @@ impl Tracer {
             time: crate::trace::cli::now_rfc3339(),
             node: i.node.clone(),
             kind: kind.to_string(),
-            leg: leg.to_string(),
+            leg,
             direction: if passive { "inbound" } else { "outbound" }.to_string(),
             namespace,
             pod: pod_name,
