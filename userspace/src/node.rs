@@ -168,7 +168,8 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             unknown: settings.unknown_destination,
         },
         ProxyDeps {
-            orig,
+            orig: Arc::new(orig),
+            sockets: Arc::new(crate::os::socket::InPodSockets),
             metrics: metrics.clone(),
             identities: identities.clone(),
             state: state.clone(),
@@ -417,7 +418,7 @@ fn identities(settings: &NodeSettings) -> anyhow::Result<IdentityManager> {
         .collect::<Result<_, _>>()
         .with_context(|| format!("{}: not PEM certificates", ca.root_cert.display()))?;
     let client = CaClient::new(ca).context("setting up the CA client")?;
-    Ok(IdentityManager::new(Some(client), settings.identity.clone(), roots))
+    Ok(IdentityManager::new(Some(Arc::new(client)), settings.identity.clone(), roots))
 }
 
 /// What the admin endpoints show; refreshed after every change.

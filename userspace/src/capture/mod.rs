@@ -20,6 +20,7 @@ pub mod addr;
 pub mod handover;
 pub mod klog;
 pub mod maps;
+mod origdst;
 mod pins;
 mod tc;
 
@@ -36,6 +37,7 @@ use aya::{
 };
 
 pub use maps::{KernelStats, OrigDstTable};
+pub use origdst::{MockOrigDst, OrigDstSource};
 pub use pins::{Adoption, PinDir};
 pub use tc::TcState;
 

@@ -14,7 +14,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Serialize;
 use tokio::{sync::watch, task::JoinHandle};
 
-use super::{caclient::CaClient, cert::rfc3339, CertSummary, Identity, WorkloadCert};
+use super::{cert::rfc3339, CertSource, CertSummary, Identity, WorkloadCert};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct IdentitySettings {
@@ -53,7 +53,7 @@ struct Entry {
 }
 
 struct Inner {
-    ca: Option<CaClient>,
+    ca: Option<Arc<dyn CertSource>>,
     settings: IdentitySettings,
     entries: Mutex<HashMap<Identity, Entry>>,
     /// Roots known before any certificate arrived (the CA's trust bundle file).
@@ -90,7 +90,7 @@ pub struct CertDump {
 impl IdentityManager {
     /// `ca: None` means no mesh CA is configured: no certificates, no mTLS.
     pub fn new(
-        ca: Option<CaClient>,
+        ca: Option<Arc<dyn CertSource>>,
         settings: IdentitySettings,
         bootstrap_roots: Vec<CertificateDer<'static>>,
     ) -> Self {
@@ -217,7 +217,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 async fn refresh(
-    ca: CaClient,
+    ca: Arc<dyn CertSource>,
     identity: Identity,
     validity: Duration,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,

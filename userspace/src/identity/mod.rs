@@ -4,8 +4,10 @@
 pub mod caclient;
 pub mod cert;
 pub mod manager;
+mod source;
 
 pub use cert::{CertSummary, WorkloadCert};
 pub use manager::{CertState, IdentityManager, IdentitySettings};
+pub use source::{CertSource, Signing};
 // The identity type is pod vocabulary (`pod`); the certificates for it are made here.
 pub use crate::pod::{Identity, NotAnIdentity};

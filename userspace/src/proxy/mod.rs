@@ -16,10 +16,11 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    capture::OrigDstTable,
+    capture::OrigDstSource,
     identity::IdentityManager,
     metrics::Metrics,
     metrics::RelayCounters,
+    os::socket::SocketFactory,
     pod::{Direction, PodCtx, PodRegistry, Refusal},
     state::StateStore,
     trace::Tracer,
@@ -57,7 +58,7 @@ pub enum UnknownDestination {
 
 pub struct Inner {
     settings: ProxySettings,
-    orig: OrigDstTable,
+    orig: Arc<dyn OrigDstSource>,
     metrics: Arc<Metrics>,
     identities: IdentityManager,
     hbone: hbone::client::HboneClient,
@@ -70,11 +71,15 @@ pub struct Inner {
     pods: Arc<PodRegistry>,
     /// Kernel-level tracing: per-socket figures for the access log; `None` when off.
     tracer: Option<Tracer>,
+    sockets: Arc<dyn SocketFactory>,
 }
 
 /// What the proxy works with besides its settings.
 pub struct ProxyDeps {
-    pub orig: OrigDstTable,
+    /// Original destinations of captured connections (the kernel's map).
+    pub orig: Arc<dyn OrigDstSource>,
+    /// How sockets for a pod are made (in its netns, marked).
+    pub sockets: Arc<dyn SocketFactory>,
     pub metrics: Arc<Metrics>,
     pub identities: IdentityManager,
     pub state: Arc<StateStore>,
@@ -90,9 +95,13 @@ pub struct Proxy {
 impl Proxy {
     /// Call inside the runtime (the HBONE pool starts its reaper).
     pub fn new(settings: ProxySettings, deps: ProxyDeps) -> Proxy {
-        let ProxyDeps { orig, metrics, identities, state, pods, tracer } = deps;
-        let hbone =
-            hbone::client::HboneClient::new(settings.hbone.clone(), identities.clone(), settings.mark);
+        let ProxyDeps { orig, sockets, metrics, identities, state, pods, tracer } = deps;
+        let hbone = hbone::client::HboneClient::new(
+            settings.hbone.clone(),
+            identities.clone(),
+            sockets.clone(),
+            settings.mark,
+        );
         let inner = Arc::new(Inner {
             settings,
             orig,
@@ -104,6 +113,7 @@ impl Proxy {
             open: authorize::OpenConnections::default(),
             pods,
             tracer,
+            sockets,
         });
         authorize::spawn_rechecks(&inner);
         Proxy { inner }
@@ -126,7 +136,7 @@ impl Proxy {
 
     /// Original-destination records waiting for an accept (diagnostics).
     pub fn pending_records(&self) -> usize {
-        self.inner.orig.len()
+        self.inner.orig.pending()
     }
 
     /// Connections being proxied right now.
@@ -264,7 +274,7 @@ impl Inner {
         if from.is_some() {
             record.count_delivery();
         }
-        upstream::deliver(&pod.netns, dst, from, mark, s.connect_timeout, move || {
+        upstream::deliver(&*self.sockets, &pod.netns, dst, from, mark, s.connect_timeout, move || {
             let delivering = hint.map(|(tracer, peer)| tracer.delivering(cookie, peer, client));
             move |local: std::net::SocketAddr| {
                 if let Some(d) = delivering {

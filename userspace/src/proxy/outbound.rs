@@ -202,7 +202,7 @@ async fn passthrough<'p>(
     started: Instant,
 ) -> Option<Ready<'p>> {
     let s = &inner.settings;
-    match upstream::connect(&pod.netns, dst, s.mark, s.connect_timeout).await {
+    match upstream::connect(&*inner.sockets, &pod.netns, dst, s.mark, s.connect_timeout).await {
         Ok(upstream) => {
             let mut record = ConnRecord::outbound(pod, upstream.local_addr().unwrap_or(peer), Some(dst));
             record.dst_service = service;

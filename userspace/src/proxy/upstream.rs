@@ -7,13 +7,19 @@ use std::{
     time::Duration,
 };
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::Socket;
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::os::netns::Netns;
+use crate::os::{netns::Netns, socket::SocketFactory};
 
-pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duration) -> io::Result<TcpStream> {
-    let sock = socket(netns, dst, mark)?;
+pub async fn connect(
+    sockets: &dyn SocketFactory,
+    netns: &Netns,
+    dst: SocketAddr,
+    mark: u32,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = socket(sockets, netns, dst, mark)?;
     connect_socket(sock, dst, timeout).await
 }
 
@@ -31,6 +37,7 @@ pub async fn connect(netns: &Netns, dst: SocketAddr, mark: u32, timeout: Duratio
 /// milliseconds of kernel time (and would end in EADDRINUSE). The connect only needs the
 /// 4-tuple to be unique.
 pub async fn deliver<A: FnOnce(SocketAddr)>(
+    sockets: &dyn SocketFactory,
     netns: &Netns,
     dst: SocketAddr,
     from: Option<IpAddr>,
@@ -38,7 +45,7 @@ pub async fn deliver<A: FnOnce(SocketAddr)>(
     timeout: Duration,
     announce: impl FnOnce() -> A,
 ) -> io::Result<TcpStream> {
-    let sock = socket(netns, dst, mark)?;
+    let sock = socket(sockets, netns, dst, mark)?;
     if from.is_some() {
         // Binding an address that is not local to the pod.
         if dst.is_ipv4() {
@@ -82,11 +89,8 @@ fn start_delivery<A: FnOnce(SocketAddr)>(
     Ok(())
 }
 
-fn socket(netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket> {
-    let sock = netns
-        .run(|| Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP)))??;
-    // Without the mark the connect hook would send this socket straight back to the proxy.
-    sock.set_mark(mark)?;
+fn socket(sockets: &dyn SocketFactory, netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let sock = sockets.tcp(netns, dst, mark)?;
     sock.set_tcp_nodelay(true)?;
     Ok(sock)
 }

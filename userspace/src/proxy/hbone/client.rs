@@ -25,6 +25,7 @@ use super::{
 };
 use crate::{
     identity::{Identity, IdentityManager},
+    os::socket::SocketFactory,
     pod::{PodCtx, Refusal},
     proxy::upstream,
 };
@@ -116,12 +117,18 @@ pub struct HboneClient {
     pool: Arc<Pool>,
     settings: HboneSettings,
     identities: IdentityManager,
+    sockets: Arc<dyn SocketFactory>,
     mark: u32,
 }
 
 impl HboneClient {
     /// Starts the pool's reaper; call inside the runtime.
-    pub fn new(settings: HboneSettings, identities: IdentityManager, mark: u32) -> HboneClient {
+    pub fn new(
+        settings: HboneSettings,
+        identities: IdentityManager,
+        sockets: Arc<dyn SocketFactory>,
+        mark: u32,
+    ) -> HboneClient {
         let pool = Arc::new(Pool::new(settings.max_streams, settings.spread, settings.idle_timeout));
         let weak = Arc::downgrade(&pool);
         let every = (settings.idle_timeout / 2).clamp(Duration::from_millis(100), Duration::from_secs(10));
@@ -135,7 +142,7 @@ impl HboneClient {
                 }
             }
         });
-        HboneClient { pool, settings, identities, mark }
+        HboneClient { pool, settings, identities, sockets, mark }
     }
 
     pub fn dump(&self) -> Vec<PoolDump> {
@@ -241,7 +248,7 @@ impl HboneClient {
     /// keepalive PINGs.
     async fn connect(&self, pod: &PodCtx, key: &PoolKey, hbone: SocketAddr) -> Result<Conn, TunnelError> {
         let s = &self.settings;
-        let tcp = upstream::connect(&pod.netns, hbone, self.mark, s.handshake_timeout)
+        let tcp = upstream::connect(&*self.sockets, &pod.netns, hbone, self.mark, s.handshake_timeout)
             .await
             .map_err(|source| TunnelError::Connect { addr: hbone, source })?;
         let socket_cookie = crate::os::netns::socket_cookie(&tcp).ok();
