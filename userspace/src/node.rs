@@ -166,6 +166,7 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
             hbone_port: settings.hbone_port,
             hbone: settings.hbone.clone(),
             unknown: settings.unknown_destination,
+            loopback_is_loop: true,
         },
         ProxyDeps {
             orig: Arc::new(orig),

@@ -156,6 +156,15 @@ fn test(filter: Option<String>, no_lint: bool, no_kernels: bool, no_fuzz: bool) 
     if !no_lint {
         lint()?;
     }
+    // The unprivileged tier first: the proxy in-process and the unit tests, in seconds.
+    eprintln!("xtask test: the unprivileged tier (unit tests, the proxy in-process)");
+    let mut unprivileged = cargo();
+    // Built as the whole workspace builds (same features: nothing is compiled twice).
+    unprivileged.args(["test", "--workspace", "--lib", "--test", "inprocess", "--no-fail-fast"]);
+    if let Some(f) = &filter {
+        unprivileged.arg(f);
+    }
+    run(unprivileged)?;
     build(false)?;
     // The real Kubernetes API server and istiod some tests run against.
     gotools::ensure()?;

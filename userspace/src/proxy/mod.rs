@@ -44,6 +44,10 @@ pub struct ProxySettings {
     pub hbone: hbone::HboneSettings,
     /// What to do with a connection to an address the mesh does not know.
     pub unknown: UnknownDestination,
+    /// Refuse an outbound destination on loopback as a loop: capture never records one, so
+    /// it can only be the proxy's own listener. Off only where pods are loopback addresses
+    /// (the in-process tests).
+    pub loopback_is_loop: bool,
 }
 
 /// Connections to addresses outside the mesh.

@@ -136,7 +136,7 @@ async fn set_up<'p>(
             detail,
         );
     };
-    if dst.ip().is_loopback()
+    if (dst.ip().is_loopback() && inner.settings.loopback_is_loop)
         || (pod.ips.contains(&dst.ip()) && inner.settings.own_ports.contains(&dst.port()))
     {
         let record = ConnRecord::outbound(pod, peer, Some(dst));
