@@ -146,7 +146,7 @@ fn every_frame_to_an_enrolled_pod_gets_a_deliberate_verdict() {
     let cookie = netns.cookie();
     let (l4, l6) = loopback_listeners(&netns, 0);
     for (family, l) in [(AF_INET, &l4), (AF_INET6, &l6)] {
-        let key = ListenerKey { netns_cookie: cookie, family, port: INBOUND_PORT, _pad: 0 };
+        let key = ListenerKey { netns_cookie: cookie.0, family, port: INBOUND_PORT, _pad: 0 };
         opened.capture.register_listener(key, l).expect("registering the inbound listener");
     }
     opened.capture.add_pod_ips(cookie, &[b.ipv4, b.ipv6]).expect("b's addresses");
@@ -335,7 +335,7 @@ fn every_connect_of_an_enrolled_pod_is_captured_exactly_or_left_for_a_reason() {
     // The proxy's part, played by the test: the outbound listeners, registered.
     let (l4, l6) = loopback_listeners(&netns, OUTBOUND_PORT);
     for (family, l) in [(AF_INET, &l4), (AF_INET6, &l6)] {
-        let key = ListenerKey { netns_cookie: cookie, family, port: OUTBOUND_PORT, _pad: 0 };
+        let key = ListenerKey { netns_cookie: cookie.0, family, port: OUTBOUND_PORT, _pad: 0 };
         opened.capture.register_listener(key, l).expect("registering the outbound listener");
     }
     opened.capture.add_pod_ips(cookie, &[a.ipv4, a.ipv6]).expect("a's addresses");
@@ -376,7 +376,7 @@ fn every_connect_of_an_enrolled_pod_is_captured_exactly_or_left_for_a_reason() {
                     let (family, src) = key_addr(peer.ip());
                     let (_, dst) = key_addr(local.ip());
                     let key = ConnKey {
-                        netns_cookie: cookie,
+                        netns_cookie: cookie.0,
                         family,
                         src_port: peer.port(),
                         dst_port: local.port(),

@@ -2,6 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use crate::os::cookie::NetnsCookie;
 use ambit_common::{maps::ConnKey, maps::OrigDst, IpKey, AF_INET, AF_INET6};
 
 /// IPv4-mapped IPv6 addresses become plain IPv4, as the programs store them.
@@ -29,11 +30,11 @@ pub fn ip_from_key(key: &IpKey) -> Option<IpAddr> {
 
 /// The key under which sock_ops stored a captured connection, built from what the proxy sees
 /// on the accepted socket: the client's address (peer) and the listener's (local).
-pub fn conn_key(netns_cookie: u64, peer: SocketAddr, local: SocketAddr) -> ConnKey {
+pub fn conn_key(netns_cookie: NetnsCookie, peer: SocketAddr, local: SocketAddr) -> ConnKey {
     let src = ip_key(peer.ip());
     let dst = ip_key(local.ip());
     ConnKey {
-        netns_cookie,
+        netns_cookie: netns_cookie.0,
         family: src.family,
         src_port: peer.port(),
         dst_port: local.port(),
@@ -57,7 +58,7 @@ mod tests {
         assert_eq!(ip_key(mapped), IpKey::v4([10, 1, 2, 3]));
         let peer: SocketAddr = "[::ffff:127.0.0.1]:40000".parse().expect("addr");
         let local: SocketAddr = "127.0.0.1:15001".parse().expect("addr");
-        let k = conn_key(7, peer, local);
+        let k = conn_key(NetnsCookie(7), peer, local);
         assert_eq!((k.family, k.src_port, k.dst_port), (AF_INET, 40000, 15001));
         assert_eq!(&k.src[..4], &[127, 0, 0, 1]);
         assert_eq!(k.src[4..], [0; 12]);

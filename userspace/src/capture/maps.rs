@@ -24,6 +24,7 @@ use aya::{
 };
 
 use super::{addr, CaptureError};
+use crate::os::cookie::NetnsCookie;
 
 /// The programs' settings, shared: the node writes them at start, the admin endpoint changes
 /// the kernel log level and tracing at run time.
@@ -173,20 +174,20 @@ impl Maps {
         self.config.clone()
     }
 
-    pub fn enroll(&mut self, netns_cookie: u64, entry: PodEntry) -> Result<(), CaptureError> {
-        op(MAP_ENROLLED, self.enrolled.insert(netns_cookie, entry, 0))
+    pub fn enroll(&mut self, netns_cookie: NetnsCookie, entry: PodEntry) -> Result<(), CaptureError> {
+        op(MAP_ENROLLED, self.enrolled.insert(netns_cookie.0, entry, 0))
     }
 
-    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
-        remove_if_present(MAP_ENROLLED, &mut self.enrolled, &netns_cookie)
+    pub fn unenroll(&mut self, netns_cookie: NetnsCookie) -> Result<(), CaptureError> {
+        remove_if_present(MAP_ENROLLED, &mut self.enrolled, &netns_cookie.0)
     }
 
     pub fn enrolled(&self) -> Result<Vec<(u64, PodEntry)>, CaptureError> {
         self.enrolled.iter().map(|r| op(MAP_ENROLLED, r)).collect()
     }
 
-    pub fn set_pod_ip(&mut self, ip: IpAddr, netns_cookie: u64) -> Result<(), CaptureError> {
-        op(MAP_POD_IPS, self.pod_ips.insert(addr::ip_key(ip), netns_cookie, 0))
+    pub fn set_pod_ip(&mut self, ip: IpAddr, netns_cookie: NetnsCookie) -> Result<(), CaptureError> {
+        op(MAP_POD_IPS, self.pod_ips.insert(addr::ip_key(ip), netns_cookie.0, 0))
     }
 
     pub fn remove_pod_ip(&mut self, key: &IpKey) -> Result<(), CaptureError> {

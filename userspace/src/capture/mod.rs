@@ -41,6 +41,7 @@ pub use origdst::{MockOrigDst, OrigDstSource};
 pub use pins::{Adoption, PinDir};
 pub use tc::TcState;
 
+use crate::os::cookie::NetnsCookie;
 use crate::os::netns::Netns;
 
 /// The eBPF object built from `ebpf/programs` by build.rs.
@@ -270,7 +271,7 @@ impl Capture {
     /// Removes a pod's inbound capture. The netns may be gone already.
     pub fn detach_pod(
         &mut self,
-        netns_cookie: u64,
+        netns_cookie: NetnsCookie,
         netns: Option<&Netns>,
         interface: &str,
     ) -> Result<(), CaptureError> {
@@ -292,7 +293,7 @@ impl Capture {
 
     /// Tells the inbound program a pod's mesh addresses: do it before attaching to the pod,
     /// which drops SYNs to any address of the pod it does not know.
-    pub fn add_pod_ips(&mut self, netns_cookie: u64, ips: &[IpAddr]) -> Result<(), CaptureError> {
+    pub fn add_pod_ips(&mut self, netns_cookie: NetnsCookie, ips: &[IpAddr]) -> Result<(), CaptureError> {
         for ip in ips {
             self.maps.set_pod_ip(*ip, netns_cookie)?;
         }
@@ -300,19 +301,19 @@ impl Capture {
     }
 
     /// Turns outbound capture on for a pod (its listeners must be registered first).
-    pub fn enroll(&mut self, netns_cookie: u64, pod_id: u32) -> Result<(), CaptureError> {
+    pub fn enroll(&mut self, netns_cookie: NetnsCookie, pod_id: u32) -> Result<(), CaptureError> {
         self.maps.enroll(netns_cookie, PodEntry { pod_id, flags: 0 })
     }
 
     /// Turns outbound capture off for a pod: no new connect is rewritten.
-    pub fn unenroll(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+    pub fn unenroll(&mut self, netns_cookie: NetnsCookie) -> Result<(), CaptureError> {
         self.maps.unenroll(netns_cookie)
     }
 
     /// Removes a pod's addresses from the inbound program's view (after detaching it).
-    pub fn remove_pod_ips(&mut self, netns_cookie: u64) -> Result<(), CaptureError> {
+    pub fn remove_pod_ips(&mut self, netns_cookie: NetnsCookie) -> Result<(), CaptureError> {
         for (ip, cookie) in self.maps.pod_ips()? {
-            if cookie == netns_cookie {
+            if cookie == netns_cookie.0 {
                 self.maps.remove_pod_ip(&ip)?;
             }
         }

@@ -6,6 +6,7 @@ use std::{collections::HashMap, net::SocketAddr, sync::Mutex};
 use ambit_common::maps::{ConnKey, OrigDst};
 
 use super::{addr, CaptureError, OrigDstTable};
+use crate::os::cookie::NetnsCookie;
 
 /// Where the proxy finds where a captured connection was going.
 pub trait OrigDstSource: Send + Sync + 'static {
@@ -34,7 +35,13 @@ pub struct MockOrigDst(Mutex<HashMap<ConnKey, OrigDst>>);
 impl MockOrigDst {
     /// Records that the connection from `client` to the listener at `listener`, in the
     /// network namespace with `netns_cookie`, was going to `dst`.
-    pub fn record(&self, netns_cookie: u64, client: SocketAddr, listener: SocketAddr, dst: SocketAddr) {
+    pub fn record(
+        &self,
+        netns_cookie: NetnsCookie,
+        client: SocketAddr,
+        listener: SocketAddr,
+        dst: SocketAddr,
+    ) {
         let orig = OrigDst { ip: addr::ip_key(dst.ip()), port: dst.port(), _pad: 0 };
         self.lock().insert(addr::conn_key(netns_cookie, client, listener), orig);
     }
@@ -57,6 +64,7 @@ impl OrigDstSource for MockOrigDst {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use NetnsCookie;
 
     #[test]
     fn a_recorded_destination_is_taken_once_by_the_key_the_proxy_builds() {
@@ -66,12 +74,15 @@ mod tests {
             "127.0.0.1:15001".parse().unwrap(),
             "10.1.0.3:80".parse().unwrap(),
         );
-        m.record(7, client, listener, dst);
+        m.record(NetnsCookie(7), client, listener, dst);
         assert_eq!(m.pending(), 1);
-        let key = addr::conn_key(7, client, listener);
+        let key = addr::conn_key(NetnsCookie(7), client, listener);
         let got = m.take(&key).expect("no error").expect("recorded");
         assert_eq!(addr::orig_dst_addr(&got), Some(dst));
         assert!(m.take(&key).expect("no error").is_none(), "taken once");
-        assert!(m.take(&addr::conn_key(8, client, listener)).expect("no error").is_none(), "other netns");
+        assert!(
+            m.take(&addr::conn_key(NetnsCookie(8), client, listener)).expect("no error").is_none(),
+            "other netns"
+        );
     }
 }

@@ -17,6 +17,7 @@ use aya::{
 use serde::Serialize;
 
 use super::CaptureError;
+use crate::os::cookie::NetnsCookie;
 
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -92,7 +93,7 @@ impl PinDir {
         self.root.join(format!("link_{name}"))
     }
 
-    pub fn tc(&self, netns_cookie: u64) -> PathBuf {
+    pub fn tc(&self, netns_cookie: NetnsCookie) -> PathBuf {
         self.root.join("tc").join(netns_cookie.to_string())
     }
 

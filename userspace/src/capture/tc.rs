@@ -18,6 +18,7 @@ use aya::{
 use serde::Serialize;
 
 use super::{pins::PinDir, CaptureError};
+use crate::os::cookie::NetnsCookie;
 use crate::os::netns::Netns;
 
 /// cls_bpf priority and handle of the filter on clsact kernels; fixed so that a restarted
@@ -137,7 +138,7 @@ fn attach_netlink(
 /// kernels the filter is deleted inside the pod's netns when that still exists.
 pub fn detach(
     pins: &PinDir,
-    netns_cookie: u64,
+    netns_cookie: NetnsCookie,
     netns: Option<&Netns>,
     interface: &str,
 ) -> Result<(), CaptureError> {

@@ -18,7 +18,7 @@ use crate::{
     capture::{addr, Capture, CaptureError},
     identity::{Identity, IdentityManager},
     meshfile::PodSpec,
-    os::netns::Netns,
+    os::{cookie::NetnsCookie, netns::Netns},
     pod::{Direction, PodCtx},
     proxy::Proxy,
 };
@@ -92,7 +92,7 @@ pub struct PodDump {
     pub identity: Option<Identity>,
     pub ips: Vec<std::net::IpAddr>,
     pub netns: std::path::PathBuf,
-    pub netns_cookie: u64,
+    pub netns_cookie: NetnsCookie,
     pub pod_id: u32,
     pub inbound_attachment: crate::capture::TcState,
     pub listeners: Vec<(Direction, SocketAddr)>,
@@ -173,7 +173,7 @@ impl PodManager {
                     tracing::info!(
                         pod = %key,
                         netns = %spec.netns.display(),
-                        netns_cookie = pod.netns.cookie(),
+                        netns_cookie = %pod.netns.cookie(),
                         ips = ?spec.ips,
                         inbound = ?pod.tc,
                         "pod enrolled"
@@ -307,15 +307,15 @@ impl PodManager {
 
     /// Undoes a half-done enrolment; errors are logged, as the original error is the one
     /// that matters to the caller.
-    fn rollback(&mut self, cookie: u64, netns: &Netns, interface: &str) {
+    fn rollback(&mut self, cookie: NetnsCookie, netns: &Netns, interface: &str) {
         if let Err(e) = self.capture.unenroll(cookie) {
-            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: removing map entries");
+            tracing::warn!(netns_cookie = %cookie, error = %e, "rollback: removing map entries");
         }
         if let Err(e) = self.capture.detach_pod(cookie, Some(netns), interface) {
-            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: detaching inbound capture");
+            tracing::warn!(netns_cookie = %cookie, error = %e, "rollback: detaching inbound capture");
         }
         if let Err(e) = self.capture.remove_pod_ips(cookie) {
-            tracing::warn!(netns_cookie = cookie, error = %e, "rollback: removing the pod's addresses");
+            tracing::warn!(netns_cookie = %cookie, error = %e, "rollback: removing the pod's addresses");
         }
     }
 
@@ -351,14 +351,14 @@ impl PodManager {
             self.leaving.push(Leaving { key: key.clone(), ctx: pod.ctx, v4, v6 });
             self.tidy();
         }
-        tracing::info!(pod = %key, netns_cookie = cookie, "pod unenrolled");
+        tracing::info!(pod = %key, netns_cookie = %cookie, "pod unenrolled");
     }
 
     /// Undoes the delivery settings of unenrolled pods once none of their delivered
     /// connections is open, unless the pod came back.
     pub fn tidy(&mut self) {
         let Some(mark) = self.ports.delivery_mark else { return };
-        let enrolled: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        let enrolled: BTreeSet<NetnsCookie> = self.pods.values().map(|p| p.netns.cookie()).collect();
         self.leaving.retain(|l| {
             if enrolled.contains(&l.ctx.netns.cookie()) {
                 // Enrolled again: its settings are in use.
@@ -382,7 +382,8 @@ impl PodManager {
     /// Removes kernel state that belongs to no enrolled pod: entries and attachments an
     /// earlier run left for pods that are gone or no longer enrolled.
     pub fn remove_stale(&mut self) -> Result<StaleRemoved, CaptureError> {
-        let live: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie()).collect();
+        // The maps and pins hold the kernel's numbers.
+        let live: BTreeSet<u64> = self.pods.values().map(|p| p.netns.cookie().0).collect();
         let maps = self.capture.maps();
         let enrolled: BTreeSet<u64> = maps.enrolled()?.into_iter().map(|(c, _)| c).collect();
         let ips = maps.pod_ips()?;
@@ -398,16 +399,16 @@ impl PodManager {
             inbound_attachments: 0,
         };
         for cookie in &stale_cookies {
-            self.capture.unenroll(*cookie)?;
+            self.capture.unenroll(NetnsCookie(*cookie))?;
         }
         let stale_tc: Vec<u64> =
             self.capture.attached_pods()?.into_iter().filter(|c| !live.contains(c)).collect();
         for cookie in &stale_tc {
             // The pod's netns is unknown or gone: the tcx link goes with its pin.
-            self.capture.detach_pod(*cookie, None, "")?;
+            self.capture.detach_pod(NetnsCookie(*cookie), None, "")?;
         }
         for cookie in stale_cookies {
-            self.capture.remove_pod_ips(cookie)?;
+            self.capture.remove_pod_ips(NetnsCookie(cookie))?;
         }
         Ok(StaleRemoved { inbound_attachments: stale_tc.len(), ..removed })
     }

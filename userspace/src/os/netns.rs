@@ -12,6 +12,8 @@ use std::{
 
 use nix::sched::{setns, CloneFlags};
 
+use super::cookie::{NetnsCookie, SocketCookie};
+
 /// The netns the proxy itself runs in, captured before any thread switches away from it.
 static HOST_NETNS: OnceLock<OwnedFd> = OnceLock::new();
 
@@ -30,7 +32,7 @@ fn host_netns() -> io::Result<&'static OwnedFd> {
 pub struct Netns {
     fd: OwnedFd,
     path: PathBuf,
-    cookie: u64,
+    cookie: NetnsCookie,
 }
 
 impl Netns {
@@ -44,7 +46,7 @@ impl Netns {
             ));
         }
         let fd: OwnedFd = file.into();
-        let mut ns = Netns { fd, path: path.to_path_buf(), cookie: 0 };
+        let mut ns = Netns { fd, path: path.to_path_buf(), cookie: NetnsCookie(0) };
         let probe = ns.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None))??;
         ns.cookie = netns_cookie(&probe)?;
         Ok(ns)
@@ -59,7 +61,7 @@ impl Netns {
 
     /// The kernel's cookie for this netns: what the eBPF programs see via
     /// `bpf_get_netns_cookie` and what the maps are keyed by. Stable for the netns's lifetime.
-    pub fn cookie(&self) -> u64 {
+    pub fn cookie(&self) -> NetnsCookie {
         self.cookie
     }
 
@@ -100,16 +102,16 @@ fn u64_sockopt(sock: &impl AsRawFd, opt: libc::c_int) -> io::Result<u64> {
 }
 
 /// Reads `SO_NETNS_COOKIE` of a socket: the cookie of the netns the socket lives in.
-pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<u64> {
-    u64_sockopt(sock, libc::SO_NETNS_COOKIE)
+pub fn netns_cookie(sock: &impl AsRawFd) -> io::Result<NetnsCookie> {
+    u64_sockopt(sock, libc::SO_NETNS_COOKIE).map(NetnsCookie)
 }
 
 /// Reads `SO_COOKIE`: the socket's own cookie, as the eBPF programs see it
 /// (`bpf_get_socket_cookie`), which is how kernel trace events find their connection. The
 /// kernel numbers sockets from 1, so a cookie is never zero (and an `Option` of one costs
 /// no more than the cookie).
-pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<std::num::NonZeroU64> {
-    std::num::NonZeroU64::new(u64_sockopt(sock, libc::SO_COOKIE)?)
+pub fn socket_cookie(sock: &impl AsRawFd) -> io::Result<SocketCookie> {
+    SocketCookie::new(u64_sockopt(sock, libc::SO_COOKIE)?)
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "SO_COOKIE returned 0"))
 }
 
@@ -149,6 +151,6 @@ mod tests {
         let host = Netns::host().expect("host netns");
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
         assert_eq!(host.cookie(), netns_cookie(&s).expect("cookie"));
-        assert_ne!(host.cookie(), 0);
+        assert_ne!(host.cookie().0, 0);
     }
 }

@@ -13,6 +13,7 @@ use ambit_common::{maps::ListenerKey, AF_INET, AF_INET6};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::Direction;
+use crate::os::cookie::NetnsCookie;
 use crate::os::netns::Netns;
 
 /// A listening socket created in a pod's netns, not yet handed to the runtime.
@@ -26,16 +27,16 @@ pub struct PodListener {
 
 impl PodListener {
     /// The capture map entry of this listener; `None` for HBONE (not steered by eBPF).
-    pub fn key(&self, netns_cookie: u64) -> Option<ListenerKey> {
+    pub fn key(&self, netns_cookie: NetnsCookie) -> Option<ListenerKey> {
         if self.direction == Direction::Hbone {
             return None;
         }
         Some(self.capture_key(netns_cookie))
     }
 
-    fn capture_key(&self, netns_cookie: u64) -> ListenerKey {
+    fn capture_key(&self, netns_cookie: NetnsCookie) -> ListenerKey {
         ListenerKey {
-            netns_cookie,
+            netns_cookie: netns_cookie.0,
             family: if self.addr.is_ipv4() { AF_INET } else { AF_INET6 },
             port: self.addr.port(),
             _pad: 0,

@@ -7,20 +7,21 @@ use std::{
 };
 
 use super::PodCtx;
+use crate::os::cookie::NetnsCookie;
 
 #[derive(Default)]
-pub struct PodRegistry(RwLock<HashMap<u64, Arc<PodCtx>>>);
+pub struct PodRegistry(RwLock<HashMap<NetnsCookie, Arc<PodCtx>>>);
 
 impl PodRegistry {
-    pub fn insert(&self, netns_cookie: u64, pod: Arc<PodCtx>) {
+    pub fn insert(&self, netns_cookie: NetnsCookie, pod: Arc<PodCtx>) {
         self.0.write().unwrap_or_else(|p| p.into_inner()).insert(netns_cookie, pod);
     }
 
-    pub fn remove(&self, netns_cookie: u64) {
+    pub fn remove(&self, netns_cookie: NetnsCookie) {
         self.0.write().unwrap_or_else(|p| p.into_inner()).remove(&netns_cookie);
     }
 
-    pub fn get(&self, netns_cookie: u64) -> Option<Arc<PodCtx>> {
+    pub fn get(&self, netns_cookie: NetnsCookie) -> Option<Arc<PodCtx>> {
         self.0.read().unwrap_or_else(|p| p.into_inner()).get(&netns_cookie).cloned()
     }
 }

@@ -311,7 +311,7 @@ fn netns_cookie_option() -> Status {
         Err(e) => return Status::Error(format!("socket: {e}")),
     };
     match crate::os::netns::netns_cookie(&probe) {
-        Ok(c) if c != 0 => Status::Ok(String::new()),
+        Ok(c) if c.0 != 0 => Status::Ok(String::new()),
         Ok(_) => Status::Missing("the kernel returned cookie 0".into()),
         Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
             Status::Missing(format!("getsockopt(SO_NETNS_COOKIE): {e}"))

@@ -299,7 +299,7 @@ impl Inner {
     }
 
     fn leg_stats(&self, record: &ConnRecord<'_>) -> Option<crate::trace::LegStats> {
-        self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg(cookie.get()))
+        self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg(cookie))
     }
 
     /// A relayed connection ended: metrics and the access-log line, with what the kernel
@@ -313,7 +313,7 @@ impl Inner {
     ) {
         self.metrics.connection_closed(&open.counters);
         // At the end, events the reader has not drained yet count too.
-        let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie.get()));
+        let now = self.tracer.as_ref().zip(record.leg).and_then(|(t, cookie)| t.leg_now(cookie));
         let kernel = match now {
             Some(now) => Kernel {
                 rtt_us: (now.srtt_us > 0).then_some(now.srtt_us),

@@ -1,7 +1,7 @@
 //! What the proxy says about one connection — the access-log line, the refusal, the metrics'
 //! labels — gathered in one record.
 
-use std::{num::NonZeroU64, sync::Arc};
+use std::sync::Arc;
 
 use crate::{
     identity::Identity,
@@ -28,7 +28,7 @@ pub struct ConnRecord<'a> {
     pub mtls: bool,
     /// `SO_COOKIE` of the socket that carries it over the network (the upstream, the
     /// accepted client, or the HBONE connection), for the kernel's figures.
-    pub leg: Option<NonZeroU64>,
+    pub leg: Option<crate::os::cookie::SocketCookie>,
     /// Delivered from the client's address: counted in the pod's `deliveries` until this
     /// record (which lives as long as the connection) is dropped. A flag, not a guard: every
     /// open connection keeps its record, and the tunnel task has no 8 bytes to spare.

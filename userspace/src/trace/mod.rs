@@ -31,6 +31,7 @@ pub use event::{Event, Filter, Peer};
 
 use crate::{
     metrics::Metrics,
+    os::cookie::{NetnsCookie, SocketCookie},
     pod::{Leg, PodRegistry},
     sparse::ShrinkIfSparse as _,
     state::StateStore,
@@ -328,14 +329,14 @@ impl Tracer {
     }
 
     /// The kernel's figures for a socket (by `SO_COOKIE`), while traced or shortly after.
-    pub fn leg(&self, cookie: u64) -> Option<LegStats> {
-        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie).copied()
+    pub fn leg(&self, cookie: SocketCookie) -> Option<LegStats> {
+        self.0.sockets.lock().unwrap_or_else(|p| p.into_inner()).stats.get(&cookie.get()).copied()
     }
 
     /// As [`Tracer::leg`], but a socket not seen yet makes it read the events waiting in the
     /// ring buffer first (a connection shorter than the reader's drain interval, on a new
     /// socket). Skipped while the reader is at it: it is handling them right now.
-    pub fn leg_now(&self, cookie: u64) -> Option<LegStats> {
+    pub fn leg_now(&self, cookie: SocketCookie) -> Option<LegStats> {
         self.leg(cookie).or_else(|| {
             let (ring, since) = self.0.ring.get()?;
             let ring = ring.try_lock().ok()?;
@@ -348,11 +349,11 @@ impl Tracer {
     /// into the pod of `netns_cookie`: call before the delivering socket's `connect`, and
     /// [`Delivering::connected`] right after it, without awaiting in between. Events of the
     /// socket (and of the pod's accepted one) then name the client until the socket closes.
-    pub fn delivering(&self, netns_cookie: u64, peer: Peer, client: SocketAddr) -> Delivering<'_> {
+    pub fn delivering(&self, netns_cookie: NetnsCookie, peer: Peer, client: SocketAddr) -> Delivering<'_> {
         Delivering {
             _held: self.0.delivering.read().unwrap_or_else(|p| p.into_inner()),
             hints: &self.0.hints,
-            netns_cookie,
+            netns_cookie: netns_cookie.0,
             peer: Peer { address: None, ..peer },
             client,
         }
@@ -460,7 +461,7 @@ impl Tracer {
         // the pod's accepted one), else whatever the mesh has at the address dialled.
         // Before taking the state: a miss may wait for deliveries in flight.
         let hint = Self::hint_key(raw, leg).and_then(|key| self.hint_for(key));
-        let pod = i.pods.get(raw.netns_cookie);
+        let pod = i.pods.get(NetnsCookie(raw.netns_cookie));
         let state = i.state.read();
         let own_workload = pod.as_ref().and_then(|p| p.ips.iter().find_map(|ip| state.workload_by_ip(*ip)));
         let peer = match hint {
@@ -602,7 +603,7 @@ mod tests {
         let (in_connect, go) = (std::sync::Barrier::new(2), Duration::from_millis(100));
         std::thread::scope(|s| {
             s.spawn(|| {
-                let d = tracer.delivering(7, client("x"), client_addr);
+                let d = tracer.delivering(NetnsCookie(7), client("x"), client_addr);
                 in_connect.wait();
                 // The events are being read while the connect has not returned.
                 std::thread::sleep(go);
@@ -642,7 +643,7 @@ mod tests {
         let tracer = Tracer::new("n", 15008, Arc::default(), Arc::default(), &Metrics::new());
         let mut events = tracer.subscribe();
         let client_addr: SocketAddr = "10.1.0.2:5000".parse().unwrap();
-        tracer.delivering(7, client("x"), client_addr).connected(40000);
+        tracer.delivering(NetnsCookie(7), client("x"), client_addr).connected(40000);
         // The proxy closes its end first (the client half-closed); the application's end
         // closes after it.
         for (kind, accepted) in [

@@ -5,7 +5,6 @@ use std::{
     cell::RefCell,
     io::Read,
     net::{IpAddr, SocketAddr},
-    num::NonZeroU64,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -74,7 +73,7 @@ pub struct Tunnel {
     pub send: SendStream<Bytes>,
     pub recv: RecvStream,
     /// `SO_COOKIE` of the pooled connection's TCP socket.
-    pub socket_cookie: Option<NonZeroU64>,
+    pub socket_cookie: Option<crate::os::cookie::SocketCookie>,
     /// Bytes of the client's that went with the CONNECT (see [`early_data`]).
     pub early: u64,
     lease: Lease,

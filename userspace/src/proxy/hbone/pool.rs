@@ -7,7 +7,6 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    num::NonZeroU64,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex,
@@ -37,13 +36,17 @@ pub struct Conn {
     /// Set by the connection's driver task when the connection ends.
     pub closed: Arc<AtomicBool>,
     /// `SO_COOKIE` of its TCP socket (kernel trace figures).
-    pub socket_cookie: Option<NonZeroU64>,
+    pub socket_cookie: Option<crate::os::cookie::SocketCookie>,
     created: Instant,
     idle_since: Mutex<Instant>,
 }
 
 impl Conn {
-    pub fn new(send: SendRequest<Bytes>, closed: Arc<AtomicBool>, socket_cookie: Option<NonZeroU64>) -> Conn {
+    pub fn new(
+        send: SendRequest<Bytes>,
+        closed: Arc<AtomicBool>,
+        socket_cookie: Option<crate::os::cookie::SocketCookie>,
+    ) -> Conn {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         Conn {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
@@ -71,7 +74,7 @@ impl Lease {
         self.conn.send.clone()
     }
 
-    pub fn socket_cookie(&self) -> Option<NonZeroU64> {
+    pub fn socket_cookie(&self) -> Option<crate::os::cookie::SocketCookie> {
         self.conn.socket_cookie
     }
 }

@@ -204,7 +204,7 @@ struct TunnelArgs {
     inner: Arc<Inner>,
     pod: Arc<PodCtx>,
     /// `(peer, local, leg)`: the HBONE connection's addresses and `SO_COOKIE`.
-    conn: (SocketAddr, SocketAddr, Option<std::num::NonZeroU64>),
+    conn: (SocketAddr, SocketAddr, Option<crate::os::cookie::SocketCookie>),
     peer_identity: Option<Arc<VerifiedPeer>>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
