@@ -78,7 +78,7 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     // SAFETY: the helper takes the program context and only reads it.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; the value is copied out immediately.
-    if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
+    if unsafe { ENROLLED.get(netns_cookie) }.is_none() {
         count(stats::CONNECT_NOT_ENROLLED);
         return Decision::Leave;
     }
@@ -97,7 +97,7 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
     let pending = PendingConnect { netns_cookie, orig, keyed: 0, _pad: 0, key: Default::default() };
     // If the record cannot be stored the connect is still captured: the proxy finds no
     // original destination and resets the connection (fail closed, counted by sock_ops).
-    match PENDING.insert(&socket_cookie, &pending, 0) {
+    match PENDING.insert(socket_cookie, pending, 0) {
         Ok(()) => {
             count(stats::CONNECT_CAPTURED);
             crate::klog!(cfg, ctx, debug, "connect captured: netns {} port {}", netns_cookie, orig.port);

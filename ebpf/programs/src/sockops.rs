@@ -57,7 +57,7 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
 fn on_connect(ctx: &SockOpsContext) {
     // SAFETY: the helper takes the program context and only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(pending) = PENDING.get_ptr_mut(&cookie) else {
+    let Some(pending) = PENDING.get_ptr_mut(cookie) else {
         // Not a captured connect: the common case for every other socket in the cgroup.
         return;
     };
@@ -69,7 +69,7 @@ fn on_connect(ctx: &SockOpsContext) {
     // valid for this program run (RCU), and only this socket's programs write it.
     let (netns_cookie, orig) = unsafe { ((*pending).netns_cookie, (*pending).orig) };
     let key = ConnKey { netns_cookie, family, src_port: local_port, dst_port, _pad: 0, src, dst };
-    if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
+    if let Err(e) = ORIG_DST.insert(key, orig, 0) {
         count(stats::SOCKOPS_RECORD_FAILED);
         if let Some(cfg) = crate::maps::config() {
             crate::klog!(cfg, ctx, warn, "sock_ops: storing the connection record failed: {}", e);
@@ -94,12 +94,12 @@ fn on_close(ctx: &SockOpsContext) {
     // SAFETY: the helper takes the program context and only reads it.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup, the value is copied out before the element is deleted.
-    let Some(pending) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(pending) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
     if pending.keyed != 0 {
         // Absent already when the proxy accepted the connection: nothing to do then.
-        let _absent_is_fine = ORIG_DST.remove(&pending.key);
+        let _absent_is_fine = ORIG_DST.remove(pending.key);
     }
-    let _absent_is_fine = PENDING.remove(&cookie);
+    let _absent_is_fine = PENDING.remove(cookie);
 }

@@ -196,7 +196,7 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
     // SAFETY: the helper takes the program context and only reads it.
     let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: read-only lookup; only presence matters.
-    unsafe { ENROLLED.get(&netns_cookie) }?;
+    unsafe { ENROLLED.get(netns_cookie) }?;
     let (mark, local_port) = mark_and_port(ctx);
     // The proxy's end of a captured connection (accepted on the outbound listener): the pod's
     // own end is traced and carries the original destination.
@@ -222,13 +222,13 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
     };
     if !passive {
         // SAFETY: read-only lookup; the record is copied out.
-        if let Some(p) = unsafe { PENDING.get(&cookie) } {
+        if let Some(p) = unsafe { PENDING.get(cookie) } {
             t.orig = p.orig.ip.addr;
             t.orig_family = p.orig.ip.family;
             t.orig_port = p.orig.port;
         }
     }
-    if TRACED.insert(&cookie, &t, 0).is_err() {
+    if TRACED.insert(cookie, t, 0).is_err() {
         count(stats::TRACE_SOCKET_FAILED);
         return None;
     }
@@ -249,7 +249,7 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
 #[inline(always)]
 fn traced(cookie: u64) -> Option<TracedSock> {
     // SAFETY: read-only lookup; the value is copied out.
-    unsafe { TRACED.get(&cookie) }.copied()
+    unsafe { TRACED.get(cookie) }.copied()
 }
 
 /// `TCP_CONNECT_CB`: an enrolled pod's socket (or the proxy's, in the pod) connects.
@@ -291,7 +291,7 @@ pub fn on_state(ctx: &SockOpsContext, old: u32, new: u32) {
                 | BPF_TCP_FIN_WAIT1
         );
         emit(ctx, what(if aborted { EV_RESET } else { EV_CLOSE }, old, new), cookie, &t);
-        let _gone_already_is_fine = TRACED.remove(&cookie);
+        let _gone_already_is_fine = TRACED.remove(cookie);
     } else if new != BPF_TCP_ESTABLISHED {
         emit(ctx, what(EV_STATE, old, new), cookie, &t);
     }
@@ -306,7 +306,7 @@ pub fn on_rtt(ctx: &SockOpsContext) {
         return;
     }
     let cookie = socket_cookie(ctx);
-    let Some(slot) = TRACED.get_ptr_mut(&cookie) else { return };
+    let Some(slot) = TRACED.get_ptr_mut(cookie) else { return };
     let t_now = now();
     // SAFETY: `slot` comes from a successful LRU lookup and stays valid for this run (RCU);
     // racing updates of `last_rtt_ns` from two CPUs can only cost or save one sample.
