@@ -13,19 +13,15 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
-    EbpfContext,
 };
 
 use crate::{
+    ctx::socket_cookie,
     maps::{count, ORIG_DST, PENDING},
+    sock::{tuple, DONE},
     trace,
 };
-
-/// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is the
-/// conventional "handled".
-const DONE: u32 = 1;
 
 pub fn handle(ctx: &SockOpsContext) -> u32 {
     let Some(cfg) = crate::maps::config() else { return DONE };
@@ -55,15 +51,14 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
 }
 
 fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: the helper takes the program context and only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     let Some(pending) = PENDING.get_ptr_mut(cookie) else {
         // Not a captured connect: the common case for every other socket in the cgroup.
         return;
     };
     // A dual-stack socket to ::ffff:127.0.0.1 is accepted on the proxy's IPv4 listener,
     // which sees plain IPv4 addresses: the tuple is normalised the same way.
-    let t = crate::sock::tuple(ctx);
+    let t = tuple(ctx);
     let (family, src, dst, local_port, dst_port) = (t.family, t.local, t.remote, t.local_port, t.remote_port);
     // SAFETY: `pending` comes from a successful lookup in an LRU hash; the element stays
     // valid for this program run (RCU), and only this socket's programs write it.
@@ -91,8 +86,7 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: the helper takes the program context and only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     // SAFETY: read-only lookup, the value is copied out before the element is deleted.
     let Some(pending) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
