@@ -2,8 +2,8 @@
 //! `include_bytes!` embeds it in the binary. No prebuilt object is ever checked in.
 //!
 //! The programs build with Debian's rustc and its library sources (`-Z build-std=core`,
-//! unlocked with RUSTC_BOOTSTRAP) and link with bpf-linker: see
-//! ../shared/reference/toolchain.md. `cargo xtask setup` installs all of it.
+//! unlocked with RUSTC_BOOTSTRAP) and link with bpf-linker: see ARCHITECTURE.md,
+//! "Toolchains". `cargo xtask setup` installs all of it.
 
 use std::{
     env,
