@@ -2,8 +2,13 @@
 //! `include_bytes!` embeds it in the binary. No prebuilt object is ever checked in.
 //!
 //! The programs build with Debian's rustc and its library sources (`-Z build-std=core`,
-//! unlocked with RUSTC_BOOTSTRAP) and link with bpf-linker: see
-//! ../shared/reference/toolchain.md. `cargo xtask setup` installs all of it.
+//! unlocked with RUSTC_BOOTSTRAP) and link with bpf-linker: see ARCHITECTURE.md,
+//! "Toolchains". `cargo xtask setup` installs all of it.
+//!
+//! Without that toolchain the object is an empty placeholder, so that `cargo check` and
+//! `cargo clippy` work anywhere; linking ambit then fails on purpose, naming what is missing
+//! (a build script cannot tell a check from a build), and ambit refuses an empty object at
+//! run time all the same.
 
 use std::{
     env,
@@ -33,16 +38,19 @@ fn main() {
         println!("cargo:rerun-if-env-changed={var}");
     }
 
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("ambit-ebpf.o");
     let rustc = env::var("AMBIT_EBPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
     let cargo = env::var("AMBIT_EBPF_CARGO").unwrap_or_else(|_| "/usr/bin/cargo".into());
+    // What is missing, as (path, what it is).
+    let mut missing = Vec::new();
     for (tool, what) in [(&rustc, "Debian's rustc (rustc-web)"), (&cargo, "Debian's cargo (cargo-web)")] {
         if !Path::new(tool).exists() {
-            panic!("{tool} not found: the eBPF programs build with {what}; {SETUP_HINT}");
+            missing.push((PathBuf::from(tool), what.to_string()));
         }
     }
     let library = Path::new("/usr/lib/rustlib/src/rust/library");
     if rustc == "/usr/bin/rustc" && !library.exists() {
-        panic!("{} not found (package rust-web-src); {SETUP_HINT}", library.display());
+        missing.push((library.to_path_buf(), "its library sources (rust-web-src)".into()));
     }
 
     // bpf-linker lives in cargo's bin directory, which a build script's PATH may lack.
@@ -58,7 +66,11 @@ fn main() {
     .expect("PATH entries contain no separator");
     let linker_found = env::split_paths(&path).any(|dir| dir.join("bpf-linker").exists());
     if !linker_found {
-        panic!("bpf-linker not found in {} or PATH; {SETUP_HINT}", linker_dir.display());
+        missing.push((linker_dir.join("bpf-linker"), "bpf-linker (not in PATH either)".into()));
+    }
+    if !missing.is_empty() {
+        placeholder(&out, &missing);
+        return;
     }
 
     // A target directory of its own, beside the workspace's: sharing it across profiles and
@@ -91,9 +103,36 @@ fn main() {
     }
 
     let object = target_dir.join("bpfel-unknown-none/release/ambit");
-    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo")).join("ambit-ebpf.o");
     std::fs::copy(&object, &out)
         .unwrap_or_else(|e| panic!("copying {} to {}: {e}", object.display(), out.display()));
+}
+
+/// Without the eBPF toolchain: an empty object, which ambit refuses to load, and a linker
+/// script that stops any link of ambit's own targets with the same message. A check never
+/// links, so it goes through; a build that would ship the placeholder does not.
+fn placeholder(out: &Path, missing: &[(PathBuf, String)]) {
+    let what: Vec<String> =
+        missing.iter().map(|(path, what)| format!("{what} at {}", path.display())).collect();
+    let message = format!(
+        "the eBPF programs were not built: missing {}; {SETUP_HINT}, then build again",
+        what.join(", ")
+    );
+    println!("cargo:warning={message}");
+    println!(
+        "cargo:warning=checks (cargo check, cargo clippy) go on with an empty eBPF object; \
+         linking ambit fails until the toolchain is installed"
+    );
+    // A path that does not exist counts as changed: this script runs again on every build
+    // while the toolchain is missing, and builds the real object once it is there. Watching
+    // the tools' own paths would not do: installed files keep their packages' older mtimes.
+    println!("cargo:rerun-if-changed={}", out.with_file_name("never-created").display());
+    std::fs::write(out, b"").unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+    // Linkers read an input they do not recognise as an object as a linker script that adds
+    // to the default one; ASSERT fails the link with its text. The text is one quoted string.
+    let script = out.with_file_name("ambit-ebpf-missing.ld");
+    let text = format!("ASSERT(0, \"ambit: {}\");\n", message.replace('"', "'"));
+    std::fs::write(&script, text).unwrap_or_else(|e| panic!("writing {}: {e}", script.display()));
+    println!("cargo:rustc-link-arg={}", script.display());
 }
 
 /// Release builds place the functions that start-up, an idle proxy and its data path run

@@ -142,7 +142,40 @@ fn lint() -> anyhow::Result<()> {
     run(fmt_ebpf)?;
     let mut clippy = cargo();
     clippy.args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]);
-    run(clippy)
+    run(clippy)?;
+    run(clippy_ebpf())
+}
+
+/// Clippy over `ebpf/programs`, for the target and with the compiler its object is built
+/// with: Debian's clippy (rust-web-clippy) matches Debian's rustc, whose `core` (built from
+/// its library sources, as userspace/build.rs does) rustup's clippy could not read. The
+/// release profile is the one the object is built in, and the target directory is
+/// build.rs's, so `core` is checked once. Not `--all-targets`: a test harness needs `std`,
+/// which bpfel-unknown-none does not have.
+fn clippy_ebpf() -> Command {
+    let rustc = std::env::var("AMBIT_EBPF_RUSTC").unwrap_or_else(|_| "/usr/bin/rustc".into());
+    let cargo = std::env::var("AMBIT_EBPF_CARGO").unwrap_or_else(|_| "/usr/bin/cargo".into());
+    // Run directly rather than as `cargo clippy`: cargo looks for subcommands in
+    // ~/.cargo/bin first, where rustup's cargo-clippy would win.
+    let clippy = std::path::Path::new(&cargo).with_file_name("cargo-clippy");
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("target"));
+    let mut c = Command::new(clippy);
+    c.current_dir(root().join("ebpf/programs"));
+    // `cargo xtask` runs under cargo, whose settings (RUSTFLAGS, the toolchain rustup picked)
+    // do not apply to this cross build.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if (key.starts_with("CARGO") && key != "CARGO_HOME") || key.starts_with("RUST") {
+            c.env_remove(key.as_ref());
+        }
+    }
+    c.env("CARGO", &cargo).env("RUSTC", &rustc).env("RUSTC_BOOTSTRAP", "1");
+    c.args(["clippy", "--locked", "--release", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(target_dir.join("ebpf"))
+        .args(["--", "-D", "warnings"]);
+    c
 }
 
 fn test(filter: Option<String>, no_lint: bool, no_kernels: bool, no_fuzz: bool) -> anyhow::Result<()> {

@@ -32,6 +32,7 @@ pub const BUILD_PACKAGES: &[(&str, &str)] = &[
 pub const PACKAGES: &[(&str, &str)] = &[
     ("python3-venv", "a private virtual environment for kubernetes-validate"),
     ("python3-scapy", "crafted packets for the mesh-boundary attack tests"),
+    ("rust-web-clippy", "clippy for Debian's rustc: `lint` checks the eBPF programs with it"),
     ("iperf3", "bulk transfers"),
     ("iptables", "checking that ambit creates no iptables rules"),
     ("nftables", "checking that ambit creates no nftables rules"),

@@ -12,13 +12,13 @@ use ambit_common::{
     maps::{Config, ListenerKey, OrigDst, PendingConnect, CONFIG_FAIL_OPEN},
     stats, IpKey, AF_INET, AF_INET6,
 };
-use aya_ebpf::{
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::SockAddrContext,
-    EbpfContext,
-};
+use aya_ebpf::programs::SockAddrContext;
 
-use crate::maps::{config, count, listener_alive, ENROLLED, PENDING};
+use crate::{
+    ctx::{netns_cookie, socket_cookie},
+    maps::{config, count, listener_alive, ENROLLED, PENDING},
+    sock::{v4_mapped, words, LOOPBACK6_WORD3, V4MAPPED_WORD2},
+};
 
 /// Verdict for cgroup sock_addr programs: let the (possibly rewritten) connect proceed.
 const ALLOW: i32 = 1;
@@ -27,10 +27,6 @@ const IPPROTO_TCP: u32 = 6;
 
 /// 127.0.0.1 as the u32 the context holds (network byte order in memory).
 const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-/// The third 32-bit word of an IPv4-mapped IPv6 address (::ffff:0:0/96).
-const V4MAPPED_WORD2: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
-/// The last word of ::1.
-const LOOPBACK6_WORD3: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 /// The socket fields every decision needs, read once: LLVM may otherwise merge context
 /// accesses across branches into a form the verifier rejects.
@@ -75,10 +71,9 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
         count(stats::CONNECT_PROXY_MARK);
         return Decision::Leave;
     }
-    // SAFETY: the helper takes the program context and only reads it.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns_cookie = netns_cookie(ctx);
     // SAFETY: read-only lookup; the value is copied out immediately.
-    if unsafe { ENROLLED.get(&netns_cookie) }.is_none() {
+    if unsafe { ENROLLED.get(netns_cookie) }.is_none() {
         count(stats::CONNECT_NOT_ENROLLED);
         return Decision::Leave;
     }
@@ -92,12 +87,11 @@ fn decide(ctx: &SockAddrContext, cfg: &Config, orig: OrigDst, listener_family: u
         count(stats::CONNECT_FAIL_CLOSED);
         return Decision::Capture;
     }
-    // SAFETY: the helper takes the program context and only reads it.
-    let socket_cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let socket_cookie = socket_cookie(ctx);
     let pending = PendingConnect { netns_cookie, orig, keyed: 0, _pad: 0, key: Default::default() };
     // If the record cannot be stored the connect is still captured: the proxy finds no
     // original destination and resets the connection (fail closed, counted by sock_ops).
-    match PENDING.insert(&socket_cookie, &pending, 0) {
+    match PENDING.insert(socket_cookie, pending, 0) {
         Ok(()) => {
             count(stats::CONNECT_CAPTURED);
             crate::klog!(cfg, ctx, debug, "connect captured: netns {} port {}", netns_cookie, orig.port);
@@ -149,7 +143,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
         )
     };
     let port = u16::from_be(port as u16);
-    let mapped = w0 == 0 && w1 == 0 && w2 == V4MAPPED_WORD2;
+    let mapped = v4_mapped(&[w0, w1, w2, w3]);
     let (orig, family) = if mapped {
         // A dual-stack socket connecting to an IPv4 peer: handled as IPv4, on the v4 listener.
         let octets = w3.to_ne_bytes();
@@ -164,12 +158,7 @@ pub fn connect6(ctx: &SockAddrContext) -> i32 {
             count(stats::CONNECT_LOOPBACK);
             return ALLOW;
         }
-        let mut addr = [0u8; 16];
-        addr[0..4].copy_from_slice(&w0.to_ne_bytes());
-        addr[4..8].copy_from_slice(&w1.to_ne_bytes());
-        addr[8..12].copy_from_slice(&w2.to_ne_bytes());
-        addr[12..16].copy_from_slice(&w3.to_ne_bytes());
-        (IpKey::v6(addr), AF_INET6)
+        (IpKey::v6(words([w0, w1, w2, w3])), AF_INET6)
     };
     let orig = OrigDst { ip: orig, port, _pad: 0 };
     if let Decision::Capture = decide(ctx, cfg, orig, family) {

@@ -3,8 +3,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    helpers::generated::{bpf_map_lookup_elem, bpf_sk_release},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_map_lookup_elem, bpf_sk_release},
     maps::SockHash,
+    EbpfContext,
 };
 
 /// Looks a socket up in a SOCKHASH. A non-null result holds a reference that must be given
@@ -24,4 +25,19 @@ pub fn sk_release(sk: *mut c_void) {
     unsafe {
         bpf_sk_release(sk);
     }
+}
+
+/// The socket's cookie: the key of every per-socket record, as it stays the same for the
+/// socket's whole life. Which program types may ask is the verifier's to enforce.
+#[inline(always)]
+pub fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the helper takes the program context and only reads it.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The cookie of the socket's network namespace: enrolment is keyed by it.
+#[inline(always)]
+pub fn netns_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: the helper takes the program context and only reads it.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
 }

@@ -13,18 +13,14 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
-    EbpfContext,
 };
 
 use crate::{
+    ctx::socket_cookie,
     maps::{config, count, POD_IPS, PROBES},
-    sock::{tuple, Tuple},
+    sock::{tuple, Tuple, DONE},
 };
-
-/// sock_ops programs' return value is only read for ops that ask for a reply.
-const DONE: u32 = 1;
 
 pub fn handle(ctx: &SockOpsContext) -> u32 {
     if config().is_none() {
@@ -54,13 +50,12 @@ fn record(ctx: &SockOpsContext) {
     let t = tuple(ctx);
     let dst = IpKey { family: t.family, _pad: 0, addr: t.remote };
     // SAFETY: read-only lookup; only presence matters.
-    if unsafe { POD_IPS.get(&dst) }.is_none() {
+    if unsafe { POD_IPS.get(dst) }.is_none() {
         // Not to an enrolled pod (the API server, a registry, a host-network pod...).
         return;
     }
-    // SAFETY: the helper takes the program context and only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    if PROBES.insert(&key(&t), &cookie, 0).is_err() {
+    let cookie = socket_cookie(ctx);
+    if PROBES.insert(key(&t), cookie, 0).is_err() {
         // The probe will be captured like any client from the node (and refused under STRICT):
         // visible as a failing probe, never as a bypass.
         count(stats::KUBELET_PROBE_RECORD_FAILED);
@@ -76,5 +71,5 @@ fn record(ctx: &SockOpsContext) {
 
 fn forget(t: &Tuple) {
     // Absent when the LRU evicted it, or for sockets that were never recorded.
-    let _absent_is_fine = PROBES.remove(&key(t));
+    let _absent_is_fine = PROBES.remove(key(t));
 }

@@ -63,6 +63,30 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
+/// The license the kernel is told, from its fixed list of tags: none names this crate's
+/// "GPL-2.0 OR Apache-2.0" (Cargo.toml), and for dual-licensed code "GPL" is the one that
+/// applies in the kernel. It keeps the programs GPL-compatible, as GPL-only helpers require
+/// (none is called today).
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+static LICENSE: [u8; 4] = *b"GPL\0";
+
+// The tag above was chosen for the license Cargo.toml declares; a change there must revisit it.
+const _: () = assert!(
+    same(env!("CARGO_PKG_LICENSE").as_bytes(), b"GPL-2.0 OR Apache-2.0"),
+    "Cargo.toml's license changed: check that LICENSE in main.rs still tells the kernel the truth"
+);
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}

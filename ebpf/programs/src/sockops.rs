@@ -13,19 +13,15 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
         BPF_TCP_CLOSE,
     },
-    helpers::generated::bpf_get_socket_cookie,
     programs::SockOpsContext,
-    EbpfContext,
 };
 
 use crate::{
+    ctx::socket_cookie,
     maps::{count, ORIG_DST, PENDING},
+    sock::{tuple, DONE},
     trace,
 };
-
-/// sock_ops programs' return value is only read for a few ops that ask for a reply; 1 is the
-/// conventional "handled".
-const DONE: u32 = 1;
 
 pub fn handle(ctx: &SockOpsContext) -> u32 {
     let Some(cfg) = crate::maps::config() else { return DONE };
@@ -55,21 +51,20 @@ pub fn handle(ctx: &SockOpsContext) -> u32 {
 }
 
 fn on_connect(ctx: &SockOpsContext) {
-    // SAFETY: the helper takes the program context and only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(pending) = PENDING.get_ptr_mut(&cookie) else {
+    let cookie = socket_cookie(ctx);
+    let Some(pending) = PENDING.get_ptr_mut(cookie) else {
         // Not a captured connect: the common case for every other socket in the cgroup.
         return;
     };
     // A dual-stack socket to ::ffff:127.0.0.1 is accepted on the proxy's IPv4 listener,
     // which sees plain IPv4 addresses: the tuple is normalised the same way.
-    let t = crate::sock::tuple(ctx);
+    let t = tuple(ctx);
     let (family, src, dst, local_port, dst_port) = (t.family, t.local, t.remote, t.local_port, t.remote_port);
     // SAFETY: `pending` comes from a successful lookup in an LRU hash; the element stays
     // valid for this program run (RCU), and only this socket's programs write it.
     let (netns_cookie, orig) = unsafe { ((*pending).netns_cookie, (*pending).orig) };
     let key = ConnKey { netns_cookie, family, src_port: local_port, dst_port, _pad: 0, src, dst };
-    if let Err(e) = ORIG_DST.insert(&key, &orig, 0) {
+    if let Err(e) = ORIG_DST.insert(key, orig, 0) {
         count(stats::SOCKOPS_RECORD_FAILED);
         if let Some(cfg) = crate::maps::config() {
             crate::klog!(cfg, ctx, warn, "sock_ops: storing the connection record failed: {}", e);
@@ -91,15 +86,14 @@ fn on_connect(ctx: &SockOpsContext) {
 }
 
 fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: the helper takes the program context and only reads it.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let cookie = socket_cookie(ctx);
     // SAFETY: read-only lookup, the value is copied out before the element is deleted.
-    let Some(pending) = (unsafe { PENDING.get(&cookie) }).copied() else {
+    let Some(pending) = (unsafe { PENDING.get(cookie) }).copied() else {
         return;
     };
     if pending.keyed != 0 {
         // Absent already when the proxy accepted the connection: nothing to do then.
-        let _absent_is_fine = ORIG_DST.remove(&pending.key);
+        let _absent_is_fine = ORIG_DST.remove(pending.key);
     }
-    let _absent_is_fine = PENDING.remove(&cookie);
+    let _absent_is_fine = PENDING.remove(cookie);
 }

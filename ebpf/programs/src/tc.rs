@@ -226,7 +226,7 @@ fn tcp(ctx: &TcContext, l4: usize, family: u16, src: IpKey, dst: IpKey) -> Class
 fn on_syn(ctx: &TcContext, cfg: &Config, f: &FlowKey) -> i32 {
     let dst = IpKey { family: f.family, _pad: 0, addr: f.dst };
     // SAFETY: read-only lookup, the value is copied out at once.
-    let Some(netns_cookie) = (unsafe { POD_IPS.get(&dst) }).copied() else {
+    let Some(netns_cookie) = (unsafe { POD_IPS.get(dst) }).copied() else {
         // An address of this pod the mesh does not cover: nothing could apply its policy.
         count(stats::INBOUND_DROP_UNCOVERED);
         return TC_DROP;

@@ -15,7 +15,6 @@ use ambit_common::{
         TraceEvent, TracedSock, EV_CLOSE, EV_CONNECT, EV_ESTABLISHED, EV_RESET, EV_RETRANSMIT, EV_RTT,
         EV_STATE, PROXY_DELIVERY, PROXY_OWN, RTT_SAMPLE_NS, WAKEUP_BYTES,
     },
-    AF_INET, AF_INET6,
 };
 use aya_ebpf::{
     bindings::{
@@ -23,18 +22,18 @@ use aya_ebpf::{
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT,
         BPF_TCP_ESTABLISHED, BPF_TCP_FIN_WAIT1, BPF_TCP_SYN_RECV, BPF_TCP_SYN_SENT,
     },
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::generated::bpf_ktime_get_ns,
     programs::SockOpsContext,
-    EbpfContext,
 };
 
-use crate::maps::{count, ENROLLED, EVENTS, PENDING, TRACED};
+use crate::{
+    ctx::{netns_cookie, socket_cookie},
+    maps::{count, ENROLLED, EVENTS, PENDING, TRACED},
+    sock::{addrs, tuple, v4_mapped, Addrs, LOOPBACK6_WORD3},
+};
 
-use crate::sock::{remote_port, v4, words, V4MAPPED_WORD2};
-
-/// The socket's mark, local port and (for the event) addresses and counters. Every context
-/// field is read with a volatile load, once: LLVM may otherwise merge context accesses across
-/// branches into a form the verifier rejects.
+/// The socket's mark and local port. Every context field is read with a volatile load, once:
+/// LLVM may otherwise merge context accesses across branches into a form the verifier rejects.
 #[inline(always)]
 fn mark_and_port(ctx: &SockOpsContext) -> (u32, u32) {
     let o = ctx.ops;
@@ -47,46 +46,21 @@ fn mark_and_port(ctx: &SockOpsContext) -> (u32, u32) {
     }
 }
 
-/// Fills the event's socket fields from the context: (family, local, remote) with
-/// IPv4-mapped IPv6 as IPv4, ports, counters.
+/// Fills the event's socket fields from the context: its two ends (IPv4-mapped IPv6 as
+/// IPv4) and counters.
 #[inline(always)]
 fn fill(ctx: &SockOpsContext, ev: *mut TraceEvent) {
+    let t = tuple(ctx);
     let o = ctx.ops;
     // SAFETY: `o` is the program's context pointer, valid for the whole run (the kernel
     // rewrites each load; fields needing a full socket read 0 otherwise). `ev` points at a
     // reserved ring buffer record of the event's size, written field by field here.
     unsafe {
-        let family = read_volatile(addr_of!((*o).family));
-        let (fam, local, remote) = if family == u32::from(AF_INET) {
-            (
-                AF_INET,
-                v4(read_volatile(addr_of!((*o).local_ip4))),
-                v4(read_volatile(addr_of!((*o).remote_ip4))),
-            )
-        } else {
-            let r = [
-                read_volatile(addr_of!((*o).remote_ip6[0])),
-                read_volatile(addr_of!((*o).remote_ip6[1])),
-                read_volatile(addr_of!((*o).remote_ip6[2])),
-                read_volatile(addr_of!((*o).remote_ip6[3])),
-            ];
-            let l = [
-                read_volatile(addr_of!((*o).local_ip6[0])),
-                read_volatile(addr_of!((*o).local_ip6[1])),
-                read_volatile(addr_of!((*o).local_ip6[2])),
-                read_volatile(addr_of!((*o).local_ip6[3])),
-            ];
-            if r[0] == 0 && r[1] == 0 && r[2] == V4MAPPED_WORD2 {
-                (AF_INET, v4(l[3]), v4(r[3]))
-            } else {
-                (AF_INET6, words(l), words(r))
-            }
-        };
-        addr_of_mut!((*ev).family).write(fam);
-        addr_of_mut!((*ev).local).write(local);
-        addr_of_mut!((*ev).remote).write(remote);
-        addr_of_mut!((*ev).local_port).write(read_volatile(addr_of!((*o).local_port)) as u16);
-        addr_of_mut!((*ev).remote_port).write(remote_port(read_volatile(addr_of!((*o).remote_port))));
+        addr_of_mut!((*ev).family).write(t.family);
+        addr_of_mut!((*ev).local).write(t.local);
+        addr_of_mut!((*ev).remote).write(t.remote);
+        addr_of_mut!((*ev).local_port).write(t.local_port);
+        addr_of_mut!((*ev).remote_port).write(t.remote_port);
         // The kernel keeps 8 × the smoothed RTT.
         addr_of_mut!((*ev).srtt_us).write(read_volatile(addr_of!((*o).srtt_us)) >> 3);
         addr_of_mut!((*ev).total_retrans).write(read_volatile(addr_of!((*o).total_retrans)));
@@ -98,29 +72,13 @@ fn fill(ctx: &SockOpsContext, ev: *mut TraceEvent) {
 /// Whether the socket's two ends are on different addresses, neither of them loopback.
 #[inline(always)]
 fn crosses_network(ctx: &SockOpsContext) -> bool {
-    let o = ctx.ops;
-    // SAFETY: `o` is the program's context pointer, valid for the whole run.
-    unsafe {
-        if read_volatile(addr_of!((*o).family)) == u32::from(AF_INET) {
-            let (l, r) = (read_volatile(addr_of!((*o).local_ip4)), read_volatile(addr_of!((*o).remote_ip4)));
-            // 127.0.0.0/8: the first byte in network order is the lowest byte here.
-            l != r && (r & 0xff) != 127
-        } else {
-            let r = [
-                read_volatile(addr_of!((*o).remote_ip6[0])),
-                read_volatile(addr_of!((*o).remote_ip6[1])),
-                read_volatile(addr_of!((*o).remote_ip6[2])),
-                read_volatile(addr_of!((*o).remote_ip6[3])),
-            ];
-            let l = [
-                read_volatile(addr_of!((*o).local_ip6[0])),
-                read_volatile(addr_of!((*o).local_ip6[1])),
-                read_volatile(addr_of!((*o).local_ip6[2])),
-                read_volatile(addr_of!((*o).local_ip6[3])),
-            ];
-            let loopback = r[0] == 0 && r[1] == 0 && r[2] == 0 && r[3] == u32::from_ne_bytes([0, 0, 0, 1]);
-            let mapped_loopback = r[0] == 0 && r[1] == 0 && r[2] == V4MAPPED_WORD2 && (r[3] & 0xff) == 127;
-            !loopback && !mapped_loopback && l != r
+    match addrs(ctx) {
+        // 127.0.0.0/8: the first byte in network order is the lowest byte here.
+        Addrs::V4 { local, remote } => local != remote && (remote & 0xff) != 127,
+        Addrs::V6 { local, remote } => {
+            let loopback = remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == LOOPBACK6_WORD3;
+            let mapped_loopback = v4_mapped(&remote) && (remote[3] & 0xff) == 127;
+            !loopback && !mapped_loopback && local != remote
         }
     }
 }
@@ -129,12 +87,6 @@ fn crosses_network(ctx: &SockOpsContext) -> bool {
 #[inline(always)]
 fn enabled(cfg: &Config) -> bool {
     cfg.flags & CONFIG_TRACE != 0
-}
-
-#[inline(always)]
-fn socket_cookie(ctx: &SockOpsContext) -> u64 {
-    // SAFETY: the helper takes the program context and only reads it.
-    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
 }
 
 #[inline(always)]
@@ -193,10 +145,9 @@ fn emit(ctx: &SockOpsContext, w: What, cookie: u64, t: &TracedSock) {
 
 /// Starts tracing the socket if its pod is enrolled; returns the traced state.
 fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock> {
-    // SAFETY: the helper takes the program context and only reads it.
-    let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let netns_cookie = netns_cookie(ctx);
     // SAFETY: read-only lookup; only presence matters.
-    unsafe { ENROLLED.get(&netns_cookie) }?;
+    unsafe { ENROLLED.get(netns_cookie) }?;
     let (mark, local_port) = mark_and_port(ctx);
     // The proxy's end of a captured connection (accepted on the outbound listener): the pod's
     // own end is traced and carries the original destination.
@@ -222,13 +173,13 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
     };
     if !passive {
         // SAFETY: read-only lookup; the record is copied out.
-        if let Some(p) = unsafe { PENDING.get(&cookie) } {
+        if let Some(p) = unsafe { PENDING.get(cookie) } {
             t.orig = p.orig.ip.addr;
             t.orig_family = p.orig.ip.family;
             t.orig_port = p.orig.port;
         }
     }
-    if TRACED.insert(&cookie, &t, 0).is_err() {
+    if TRACED.insert(cookie, t, 0).is_err() {
         count(stats::TRACE_SOCKET_FAILED);
         return None;
     }
@@ -249,7 +200,7 @@ fn start(ctx: &SockOpsContext, cfg: &Config, passive: bool) -> Option<TracedSock
 #[inline(always)]
 fn traced(cookie: u64) -> Option<TracedSock> {
     // SAFETY: read-only lookup; the value is copied out.
-    unsafe { TRACED.get(&cookie) }.copied()
+    unsafe { TRACED.get(cookie) }.copied()
 }
 
 /// `TCP_CONNECT_CB`: an enrolled pod's socket (or the proxy's, in the pod) connects.
@@ -291,7 +242,7 @@ pub fn on_state(ctx: &SockOpsContext, old: u32, new: u32) {
                 | BPF_TCP_FIN_WAIT1
         );
         emit(ctx, what(if aborted { EV_RESET } else { EV_CLOSE }, old, new), cookie, &t);
-        let _gone_already_is_fine = TRACED.remove(&cookie);
+        let _gone_already_is_fine = TRACED.remove(cookie);
     } else if new != BPF_TCP_ESTABLISHED {
         emit(ctx, what(EV_STATE, old, new), cookie, &t);
     }
@@ -306,7 +257,7 @@ pub fn on_rtt(ctx: &SockOpsContext) {
         return;
     }
     let cookie = socket_cookie(ctx);
-    let Some(slot) = TRACED.get_ptr_mut(&cookie) else { return };
+    let Some(slot) = TRACED.get_ptr_mut(cookie) else { return };
     let t_now = now();
     // SAFETY: `slot` comes from a successful LRU lookup and stays valid for this run (RCU);
     // racing updates of `last_rtt_ns` from two CPUs can only cost or save one sample.

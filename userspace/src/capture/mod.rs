@@ -44,8 +44,17 @@ pub use tc::TcState;
 use crate::os::cookie::NetnsCookie;
 use crate::os::netns::Netns;
 
-/// The eBPF object built from `ebpf/programs` by build.rs.
-pub(crate) static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
+/// The eBPF object built from `ebpf/programs` by build.rs; empty when the eBPF toolchain was
+/// missing (a check-only build), which [`object`] refuses.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ambit-ebpf.o"));
+
+/// The embedded eBPF object, or why this binary has none.
+pub(crate) fn object() -> Result<&'static [u8], CaptureError> {
+    if OBJECT.is_empty() {
+        return Err(CaptureError::NoObject);
+    }
+    Ok(OBJECT)
+}
 
 /// aya-log's ring buffer map, pinned like ours.
 pub(crate) const AYA_LOGS: &str = "AYA_LOGS";
@@ -68,6 +77,11 @@ pub enum CaptureError {
          this one its own --instance"
     )]
     InstanceBusy { path: PathBuf },
+    #[error(
+        "this ambit binary has no eBPF programs: the eBPF toolchain was missing when it was built; \
+         run `cargo xtask setup` (as root) and build again"
+    )]
+    NoObject,
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("eBPF program {name}: {source}")]
@@ -169,12 +183,13 @@ impl Capture {
     /// Loads (or re-adopts) the programs and maps, attaches the cgroup programs, and writes
     /// the settings the programs read.
     pub fn open(settings: &CaptureSettings) -> Result<Opened, CaptureError> {
+        let object = object()?;
         let pins = PinDir::create(&settings.bpffs, &settings.instance, settings.takeover)?;
         let logs_pin = pins.root().join(AYA_LOGS);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.root())
             .map_pin_path(AYA_LOGS, logs_pin.as_path())
-            .load(OBJECT)
+            .load(object)
             .map_err(|e| CaptureError::Load(Box::new(e)))?;
         let maps::Split { mut maps, orig, stats, events } = maps::split(&mut ebpf)?;
 
@@ -325,4 +340,19 @@ impl Capture {
 /// maps. Capture stops for every pod the instance had enrolled.
 pub fn uninstall(bpffs: &Path, instance: &str) -> Result<Vec<PathBuf>, CaptureError> {
     pins::remove_all(bpffs, instance)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Unit tests link ambit, which a placeholder object stops (build.rs): what they embed
+    /// is the real object, an eBPF ELF file.
+    #[test]
+    fn the_embedded_object_is_an_ebpf_elf_file() {
+        let object = object().expect("built with the eBPF toolchain");
+        assert_eq!(&object[..4], b"\x7fELF");
+        // e_machine (little-endian, at 18): EM_BPF.
+        assert_eq!(u16::from_le_bytes([object[18], object[19]]), 247);
+    }
 }

@@ -37,10 +37,17 @@ pub fn run(r: &mut Report, bpffs: &Path, cgroup: &Path) {
 }
 
 fn probe_with(r: &mut Report, scratch: &Path, cgroup: &Path) {
+    let object = match capture::object() {
+        Ok(o) => o,
+        Err(e) => {
+            r.add("ambit's programs pass the verifier", Status::Error(e.to_string()));
+            return;
+        }
+    };
     let mut ebpf = match EbpfLoader::new()
         .default_map_pin_directory(scratch)
         .map_pin_path(capture::AYA_LOGS, scratch.join(capture::AYA_LOGS))
-        .load(capture::OBJECT)
+        .load(object)
     {
         Ok(e) => e,
         Err(e) => {
