@@ -21,7 +21,6 @@ const SETUP_HINT: &str = "run `cargo xtask setup` (as root) to install the eBPF 
 fn main() {
     compile_protos();
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    link_order(&manifest_dir);
     let root = manifest_dir.parent().expect("userspace/ sits in the workspace root");
     let programs = root.join("ebpf/programs");
     let common = root.join("ebpf/common");
@@ -133,46 +132,6 @@ fn placeholder(out: &Path, missing: &[(PathBuf, String)]) {
     let text = format!("ASSERT(0, \"ambit: {}\");\n", message.replace('"', "'"));
     std::fs::write(&script, text).unwrap_or_else(|e| panic!("writing {}: {e}", script.display()));
     println!("cargo:rustc-link-arg={}", script.display());
-}
-
-/// Release builds place the functions that start-up, an idle proxy and its data path run
-/// (`link-order.txt`, written by `cargo xtask link-order`) first and together in `.text`.
-/// The kernel maps a binary's code 64 KiB around each page a process touches, so code run
-/// once at start-up but spread over the whole binary kept most of it resident; laid out
-/// together, it is a few MB. Names the build no longer has (the list is stale after
-/// dependency or toolchain updates) are skipped: the layout degrades, the build does not.
-/// Needs LLD, rustc's default linker for this target since 1.90.
-fn link_order(manifest_dir: &Path) {
-    let file = manifest_dir.join("link-order.txt");
-    println!("cargo:rerun-if-changed={}", file.display());
-    println!("cargo:rerun-if-env-changed=AMBIT_LINK_ORDER");
-    let release = env::var("PROFILE").is_ok_and(|p| p == "release");
-    let target = env::var("TARGET").unwrap_or_default();
-    if !release
-        || target != "x86_64-unknown-linux-gnu"
-        || env::var_os("AMBIT_LINK_ORDER").is_some_and(|v| v == "0")
-    {
-        return;
-    }
-    // A linker chosen by the user may not be LLD (GNU ld refuses the option).
-    let flags = env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
-    if flags.contains("linker") || flags.contains("fuse-ld") || !rustc_links_with_lld() {
-        println!("cargo:warning=link-order.txt not applied: the linker may not be LLD (set AMBIT_LINK_ORDER=0 to silence)");
-        return;
-    }
-    println!("cargo:rustc-link-arg-bin=ambit=-Wl,--symbol-ordering-file={}", file.display());
-    println!("cargo:rustc-link-arg-bin=ambit=-Wl,--no-warn-symbol-ordering");
-}
-
-/// rustc 1.90 and later link x86_64-unknown-linux-gnu with its own LLD by default.
-fn rustc_links_with_lld() -> bool {
-    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let Ok(out) = Command::new(rustc).arg("-vV").output() else { return false };
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(version) = text.lines().find_map(|l| l.strip_prefix("release: ")) else { return false };
-    let mut parts = version.split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (1, 90)
 }
 
 /// The project's own .proto files (the Istio APIs ambit speaks), compiled without a system

@@ -75,9 +75,6 @@ enum Cmd {
     /// Hold 10,000 idle tunnelled connections for minutes: memory sampled, every connection
     /// checked alive at the end (release build, results in target/soak/).
     Soak(bench::soak::SoakArgs),
-    /// Profile which functions ambit runs (callgrind, the bench's workloads) and list them in
-    /// userspace/link-order.txt, which release builds lay out together (less resident code).
-    LinkOrder,
     /// Count the instructions ambit spends per request and per new connection (callgrind,
     /// both proxies, cross-node; profiles in target/bench/callgrind/).
     Count,
@@ -267,11 +264,6 @@ fn run_cmd(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Soak(args) => {
             ensure_setup()?;
             bench::soak::run(args)
-        }
-        Cmd::LinkOrder => {
-            ensure_setup()?;
-            setup::ensure_packages(setup::PROFILING)?;
-            bench::link_order::run()
         }
         Cmd::Count => {
             ensure_setup()?;

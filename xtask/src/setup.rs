@@ -44,11 +44,11 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("xz-utils", "unpacking 6.12's compressed modules"),
 ];
 
-/// Only for measuring (`bench --profile`, `count`, `link-order`): installed by those commands
+/// Only for measuring (`bench --profile`, `count`): installed by those commands
 /// when missing, not by the build and the tests.
 pub const PROFILING: &[(&str, &str)] = &[
     ("linux-perf", "perf record, stat and trace in `bench --profile`"),
-    ("valgrind", "callgrind instruction counts for `count` and `link-order`"),
+    ("valgrind", "callgrind instruction counts for `count`"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

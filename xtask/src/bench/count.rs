@@ -4,7 +4,7 @@
 //! tokio, h2 and rustls: a sampling profile of it has a few thousand samples. Callgrind counts
 //! every instruction instead, which shows what one operation costs down to single
 //! allocations. Both node proxies run under `valgrind --tool=callgrind` in the bench's
-//! topology (as for `link-order`); after a warm-up, the counters are zeroed, a fixed load
+//! topology; after a warm-up, the counters are zeroed, a fixed load
 //! runs, and each proxy's profile is dumped: request/response (1 KiB, one connection) and a
 //! connection storm (one byte each way per connection), cross-node. Instruction counts are
 //! deterministic enough to compare two builds where the bench's timings are not. Profiles stay
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use super::{link_order, load, topology::Config, topology::Topology, Progress};
+use super::{callgrind, load, topology::Config, topology::Topology, Progress};
 
 /// Requests per second and seconds of the counted request/response load (slow under
 /// callgrind, so a rate it keeps up with).
@@ -23,8 +23,8 @@ const RR_SECS: f64 = 10.0;
 const STORM_SECS: f64 = 5.0;
 
 pub fn run() -> anyhow::Result<()> {
-    link_order::preflight("count", &["valgrind", "callgrind_control"])?;
-    let (bed, out) = link_order::callgrind_bed("count")?;
+    callgrind::preflight("count", &["valgrind", "callgrind_control"])?;
+    let (bed, out) = callgrind::callgrind_bed("count")?;
     let p = Progress { started: Instant::now() };
     p.say("building the bed, node proxies under callgrind (start-up takes a while)");
     let topo = Topology::build(&bed)?;
@@ -34,16 +34,16 @@ pub fn run() -> anyhow::Result<()> {
     load::latency(&pods.client, &pods.cross, 1, RR_RATE, 2.0)?;
     load::connrate(&pods.client, &pods.cross, 2.0, 2)?;
 
-    link_order::control(&pids, "-z")?;
+    callgrind::control(&pids, "-z")?;
     let rr = load::latency(&pods.client, &pods.cross, 1, RR_RATE, RR_SECS)?;
-    link_order::control(&pids, "-d")?;
-    let rr_profiles = link_order::wait_for_profiles(&out, &pids, 1)?;
+    callgrind::control(&pids, "-d")?;
+    let rr_profiles = callgrind::wait_for_profiles(&out, &pids, 1)?;
     p.say(&format!("{} requests counted", rr.requests));
 
-    link_order::control(&pids, "-z")?;
+    callgrind::control(&pids, "-z")?;
     let rate = load::connrate(&pods.client, &pods.cross, STORM_SECS, 2)?;
-    link_order::control(&pids, "-d")?;
-    let storm_profiles = link_order::wait_for_profiles(&out, &pids, 2)?;
+    callgrind::control(&pids, "-d")?;
+    let storm_profiles = callgrind::wait_for_profiles(&out, &pids, 2)?;
     let conns = (rate * STORM_SECS).round().max(1.0) as u64;
     p.say(&format!("about {conns} connections counted ({rate:.0}/s under callgrind)"));
 

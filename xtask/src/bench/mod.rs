@@ -2,8 +2,8 @@
 //! (docs/benchmark.md, "Method"): alternating rounds, medians with min–max, ratios as
 //! the headline, results in `target/bench/` (markdown and JSON).
 
+mod callgrind;
 pub mod count;
-pub mod link_order;
 mod load;
 mod profile;
 mod report;
@@ -374,19 +374,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::env::set_var("AMBIT_BIN_DIR", crate::root().join("target").join(profile));
     }
     let p = Progress { started: Instant::now() };
-    if !args.debug {
-        // Release builds lay these out together; names the build lacks are not placed.
-        let binary = ambit_testbed::exec::workspace_bin("ambit");
-        match link_order::coverage(&binary) {
-            Ok((found, listed)) => p.say(&format!(
-                "{found} of the {listed} functions in {} are in {} (fewer: run `cargo xtask link-order`)",
-                link_order::FILE,
-                binary.display()
-            )),
-            // A wrapper script around the binary (profilers), say: nothing to measure by.
-            Err(e) => p.say(&format!("link order not checked: {e:#}")),
-        }
-    }
     p.say(&format!("building the bed ({profile} build, {} rounds)", args.rounds));
     let bed = Bed::new("bench");
     let topo = Topology::build(&bed)?;
