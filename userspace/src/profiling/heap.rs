@@ -229,6 +229,19 @@ fn freed(p: *mut u8) {
     }
 }
 
+/// Runs `f` with this thread's allocations unsampled: the profile's own making (the
+/// snapshot, symbolizing) is left out of the profile.
+pub fn unsampled<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _restored = BUSY.try_with(|b| b.set(self.0));
+        }
+    }
+    let _restore = Restore(BUSY.try_with(|b| b.replace(true)).unwrap_or(false));
+    f()
+}
+
 /// One live sampled allocation.
 #[derive(Clone, Debug)]
 pub struct Sample {

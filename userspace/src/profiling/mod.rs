@@ -64,6 +64,9 @@ pub async fn cpu(duration: Duration, slot: impl Send + 'static) -> Result<Vec<u8
             .build()?;
         std::thread::sleep(duration.min(MAX));
         let profile = guard.report().build()?.pprof()?;
+        // Symbolizing parsed the binary's line tables into a cache: let it go, so that a
+        // profile does not leave the proxy tens of MiB larger.
+        backtrace::clear_symbol_cache();
         use pprof::protos::Message as _;
         Ok(profile.encode_to_vec())
     })
@@ -80,9 +83,11 @@ pub async fn heap_profile() -> Result<Vec<u8>, ProfileError> {
         return Err(ProfileError::HeapOff);
     }
     tokio::task::spawn_blocking(move || {
-        let profile = heap_report::encode(&heap::live(), rate);
-        backtrace::clear_symbol_cache();
-        profile
+        heap::unsampled(|| {
+            let profile = heap_report::encode(&heap::live(), rate);
+            backtrace::clear_symbol_cache();
+            profile
+        })
     })
     .await
     .map_err(|e| ProfileError::Thread(e.to_string()))
