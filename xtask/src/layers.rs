@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context};
 
-/// Bottom first. ARCHITECTURE.md ("Layers") explains each and which room a change goes in.
+/// Bottom first. ARCHITECTURE.md ("Module map") explains each and which room a change goes in.
 pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "foundation: OS primitives and process-wide services",
