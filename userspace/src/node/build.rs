@@ -166,24 +166,9 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
         tokio::spawn(crate::cni::install::keep_installed(install, cni_stop.clone()));
     }
     admin.set_live_dump(view::live_dump(&proxy, &identities, &state, xds_status, pod_source_status));
-    let node = Node {
-        settings,
-        shutdown,
-        sigterm,
-        sigint,
-        admin,
-        metrics,
-        adoption,
-        proxy,
-        identities,
-        state,
-        pods,
-        source,
-        synced,
-        report_enrolled,
-        cni_stop,
-    };
-    node.view().publish(&node.pods);
+    let shown = view::Shown { synced, admin, metrics, settings, adoption, proxy, identities };
+    shown.publish(&pods);
+    let node = Node { shown, shutdown, sigterm, sigint, state, pods, source, report_enrolled, cni_stop };
     Ok(Some(node))
 }
 

@@ -12,14 +12,9 @@ use tokio::{signal::unix::Signal, sync::watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    admin::AdminState,
-    capture::Adoption,
     config::NodeSettings,
     enroll::{self, EnrolledReport},
-    identity::IdentityManager,
     inpod::PodManager,
-    metrics::Metrics,
-    proxy::Proxy,
     state::StateStore,
 };
 
@@ -35,64 +30,33 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
 
 /// A built node: everything started, the first pod set enrolled.
 struct Node {
-    settings: NodeSettings,
+    /// The settings, the admin state and what the dump and readiness are made from.
+    shown: view::Shown,
     shutdown: CancellationToken,
     sigterm: Signal,
     sigint: Signal,
-    admin: Arc<AdminState>,
-    metrics: Arc<Metrics>,
-    adoption: Adoption,
-    proxy: Proxy,
-    identities: IdentityManager,
     state: Arc<StateStore>,
     pods: PodManager,
     source: enroll::Source,
-    synced: watch::Receiver<bool>,
     report_enrolled: Option<Arc<watch::Sender<Option<EnrolledReport>>>>,
     cni_stop: CancellationToken,
 }
 
 impl Node {
-    fn view(&self) -> view::View<'_> {
-        view::View {
-            synced: &self.synced,
-            admin: &self.admin,
-            metrics: &self.metrics,
-            settings: &self.settings,
-            adoption: &self.adoption,
-            proxy: &self.proxy,
-            identities: &self.identities,
-        }
-    }
-
     /// Follows the pod source until asked to stop, then drains.
     async fn run(self) -> anyhow::Result<()> {
         let Node {
-            settings,
+            shown,
             shutdown,
             mut sigterm,
             mut sigint,
-            admin,
-            metrics,
-            adoption,
-            proxy,
-            identities,
             state,
             mut pods,
             mut source,
-            synced,
             report_enrolled,
             cni_stop,
         } = self;
-        let view = view::View {
-            synced: &synced,
-            admin: &admin,
-            metrics: &metrics,
-            settings: &settings,
-            adoption: &adoption,
-            proxy: &proxy,
-            identities: &identities,
-        };
+        let settings = &shown.settings;
         let rules = &settings.enrolment;
         // --takeover: the previous proxy drains once this one is ready.
         let mut predecessor = pods.capture().predecessor();
@@ -122,7 +86,7 @@ impl Node {
                 _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
                 () = shutdown.cancelled() => break,
             }
-            if view.publish(&pods) {
+            if shown.publish(&pods) {
                 if let Some(pid) = predecessor.take() {
                     let root = pods.capture().pin_dir().to_path_buf();
                     tokio::task::spawn_blocking(move || {
@@ -138,14 +102,14 @@ impl Node {
             }
         }
 
-        admin.set_ready(Some("draining".into()));
+        shown.admin.set_ready(Some("draining".into()));
         // New pods' ADDs fail (closed) until the next proxy answers; the plugin stays chained.
         cni_stop.cancel();
         // Listeners close now: new connects of enrolled pods are refused (fail closed) or let
         // through (fail open) by the still-attached programs until the next proxy starts.
         pods.stop_accepting().await;
-        let open = proxy.active_connections();
-        let left = proxy.drain(settings.drain_timeout).await;
+        let open = shown.proxy.active_connections();
+        let left = shown.proxy.drain(settings.drain_timeout).await;
         tracing::info!(
             open_at_start = open,
             left_after_deadline = left,

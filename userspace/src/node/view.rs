@@ -16,18 +16,18 @@ use crate::{
     xds::client::XdsStatus,
 };
 
-/// What the admin endpoints show; published after every change.
-pub(super) struct View<'a> {
-    pub synced: &'a tokio::sync::watch::Receiver<bool>,
-    pub admin: &'a AdminState,
-    pub metrics: &'a Metrics,
-    pub settings: &'a NodeSettings,
-    pub adoption: &'a Adoption,
-    pub proxy: &'a Proxy,
-    pub identities: &'a IdentityManager,
+/// What the admin endpoints show, and what it is made from; published after every change.
+pub(super) struct Shown {
+    pub synced: tokio::sync::watch::Receiver<bool>,
+    pub admin: Arc<AdminState>,
+    pub metrics: Arc<Metrics>,
+    pub settings: NodeSettings,
+    pub adoption: Adoption,
+    pub proxy: Proxy,
+    pub identities: IdentityManager,
 }
 
-impl View<'_> {
+impl Shown {
     /// Publishes the dump and readiness; whether the proxy is ready.
     pub fn publish(&self, pods: &PodManager) -> bool {
         let (enrolled, failed) = pods.dump();
