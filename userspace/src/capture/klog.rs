@@ -22,6 +22,11 @@ pub enum KernelLogLevel {
 }
 
 impl KernelLogLevel {
+    /// The level as the programs' config map holds it.
+    pub fn from_raw(raw: u8) -> Option<KernelLogLevel> {
+        [Self::Off, Self::Error, Self::Warn, Self::Info, Self::Debug].into_iter().find(|l| *l as u8 == raw)
+    }
+
     /// The tracing filter directive that lets these records through.
     pub fn directive(self) -> Option<&'static str> {
         match self {

@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use tokio::sync::watch;
 
 use crate::{
-    admin::{self, AdminState, Routes},
+    admin::{self, AdminState, Phase, Routes},
     enroll,
     metrics::Metrics,
     pb::istio::v1::auth::istio_certificate_service_server::IstioCertificateServiceServer,
@@ -200,10 +200,10 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
 
     let metrics = Arc::new(Metrics::new());
     let admin = Arc::new(AdminState::new(metrics, shutdown.clone()));
-    admin.set_dump(serde_json::json!({ "trust_domain": args.trust_domain }));
-    admin.set_live_dump(Arc::new(move || {
-        let peers: Vec<_> = peers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
-        serde_json::json!({ "serving": xds::server::dump(&snapshots.borrow()), "proxies": peers })
+    admin.set_view(Arc::new(ServerView {
+        trust_domain: args.trust_domain.clone(),
+        snapshots: snapshots.clone(),
+        peers,
     }));
     for (addr, routes) in [(args.readiness_addr, Routes::Readiness), (args.admin_addr, Routes::Admin)] {
         let l = admin::bind(addr).await.with_context(|| format!("binding {addr}"))?;
@@ -231,7 +231,7 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    admin.set_ready(None);
+    admin.set_phase(Phase::Serving);
     tracing::info!(listen = %args.listen, "CA and xDS serving");
     let stop = shutdown.clone();
     let signals = async move {
@@ -259,6 +259,30 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<()> {
 /// The served workloads' trust domain and cluster.
 fn origin(args: &ControlPlaneArgs) -> Origin<'_> {
     Origin { trust_domain: &args.trust_domain, cluster_id: &args.cluster_id }
+}
+
+/// What the embedded control plane's admin endpoints show: what it serves and to whom.
+struct ServerView {
+    trust_domain: String,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    peers: Arc<std::sync::Mutex<std::collections::BTreeMap<u64, crate::xds::server::Peer>>>,
+}
+
+impl admin::View for ServerView {
+    fn config_dump(&self) -> futures::future::BoxFuture<'_, serde_json::Value> {
+        let peers: Vec<_> = self.peers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let dump = serde_json::json!({
+            "trust_domain": self.trust_domain,
+            "serving": xds::server::dump(&self.snapshots.borrow()),
+            "proxies": peers,
+        });
+        Box::pin(std::future::ready(dump))
+    }
+
+    /// Ready once it serves (the phase says so until then).
+    fn not_ready(&self) -> Option<String> {
+        None
+    }
 }
 
 #[cfg(test)]

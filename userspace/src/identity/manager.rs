@@ -58,6 +58,8 @@ struct Inner {
     entries: Mutex<HashMap<Identity, Entry>>,
     /// Roots known before any certificate arrived (the CA's trust bundle file).
     bootstrap_roots: Vec<CertificateDer<'static>>,
+    /// Certificates issued on this node so far: what readiness waits on changes with it.
+    issued: watch::Sender<u64>,
 }
 
 /// Shared handle; cheap to clone.
@@ -95,7 +97,13 @@ impl IdentityManager {
         bootstrap_roots: Vec<CertificateDer<'static>>,
     ) -> Self {
         IdentityManager {
-            inner: Arc::new(Inner { ca, settings, entries: Mutex::new(HashMap::new()), bootstrap_roots }),
+            inner: Arc::new(Inner {
+                ca,
+                settings,
+                entries: Mutex::new(HashMap::new()),
+                bootstrap_roots,
+                issued: watch::channel(0).0,
+            }),
         }
     }
 
@@ -127,6 +135,7 @@ impl IdentityManager {
             self.inner.settings.validity,
             tx.clone(),
             state.clone(),
+            self.inner.issued.clone(),
         ));
         entries.insert(identity.clone(), Entry { refs: 1, cert: tx, state, task });
     }
@@ -182,6 +191,11 @@ impl IdentityManager {
         roots
     }
 
+    /// Changes with every certificate issued or renewed on the node.
+    pub fn issued(&self) -> watch::Receiver<u64> {
+        self.inner.issued.subscribe()
+    }
+
     /// Whether every identity on the node has a valid certificate (readiness).
     pub fn all_ready(&self) -> bool {
         let now = SystemTime::now();
@@ -222,6 +236,7 @@ async fn refresh(
     validity: Duration,
     tx: watch::Sender<Option<Arc<WorkloadCert>>>,
     state: Arc<Mutex<CertState>>,
+    issued: watch::Sender<u64>,
 ) {
     let set = |s: CertState| *state.lock().unwrap_or_else(|p| p.into_inner()) = s;
     // Retries start fast and back off exponentially, but never wait longer than a quarter of
@@ -244,6 +259,7 @@ async fn refresh(
                 let refresh_at = cert.refresh_at();
                 tx.send_replace(Some(Arc::new(cert)));
                 set(CertState::Valid);
+                issued.send_modify(|n| *n += 1);
                 backoff = floor;
                 failing_since = None;
                 let wait = refresh_at.duration_since(SystemTime::now()).unwrap_or_default();

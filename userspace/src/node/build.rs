@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{view, Node};
 use crate::{
-    admin::{self, AdminState, Routes},
+    admin::{self, AdminState, Phase, Routes},
     capture::Capture,
     cni::{
         install::{Chained, CniSettings},
@@ -93,8 +93,6 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
     );
     metrics.register_kernel_stats(Arc::new(stats));
 
-    view::kernel_switches(&admin, &kernel_config, &settings);
-
     let identities = identities(&settings)?;
     let state = Arc::new(StateStore::default());
     let pod_registry = Arc::new(crate::pod::PodRegistry::default());
@@ -107,11 +105,11 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
             &metrics,
         );
         t.spawn_reader(events, shutdown.clone()).context("reading kernel trace events")?;
-        admin.set_tracer(t.clone());
         Some(t)
     } else {
         None
     };
+    let kernel = view::Kernel { config: kernel_config, tracer: tracer.clone() };
     let proxy = proxy(&settings, Arc::new(orig), &metrics, &identities, &state, pod_registry, tracer);
     let mut pods = PodManager::new(
         capture,
@@ -137,7 +135,7 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
     // Pinned state of pods that left while no proxy ran is removed after the first reconcile:
     // that needs the complete pod list.
     if matches!(source, enroll::Source::Kubernetes(_)) {
-        admin.set_ready(Some("waiting for the first pod list from the Kubernetes API".into()));
+        admin.set_phase(Phase::Starting("waiting for the first pod list from the Kubernetes API".into()));
         tracing::info!("waiting for the first pod list from the Kubernetes API");
         tokio::select! {
             () = source.first_sync() => {}
@@ -156,7 +154,7 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
     }
     let rules = &settings.enrolment;
     pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
-    super::report(report_enrolled.as_deref(), &pods);
+    super::report(report_enrolled.as_deref(), &metrics, &pods);
     let stale = pods.remove_stale().context("removing stale capture state")?;
     tracing::info!(?stale, enrolled = pods.enrolled_count(), "initial pod set reconciled");
     // The plugin's socket from now on: the node captures what it is handed.
@@ -165,10 +163,35 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
         tokio::spawn(server.serve(bound, cni_stop.clone()));
         tokio::spawn(crate::cni::install::keep_installed(install, cni_stop.clone()));
     }
-    admin.set_live_dump(view::live_dump(&proxy, &identities, &state, xds_status, pod_source_status));
-    let shown = view::Shown { synced, admin, metrics, settings, adoption, proxy, identities };
-    shown.publish(&pods);
-    let node = Node { shown, shutdown, sigterm, sigint, state, pods, source, report_enrolled, cni_stop };
+    let (pods_tx, dump_requests) = tokio::sync::mpsc::channel(8);
+    let view = Arc::new(view::NodeView {
+        settings,
+        adoption,
+        proxy,
+        identities,
+        state: state.clone(),
+        synced,
+        xds_status,
+        pod_source_status,
+        pods: pods_tx,
+        kernel,
+    });
+    admin.set_view(view.clone());
+    admin.set_phase(Phase::Serving);
+    let node = Node {
+        view,
+        admin,
+        metrics,
+        shutdown,
+        sigterm,
+        sigint,
+        state,
+        pods,
+        source,
+        report_enrolled,
+        cni_stop,
+        dump_requests,
+    };
     Ok(Some(node))
 }
 

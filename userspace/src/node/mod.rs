@@ -6,20 +6,28 @@
 mod build;
 mod view;
 
-use std::{sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use tokio::{signal::unix::Signal, sync::watch};
+use tokio::{
+    signal::unix::Signal,
+    sync::{mpsc, watch},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    admin::{AdminState, Phase},
     config::NodeSettings,
     enroll::{self, EnrolledReport},
     inpod::PodManager,
+    metrics::Metrics,
     state::StateStore,
 };
 
 /// How often enrolment of pods that failed is retried.
 const RETRY: Duration = Duration::from_secs(2);
+/// How often pods that left are checked for their last delivery to end, so their delivery
+/// settings can be undone.
+const SWEEP: Duration = Duration::from_secs(1);
 
 pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
     match build::build(settings).await? {
@@ -30,8 +38,10 @@ pub async fn run(settings: NodeSettings) -> anyhow::Result<()> {
 
 /// A built node: everything started, the first pod set enrolled.
 struct Node {
-    /// The settings, the admin state and what the dump and readiness are made from.
-    shown: view::Shown,
+    /// What the admin endpoints show; the settings.
+    view: Arc<view::NodeView>,
+    admin: Arc<AdminState>,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     sigterm: Signal,
     sigint: Signal,
@@ -40,13 +50,17 @@ struct Node {
     source: enroll::Source,
     report_enrolled: Option<Arc<watch::Sender<Option<EnrolledReport>>>>,
     cni_stop: CancellationToken,
+    /// `/config_dump` asking for the pods' part, which this loop owns.
+    dump_requests: mpsc::Receiver<view::PodsRequest>,
 }
 
 impl Node {
     /// Follows the pod source until asked to stop, then drains.
     async fn run(self) -> anyhow::Result<()> {
         let Node {
-            shown,
+            view,
+            admin,
+            metrics,
             shutdown,
             mut sigterm,
             mut sigint,
@@ -55,14 +69,17 @@ impl Node {
             mut source,
             report_enrolled,
             cni_stop,
+            mut dump_requests,
         } = self;
-        let settings = &shown.settings;
+        let settings = &view.settings;
         let rules = &settings.enrolment;
         // --takeover: the previous proxy drains once this one is ready.
-        let mut predecessor = pods.capture().predecessor();
+        if let Some(pid) = pods.capture().predecessor() {
+            let root = pods.capture().pin_dir().to_path_buf();
+            tokio::spawn(take_over(view.clone(), root, pid, shutdown.clone()));
+        }
         let mut retry = tokio::time::interval(RETRY);
-        // Certificates arrive and rotate on their own: refresh the dump and readiness.
-        let mut refresh = tokio::time::interval(Duration::from_secs(1));
+        let mut sweep = tokio::time::interval(SWEEP);
         loop {
             tokio::select! {
                 changed = source.meshes().changed() => {
@@ -74,42 +91,32 @@ impl Node {
                         build::apply_mesh(&state, &mesh, &settings.origin());
                     }
                     pods.reconcile(&enroll::enrolled_pods(&mesh, &settings.node_name, rules)).await;
-                    report(report_enrolled.as_deref(), &pods);
+                    report(report_enrolled.as_deref(), &metrics, &pods);
                 }
-                _ = refresh.tick() => pods.tidy(),
+                _ = sweep.tick() => pods.tidy(),
                 _ = retry.tick(), if pods.has_failures() => {
                     let desired = enroll::enrolled_pods(&source.meshes().borrow(), &settings.node_name, rules);
                     pods.reconcile(&desired).await;
-                    report(report_enrolled.as_deref(), &pods);
+                    report(report_enrolled.as_deref(), &metrics, &pods);
+                }
+                Some(reply) = dump_requests.recv() => {
+                    // The asker may have given up waiting; nothing is lost.
+                    let _asker_gone = reply.send(view::pods_part(&pods));
                 }
                 _ = sigterm.recv() => { tracing::info!("SIGTERM: draining"); break; }
                 _ = sigint.recv() => { tracing::info!("SIGINT: draining"); break; }
                 () = shutdown.cancelled() => break,
             }
-            if shown.publish(&pods) {
-                if let Some(pid) = predecessor.take() {
-                    let root = pods.capture().pin_dir().to_path_buf();
-                    tokio::task::spawn_blocking(move || {
-                        match crate::capture::handover::succeed(&root, pid) {
-                            // Held until this process exits, as the lock of a proxy that started alone.
-                            Ok(lock) => std::mem::forget(lock),
-                            Err(e) => {
-                                tracing::error!(predecessor = pid, error = %e, "taking over from the previous proxy")
-                            }
-                        }
-                    });
-                }
-            }
         }
 
-        shown.admin.set_ready(Some("draining".into()));
+        admin.set_phase(Phase::Draining);
         // New pods' ADDs fail (closed) until the next proxy answers; the plugin stays chained.
         cni_stop.cancel();
         // Listeners close now: new connects of enrolled pods are refused (fail closed) or let
         // through (fail open) by the still-attached programs until the next proxy starts.
         pods.stop_accepting().await;
-        let open = shown.proxy.active_connections();
-        let left = shown.proxy.drain(settings.drain_timeout).await;
+        let open = view.proxy.active_connections();
+        let left = view.proxy.drain(settings.drain_timeout).await;
         tracing::info!(
             open_at_start = open,
             left_after_deadline = left,
@@ -120,8 +127,28 @@ impl Node {
     }
 }
 
-/// Tells the pod source (for the CNI server and the annotations) what is enrolled now.
-fn report(reporter: Option<&watch::Sender<Option<EnrolledReport>>>, pods: &PodManager) {
+/// `--takeover`: once this proxy is ready, tells the previous one to drain.
+async fn take_over(view: Arc<view::NodeView>, root: PathBuf, predecessor: i32, stop: CancellationToken) {
+    tokio::select! {
+        ready = view.wait_ready() => if !ready { return },
+        () = stop.cancelled() => return,
+    }
+    let handed =
+        tokio::task::spawn_blocking(move || crate::capture::handover::succeed(&root, predecessor)).await;
+    match handed {
+        // Held until this process exits, as the lock of a proxy that started alone.
+        Ok(Ok(lock)) => std::mem::forget(lock),
+        Ok(Err(e)) => tracing::error!(predecessor, error = %e, "taking over from the previous proxy"),
+        Err(e) => {
+            tracing::error!(predecessor, error = %e, "taking over from the previous proxy: the task failed")
+        }
+    }
+}
+
+/// Tells the pod source (for the CNI server and the annotations) and the metrics what is
+/// enrolled now.
+fn report(reporter: Option<&watch::Sender<Option<EnrolledReport>>>, metrics: &Metrics, pods: &PodManager) {
+    metrics.enrolled_pods.set(pods.enrolled_count() as i64);
     let Some(r) = reporter else { return };
     let failed =
         pods.failures().iter().map(|(k, f)| (k.clone(), (f.netns.clone(), f.reason.clone()))).collect();

@@ -10,10 +10,18 @@
 //! - readiness (default 15021): `GET /healthz/ready`, 200 once the programs are attached and
 //!   the first pod set is enrolled, 503 with the reason before; `GET /healthz/live`, 200
 //!   while the process serves (the liveness probe).
+//!
+//! The endpoints serve from the first second of a start; what they show of the process comes
+//! from a [`View`], handed over once the process is built, and is computed when asked.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, sync::Mutex};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, OnceLock},
+};
 
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{
     body::Incoming, server::conn::http1, service::service_fn, Method, Request, Response, StatusCode,
@@ -22,7 +30,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+use crate::{
+    capture::{klog::KernelLogLevel, CaptureError},
+    metrics::Metrics,
+};
 
 /// Which endpoints a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,84 +43,93 @@ pub enum Routes {
     Readiness,
 }
 
-/// Produces the live part of the config dump: an object merged into the cached one.
-pub type LiveDump = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// What the admin endpoints show of a built process (the node, the embedded control plane).
+pub trait View: Send + Sync {
+    /// The config dump, as of now.
+    fn config_dump(&self) -> BoxFuture<'_, serde_json::Value>;
+    /// `None` when ready, else why not.
+    fn not_ready(&self) -> Option<String>;
+    /// The programs' switches, when this process loaded them.
+    fn kernel(&self) -> Option<&dyn KernelSwitches> {
+        None
+    }
+}
 
-/// Sets the eBPF programs' log level.
-pub type KernelLogSetter =
-    Arc<dyn Fn(crate::capture::klog::KernelLogLevel) -> Result<(), String> + Send + Sync>;
+/// The eBPF programs' runtime switches (`/logging?ebpf=`, `/tracing`) and their events
+/// (`/trace`); switched in the programs' config map, without a reload.
+pub trait KernelSwitches: Send + Sync {
+    fn log_level(&self) -> Result<KernelLogLevel, CaptureError>;
+    fn set_log_level(&self, level: KernelLogLevel) -> Result<(), CaptureError>;
+    fn tracing(&self) -> Result<bool, CaptureError>;
+    fn set_tracing(&self, on: bool) -> Result<(), CaptureError>;
+    /// Kernel events, when their reader runs (`--kernel-tracing` at start).
+    fn tracer(&self) -> Option<crate::trace::Tracer>;
+}
+
+/// Where a process is in its life, as far as readiness goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Not built yet: the reason, for `/healthz/ready`.
+    Starting(String),
+    /// Built: the [`View`] says whether it is ready.
+    Serving,
+    /// Stopping: never ready again.
+    Draining,
+}
 
 type Body = BoxBody<Bytes, Infallible>;
 
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    /// `None` when ready, else why not.
-    not_ready: Mutex<Option<String>>,
-    /// The latest config dump, refreshed by the node after every change.
-    dump: Mutex<serde_json::Value>,
-    /// Parts of the dump computed when it is requested (pools, certificates): they change
-    /// without any event the node loop sees.
-    live: Mutex<Option<LiveDump>>,
+    phase: Mutex<Phase>,
+    view: OnceLock<Arc<dyn View>>,
     /// Cancelled by `/quitquitquit`.
     pub shutdown: CancellationToken,
-    /// Kernel events for `/trace` (none: tracing is off).
-    tracer: Mutex<Option<crate::trace::Tracer>>,
-    kernel_log: Mutex<Option<(KernelLogSetter, crate::capture::klog::KernelLogLevel)>>,
-    kernel_tracing: Mutex<Option<(TracingSetter, bool)>>,
 }
-
-/// Turns kernel tracing on or off in the programs.
-pub type TracingSetter = Arc<dyn Fn(bool) -> Result<(), String> + Send + Sync>;
 
 impl AdminState {
     pub fn new(metrics: Arc<Metrics>, shutdown: CancellationToken) -> AdminState {
         AdminState {
             metrics,
-            not_ready: Mutex::new(Some("starting".into())),
-            dump: Mutex::new(serde_json::Value::Null),
-            live: Mutex::new(None),
+            phase: Mutex::new(Phase::Starting("starting".into())),
+            view: OnceLock::new(),
             shutdown,
-            tracer: Mutex::new(None),
-            kernel_log: Mutex::new(None),
-            kernel_tracing: Mutex::new(None),
         }
     }
 
-    /// How `POST /tracing?enabled=` switches kernel tracing, and whether it is on.
-    pub fn set_kernel_tracing(&self, setter: TracingSetter, on: bool) {
-        *self.kernel_tracing.lock().unwrap_or_else(|p| p.into_inner()) = Some((setter, on));
+    pub fn set_phase(&self, phase: Phase) {
+        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
     }
 
-    pub fn set_tracer(&self, tracer: crate::trace::Tracer) {
-        *self.tracer.lock().unwrap_or_else(|p| p.into_inner()) = Some(tracer);
-    }
-
-    /// How `/logging?ebpf=` changes the programs' log level, and the level at start.
-    pub fn set_kernel_log(&self, setter: KernelLogSetter, level: crate::capture::klog::KernelLogLevel) {
-        *self.kernel_log.lock().unwrap_or_else(|p| p.into_inner()) = Some((setter, level));
-    }
-
-    pub fn set_ready(&self, not_ready: Option<String>) {
-        *self.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = not_ready;
-    }
-
-    pub fn set_dump(&self, dump: serde_json::Value) {
-        *self.dump.lock().unwrap_or_else(|p| p.into_inner()) = dump;
-    }
-
-    pub fn set_live_dump(&self, live: LiveDump) {
-        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
-    }
-
-    fn current_dump(&self) -> serde_json::Value {
-        let mut dump = self.dump.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let (Some(live), Some(obj)) = (live, dump.as_object_mut()) {
-            if let serde_json::Value::Object(extra) = live() {
-                obj.extend(extra);
-            }
+    /// Hands over what the endpoints show; once (a second view is a wiring mistake, ignored
+    /// with a warning).
+    pub fn set_view(&self, view: Arc<dyn View>) {
+        if self.view.set(view).is_err() {
+            tracing::warn!("the admin view was set twice; the first one stays");
         }
-        dump
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        match &*self.phase.lock().unwrap_or_else(|p| p.into_inner()) {
+            Phase::Starting(why) => Some(why.clone()),
+            Phase::Draining => Some("draining".into()),
+            Phase::Serving => match self.view.get() {
+                Some(v) => v.not_ready(),
+                None => Some("starting".into()),
+            },
+        }
+    }
+
+    fn kernel(&self) -> Option<&dyn KernelSwitches> {
+        self.view.get().and_then(|v| v.kernel())
+    }
+
+    async fn config_dump(&self) -> serde_json::Value {
+        match self.view.get() {
+            Some(v) => v.config_dump().await,
+            None => serde_json::json!({ "starting": true }),
+        }
     }
 }
 
@@ -122,8 +142,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 /// `GET /logging`: the filters in force; `POST /logging?level=..[&reset]&ebpf=..`: changes
 /// them (`level` in ztunnel's syntax, see `telemetry::change_filter`).
 fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
-    use crate::capture::klog::KernelLogLevel;
-    let mut kernel = state.kernel_log.lock().unwrap_or_else(|p| p.into_inner());
+    let kernel = state.kernel();
     if req.method() == Method::POST {
         let params: Vec<(String, String)> =
             form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
@@ -147,11 +166,10 @@ fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
             }
         }
         for (_, v) in params.iter().filter(|(k, _)| k == "ebpf") {
-            let changed = match (<KernelLogLevel as clap::ValueEnum>::from_str(v, true), kernel.as_mut()) {
+            let changed = match (<KernelLogLevel as clap::ValueEnum>::from_str(v, true), kernel) {
                 (Err(_), _) => Err(format!("ebpf={v}: one of off, error, warn, info, debug")),
                 (Ok(_), None) => Err("the eBPF programs are not loaded".into()),
-                (Ok(level), Some((set, current))) => set(level).map(|()| {
-                    *current = level;
+                (Ok(level), Some(k)) => k.set_log_level(level).map_err(|e| e.to_string()).map(|()| {
                     // The records pass the process filter only if it lets them.
                     if let Some(d) = level.directive() {
                         let filter = crate::telemetry::current_filter();
@@ -167,15 +185,18 @@ fn logging(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
             }
         }
     }
-    let ebpf = kernel.as_ref().map_or("-".to_string(), |(_, l)| format!("{l:?}").to_lowercase());
+    let ebpf = match kernel.map(|k| k.log_level()) {
+        None => "-".to_string(),
+        Some(Ok(l)) => format!("{l:?}").to_lowercase(),
+        Some(Err(e)) => format!("unknown ({e})"),
+    };
     text(StatusCode::OK, format!("level: {}\nebpf: {ebpf}\n", crate::telemetry::current_filter()))
 }
 
 /// `GET /tracing`: whether kernel tracing is on; `POST /tracing?enabled=true|false` switches
 /// it in the programs (no reload): off, they skip it entirely.
 fn tracing_switch(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
-    let mut t = state.kernel_tracing.lock().unwrap_or_else(|p| p.into_inner());
-    let Some((set, on)) = t.as_mut() else {
+    let Some(kernel) = state.kernel() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "the eBPF programs are not loaded\n");
     };
     if req.method() == Method::POST {
@@ -187,18 +208,20 @@ fn tracing_switch(state: &AdminState, req: &Request<Incoming>) -> Response<Body>
             Some("false") => false,
             _ => return text(StatusCode::BAD_REQUEST, "expected ?enabled=true or ?enabled=false\n"),
         };
-        if let Err(e) = set(enabled) {
+        if let Err(e) = kernel.set_tracing(enabled) {
             return text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n"));
         }
-        *on = enabled;
         tracing::info!(enabled, "kernel tracing switched");
     }
-    text(StatusCode::OK, format!("kernel tracing: {}\n", if *on { "on" } else { "off" }))
+    match kernel.tracing() {
+        Ok(on) => text(StatusCode::OK, format!("kernel tracing: {}\n", if on { "on" } else { "off" })),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+    }
 }
 
 /// `GET /trace`: kernel events as they come, one JSON object per line, until the client goes.
 fn trace(state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
-    let Some(tracer) = state.tracer.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+    let Some(tracer) = state.kernel().and_then(|k| k.tracer()) else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "kernel tracing is off (--kernel-tracing false)\n");
     };
     let filter = crate::trace::Filter::from_query(req.uri().query().unwrap_or(""));
@@ -254,12 +277,6 @@ async fn cpu_profile(req: &Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// The profiles, served off the request path.
-enum Profile {
-    Cpu,
-    Heap,
-}
-
 /// `GET /debug/pprof/heap`: the live heap as the sampler sees it, pprof's protobuf format
 /// (`inuse_objects`, `inuse_space`), as ztunnel serves it.
 async fn heap_profile() -> Response<Body> {
@@ -276,10 +293,10 @@ fn octets(body: Vec<u8>) -> Response<Body> {
     r
 }
 
-fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
+async fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Response<Body> {
     match (routes, req.method(), req.uri().path()) {
         (Routes::Admin, &Method::GET, "/config_dump") => {
-            let body = serde_json::to_vec_pretty(&state.current_dump()).unwrap_or_default();
+            let body = serde_json::to_vec_pretty(&state.config_dump().await).unwrap_or_default();
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert("content-type", "application/json".parse().expect("static"));
             r
@@ -291,18 +308,18 @@ fn route(routes: Routes, state: &AdminState, req: &Request<Incoming>) -> Respons
         }
         (Routes::Admin, &Method::GET | &Method::POST, "/logging") => logging(state, req),
         (Routes::Admin, &Method::GET, "/trace") => trace(state, req),
+        (Routes::Admin, &Method::GET, "/debug/pprof/profile") => cpu_profile(req).await,
+        (Routes::Admin, &Method::GET, "/debug/pprof/heap") => heap_profile().await,
         (Routes::Admin, &Method::GET | &Method::POST, "/tracing") => tracing_switch(state, req),
         (Routes::Stats, &Method::GET, "/stats/prometheus" | "/metrics") => {
             let mut r = text(StatusCode::OK, state.metrics.render());
             r.headers_mut().insert("content-type", "text/plain; version=0.0.4".parse().expect("static"));
             r
         }
-        (Routes::Readiness, &Method::GET, "/healthz/ready") => {
-            match state.not_ready.lock().unwrap_or_else(|p| p.into_inner()).as_deref() {
-                None => text(StatusCode::OK, "ready\n"),
-                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
-            }
-        }
+        (Routes::Readiness, &Method::GET, "/healthz/ready") => match state.not_ready().as_deref() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
         // Liveness: the process serves. Not readiness: a proxy waiting for istiod must not
         // be restarted for it.
         (Routes::Readiness, &Method::GET, "/healthz/live") => text(StatusCode::OK, "live\n"),
@@ -340,20 +357,8 @@ pub async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>
         let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                // Profiles take a while: answered when done, off the other routes.
-                let profile = match (routes, req.method(), req.uri().path()) {
-                    (Routes::Admin, &Method::GET, "/debug/pprof/profile") => Some(Profile::Cpu),
-                    (Routes::Admin, &Method::GET, "/debug/pprof/heap") => Some(Profile::Heap),
-                    _ => None,
-                };
-                let resp = profile.is_none().then(|| route(routes, &state, &req));
-                async move {
-                    Ok::<_, Infallible>(match (resp, profile) {
-                        (Some(r), _) => r,
-                        (None, Some(Profile::Heap)) => heap_profile().await,
-                        (None, _) => cpu_profile(&req).await,
-                    })
-                }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(routes, &state, &req).await) }
             });
             if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                 tracing::debug!(error = %e, "admin connection");
@@ -361,3 +366,6 @@ pub async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
