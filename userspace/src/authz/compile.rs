@@ -4,11 +4,12 @@
 use std::net::IpAddr;
 
 use super::{Action, Cidr, Field, Match, Policy, Rule, Scope, ServiceAccount, StrMatch};
-use crate::pb::istio::security::{
-    self as pb, string_match::MatchType, Address, ServiceAccountMatch, StringMatch,
+use crate::{
+    errors::{Invalid, Problem},
+    pb::istio::security::{self as pb, string_match::MatchType, Address, ServiceAccountMatch, StringMatch},
 };
 
-fn strings(v: &[StringMatch], at: &str) -> Result<Vec<StrMatch>, String> {
+fn strings(v: &[StringMatch], at: &str) -> Result<Vec<StrMatch>, Invalid> {
     v.iter()
         .enumerate()
         .map(|(i, m)| match &m.match_type {
@@ -16,12 +17,12 @@ fn strings(v: &[StringMatch], at: &str) -> Result<Vec<StrMatch>, String> {
             Some(MatchType::Prefix(s)) => Ok(StrMatch::Prefix(s.clone())),
             Some(MatchType::Suffix(s)) => Ok(StrMatch::Suffix(s.clone())),
             Some(MatchType::Presence(_)) => Ok(StrMatch::Presence),
-            None => Err(format!("{at}[{i}] sets no match (exact, prefix, suffix or presence)")),
+            None => Err(Problem::NoMatchType.at(format!("{at}[{i}]"))),
         })
         .collect()
 }
 
-fn cidrs(v: &[Address], at: &str) -> Result<Vec<Cidr>, String> {
+fn cidrs(v: &[Address], at: &str) -> Result<Vec<Cidr>, Invalid> {
     v.iter()
         .enumerate()
         .map(|(i, a)| {
@@ -30,10 +31,10 @@ fn cidrs(v: &[Address], at: &str) -> Result<Vec<Cidr>, String> {
                 16 => {
                     (IpAddr::from(<[u8; 16]>::try_from(a.address.as_slice()).expect("length checked")), 128)
                 }
-                n => return Err(format!("{at}[{i}] has {n} bytes (an IP address has 4 or 16)")),
+                n => return Err(Problem::IpLength(n).at(format!("{at}[{i}]"))),
             };
             if a.length > max {
-                return Err(format!("{at}[{i}] has prefix length {} (at most {max})", a.length));
+                return Err(Problem::PrefixLength { len: a.length, max }.at(format!("{at}[{i}]")));
             }
             // Connections are matched with IPv4-mapped addresses as IPv4: blocks too.
             if let IpAddr::V6(v6) = addr {
@@ -46,32 +47,35 @@ fn cidrs(v: &[Address], at: &str) -> Result<Vec<Cidr>, String> {
         .collect()
 }
 
-fn ports(v: &[u32], at: &str) -> Result<Vec<u16>, String> {
+fn ports(v: &[u32], at: &str) -> Result<Vec<u16>, Invalid> {
     v.iter()
         .enumerate()
         .map(|(i, p)| {
-            u16::try_from(*p).ok().filter(|p| *p != 0).ok_or_else(|| format!("{at}[{i}] = {p} is not a port"))
+            u16::try_from(*p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| Problem::NotAPort(*p).at(format!("{at}[{i}]")))
         })
         .collect()
 }
 
-fn accounts(v: &[ServiceAccountMatch], at: &str) -> Result<Vec<ServiceAccount>, String> {
+fn accounts(v: &[ServiceAccountMatch], at: &str) -> Result<Vec<ServiceAccount>, Invalid> {
     v.iter()
         .enumerate()
         .map(|(i, sa)| {
             if sa.namespace.is_empty() || sa.service_account.is_empty() {
-                return Err(format!("{at}[{i}] needs both namespace and serviceAccount"));
+                return Err(Problem::ServiceAccountIncomplete.at(format!("{at}[{i}]")));
             }
             Ok(ServiceAccount { namespace: sa.namespace.clone(), name: sa.service_account.clone() })
         })
         .collect()
 }
 
-fn field<T>(pos: Result<Vec<T>, String>, neg: Result<Vec<T>, String>) -> Result<Field<T>, String> {
+fn field<T>(pos: Result<Vec<T>, Invalid>, neg: Result<Vec<T>, Invalid>) -> Result<Field<T>, Invalid> {
     Ok(Field { any_of: pos?, none_of: neg? })
 }
 
-fn one_match(m: &pb::Match, at: &str) -> Result<Match, String> {
+fn one_match(m: &pb::Match, at: &str) -> Result<Match, Invalid> {
     let a = |f: &str| format!("{at}.{f}");
     Ok(Match {
         namespaces: field(
@@ -102,23 +106,23 @@ fn one_match(m: &pb::Match, at: &str) -> Result<Match, String> {
 }
 
 /// Checks and compiles a policy. Every field is validated; nothing is dropped silently.
-pub fn compile(p: &pb::Authorization) -> Result<Policy, String> {
+pub fn compile(p: &pb::Authorization) -> Result<Policy, Invalid> {
     if p.name.is_empty() {
-        return Err("policy without a name".into());
+        return Err(Problem::Missing { of: "policy" }.at("name"));
     }
     let scope = match pb::Scope::try_from(p.scope) {
         Ok(pb::Scope::Global) => Scope::Global,
         Ok(pb::Scope::Namespace) => Scope::Namespace,
         Ok(pb::Scope::WorkloadSelector) => Scope::WorkloadSelector,
-        Err(_) => return Err(format!("unknown scope {}", p.scope)),
+        Err(_) => return Err(Problem::UnknownEnum(p.scope).at("scope")),
     };
     if scope != Scope::Global && p.namespace.is_empty() {
-        return Err("a namespace or workload-selector policy without a namespace".into());
+        return Err(Problem::Missing { of: "a namespace or workload-selector policy" }.at("namespace"));
     }
     let action = match pb::Action::try_from(p.action) {
         Ok(pb::Action::Allow) => Action::Allow,
         Ok(pb::Action::Deny) => Action::Deny,
-        Err(_) => return Err(format!("unknown action {}", p.action)),
+        Err(_) => return Err(Problem::UnknownEnum(p.action).at("action")),
     };
     let rules = p
         .rules
@@ -139,7 +143,7 @@ pub fn compile(p: &pb::Authorization) -> Result<Policy, String> {
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(Rule { clauses })
         })
-        .collect::<Result<Vec<_>, String>>()?;
+        .collect::<Result<Vec<_>, Invalid>>()?;
     Ok(Policy {
         key: format!("{}/{}", p.namespace, p.name),
         name: p.name.clone(),

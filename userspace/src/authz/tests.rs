@@ -267,7 +267,7 @@ fn invalid_policies_are_refused_naming_the_field() {
         ),
     ];
     for (p, expected) in cases {
-        let err = compile(&p).expect_err(expected);
+        let err = compile(&p).expect_err(expected).to_string();
         assert!(err.contains(expected), "{err:?} does not contain {expected:?}");
     }
 }

@@ -182,10 +182,29 @@ fn add_or_check(cfg: &Config, request: &Request, timeout: Duration) -> Result<()
     }
 }
 
+/// Why the plugin cannot tell by itself whether a pod is to be captured.
+#[derive(Debug, thiserror::Error)]
+enum CannotTell {
+    #[error("no kubeconfig in the plugin's configuration to look the pod up with")]
+    NoKubeconfig,
+    #[error("{field}: {source}")]
+    Label {
+        field: &'static str,
+        #[source]
+        source: crate::meshfile::BadValue,
+    },
+    #[error("starting the lookup's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Lookup(#[from] crate::enroll::kube::lookup::LookupError),
+    #[error("the API did not answer within 10s")]
+    Timeout,
+}
+
 /// Whether the pod is one the node would capture, from the API (the node being away).
-fn should_capture(cfg: &Config, request: &Request) -> Result<bool, String> {
+fn should_capture(cfg: &Config, request: &Request) -> Result<bool, CannotTell> {
     let Some(kubeconfig) = &cfg.kubeconfig else {
-        return Err("no kubeconfig in the plugin's configuration to look the pod up with".into());
+        return Err(CannotTell::NoKubeconfig);
     };
     let mut rules = crate::meshfile::Enrolment::default();
     for (given, field, into) in [
@@ -193,17 +212,18 @@ fn should_capture(cfg: &Config, request: &Request) -> Result<bool, String> {
         (&cfg.opt_out_label, "optOutLabel", &mut rules.opt_out),
     ] {
         if let Some(l) = given {
-            *into = l.parse().map_err(|e| format!("{field}: {e}"))?;
+            *into = l.parse().map_err(|source| CannotTell::Label { field, source })?;
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let rt =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CannotTell::Runtime)?;
     let lookup =
         crate::enroll::kube::lookup::should_capture(kubeconfig, &rules, &request.namespace, &request.name);
     // The timer needs the runtime's context, so it is built inside it.
     match rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), lookup).await }) {
         Ok(Ok(decision)) => Ok(decision.is_ok()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("the API did not answer within 10s".into()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(CannotTell::Timeout),
     }
 }
 

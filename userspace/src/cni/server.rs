@@ -167,22 +167,21 @@ impl CniServer {
     }
 
     /// The pod, checked to be the one on this node the runtime means.
-    async fn pod(&self, r: &Request) -> Result<(Pod, k8s_openapi::api::core::v1::Namespace), String> {
+    async fn pod(&self, r: &Request) -> Result<(Pod, k8s_openapi::api::core::v1::Namespace), WrongPod> {
         if r.namespace.is_empty() || r.name.is_empty() {
-            return Err("no K8S_POD_NAMESPACE or K8S_POD_NAME in CNI_ARGS".into());
+            return Err(WrongPod::NoPodArgs);
         }
         let (pod, ns) =
             tokio::time::timeout(LOOKUP_TIMEOUT, lookup::fetch(&self.client, &r.namespace, &r.name))
                 .await
-                .map_err(|_| format!("the API did not answer within {LOOKUP_TIMEOUT:?}"))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|_| WrongPod::Timeout(LOOKUP_TIMEOUT))??;
         let node = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()).unwrap_or_default();
         if node != self.node {
-            return Err(format!("pod is scheduled on node {node:?}, not this one ({})", self.node));
+            return Err(WrongPod::OtherNode { scheduled: node.to_string(), this: self.node.clone() });
         }
         let uid = pod.uid().unwrap_or_default();
         if !r.uid.is_empty() && r.uid != uid {
-            return Err(format!("the sandbox is for pod UID {}, the API's pod is {uid} (replaced)", r.uid));
+            return Err(WrongPod::Replaced { sandbox: r.uid.clone(), api: uid });
         }
         Ok((pod, ns))
     }
@@ -191,13 +190,13 @@ impl CniServer {
         let key = format!("{}/{}", r.namespace, r.name);
         let (pod, ns) = match self.pod(r).await {
             Ok(p) => p,
-            Err(why) => return Response::new(Outcome::Failed, why),
+            Err(why) => return Response::new(Outcome::Failed, why.to_string()),
         };
         if let Err(why) = lookup::decide(&pod, &ns, &self.rules) {
-            return Response::new(Outcome::Skipped, why);
+            return Response::new(Outcome::Skipped, why.to_string());
         }
         if let Err(why) = check_netns(&r.netns) {
-            return Response::new(Outcome::Failed, why);
+            return Response::new(Outcome::Failed, why.to_string());
         }
         if r.ips.is_empty() {
             return Response::new(Outcome::Failed, "the plugins before ambit-cni gave the pod no address");
@@ -273,27 +272,59 @@ impl CniServer {
         }
         match self.pod(r).await {
             Ok((pod, ns)) => match lookup::decide(&pod, &ns, &self.rules) {
-                Err(why) => Response::new(Outcome::Ok, why),
+                Err(why) => Response::new(Outcome::Ok, why.to_string()),
                 Ok(()) => Response::new(
                     Outcome::Failed,
                     format!("pod {key} should be captured in {} and is not", r.netns.display()),
                 ),
             },
-            Err(why) => Response::new(Outcome::Failed, why),
+            Err(why) => Response::new(Outcome::Failed, why.to_string()),
         }
     }
 }
 
-/// The sandbox's namespace: a network namespace, and not the node's own (capturing the
-/// node would capture everything on it).
-fn check_netns(path: &Path) -> Result<(), String> {
+/// Why an ADD or CHECK cannot go on with the pod the runtime names.
+#[derive(Debug, thiserror::Error)]
+enum WrongPod {
+    #[error("no K8S_POD_NAMESPACE or K8S_POD_NAME in CNI_ARGS")]
+    NoPodArgs,
+    #[error("the API did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Lookup(#[from] lookup::LookupError),
+    #[error("pod is scheduled on node {scheduled:?}, not this one ({this})")]
+    OtherNode { scheduled: String, this: String },
+    #[error("the sandbox is for pod UID {sandbox}, the API's pod is {api} (replaced)")]
+    Replaced { sandbox: String, api: String },
+}
+
+/// Why the sandbox's `CNI_NETNS` cannot be captured.
+#[derive(Debug, thiserror::Error)]
+enum BadNetns {
+    #[error("CNI_NETNS {}: not an absolute path", .0.display())]
+    Relative(PathBuf),
+    #[error("CNI_NETNS {}: {source}", .path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the node's network namespace: {0}")]
+    Host(#[source] std::io::Error),
+    /// Capturing the node's own namespace would capture everything on the node.
+    #[error("CNI_NETNS {} is the node's own network namespace", .0.display())]
+    NodeOwn(PathBuf),
+}
+
+/// The sandbox's namespace: a network namespace, and not the node's own.
+fn check_netns(path: &Path) -> Result<(), BadNetns> {
     if !path.is_absolute() {
-        return Err(format!("CNI_NETNS {}: not an absolute path", path.display()));
+        return Err(BadNetns::Relative(path.to_path_buf()));
     }
-    let ns = Netns::open(path).map_err(|e| format!("CNI_NETNS {}: {e}", path.display()))?;
-    let host = Netns::host().map_err(|e| format!("opening the node's network namespace: {e}"))?;
+    let ns = Netns::open(path).map_err(|source| BadNetns::Open { path: path.to_path_buf(), source })?;
+    let host = Netns::host().map_err(BadNetns::Host)?;
     if ns.cookie() == host.cookie() {
-        return Err(format!("CNI_NETNS {} is the node's own network namespace", path.display()));
+        return Err(BadNetns::NodeOwn(path.to_path_buf()));
     }
     Ok(())
 }

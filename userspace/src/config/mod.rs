@@ -314,31 +314,57 @@ pub struct NodeArgs {
     pub heap_sample_bytes: usize,
 }
 
-fn parse_u32(s: &str) -> Result<u32, String> {
+/// A mark that is neither decimal nor `0x` hexadecimal.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{input:?}: {source}")]
+struct BadNumber {
+    input: String,
+    #[source]
+    source: std::num::ParseIntError,
+}
+
+fn parse_u32(s: &str) -> Result<u32, BadNumber> {
     let r = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
     };
-    r.map_err(|e| format!("{s:?}: {e}"))
+    r.map_err(|source| BadNumber { input: s.to_string(), source })
+}
+
+/// A control plane's address that is not `https://<host>:<port>`; the text says what to write.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: expected https://<host>:<port>, e.g. https://istiod.istio-system.svc:15012")]
+pub struct BadAddress(AddressProblem);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AddressProblem {
+    #[error("{0}")]
+    NotAUri(#[source] http::uri::InvalidUri),
+    #[error("no scheme; write https://{0}")]
+    NoScheme(String),
+    #[error("no port (istiod serves on 15012)")]
+    NoPort,
+    #[error("expected only a host and a port, no path")]
+    NotJustHostAndPort,
+    #[error("scheme {0}: the control plane is reached over TLS (https)")]
+    NotHttps(String),
 }
 
 /// A control plane's address: `https://<host>:<port>`. ztunnel's chart writes istiod's
 /// without a scheme (`istiod.istio-system.svc:15012`); taking that would only fail later, on
 /// every retry, so it is refused here, saying what to write instead.
-pub fn parse_https_address(s: &str) -> Result<String, String> {
-    let example = "https://istiod.istio-system.svc:15012";
-    let uri: http::Uri =
-        s.parse().map_err(|e| format!("expected https://<host>:<port>, e.g. {example} ({e})"))?;
+pub fn parse_https_address(s: &str) -> Result<String, BadAddress> {
+    let uri: http::Uri = s.parse().map_err(|e| BadAddress(AddressProblem::NotAUri(e)))?;
     let problem = match (uri.scheme_str(), uri.host(), uri.port_u16()) {
-        (None, ..) => format!("no scheme; write https://{s}"),
+        (None, ..) => AddressProblem::NoScheme(s.to_string()),
         (Some("https"), Some(h), Some(_)) if !h.is_empty() && matches!(uri.path(), "" | "/") => {
             return Ok(s.trim_end_matches('/').to_string())
         }
-        (Some("https"), _, None) => "no port (istiod serves on 15012)".to_string(),
-        (Some("https"), ..) => "expected only a host and a port, no path".to_string(),
-        (Some(other), ..) => format!("scheme {other}: the control plane is reached over TLS (https)"),
+        (Some("https"), _, None) => AddressProblem::NoPort,
+        (Some("https"), ..) => AddressProblem::NotJustHostAndPort,
+        (Some(other), ..) => AddressProblem::NotHttps(other.to_string()),
     };
-    Err(format!("{problem}: expected https://<host>:<port>, e.g. {example}"))
+    Err(BadAddress(problem))
 }
 
 /// Everything `ambit node` runs with, after defaults and discovery.
@@ -689,12 +715,10 @@ mod tests {
 
     #[test]
     fn a_control_plane_address_is_https_host_and_port_or_refused_saying_why() {
-        assert_eq!(
-            parse_https_address("https://istiod.istio-system.svc:15012"),
-            Ok("https://istiod.istio-system.svc:15012".into())
-        );
-        assert_eq!(parse_https_address("https://10.3.0.1:15012/"), Ok("https://10.3.0.1:15012".into()));
-        assert_eq!(parse_https_address("https://[fd00::1]:15012"), Ok("https://[fd00::1]:15012".into()));
+        let ok = |s| parse_https_address(s).expect(s);
+        assert_eq!(ok("https://istiod.istio-system.svc:15012"), "https://istiod.istio-system.svc:15012");
+        assert_eq!(ok("https://10.3.0.1:15012/"), "https://10.3.0.1:15012");
+        assert_eq!(ok("https://[fd00::1]:15012"), "https://[fd00::1]:15012");
         for (bad, says) in [
             ("istiod.istio-system.svc:15012", "write https://istiod.istio-system.svc:15012"),
             ("http://istiod:15012", "scheme http"),
@@ -703,7 +727,7 @@ mod tests {
             ("", "expected https://<host>:<port>"),
             ("https://:15012", "expected https://<host>:<port>"),
         ] {
-            let e = parse_https_address(bad).expect_err(bad);
+            let e = parse_https_address(bad).expect_err(bad).to_string();
             assert!(e.contains(says) && e.contains("e.g. https://"), "{bad}: {e}");
         }
     }

@@ -163,16 +163,16 @@ pub struct Label {
 }
 
 impl std::str::FromStr for Label {
-    type Err = String;
+    type Err = BadValue;
 
-    fn from_str(s: &str) -> Result<Label, String> {
+    fn from_str(s: &str) -> Result<Label, BadValue> {
         match s.split_once('=') {
             Some((k, v))
                 if !k.is_empty() && !k.contains(char::is_whitespace) && !v.contains(char::is_whitespace) =>
             {
                 Ok(Label { key: k.to_string(), value: v.to_string() })
             }
-            _ => Err(format!("{s:?}: expected key=value")),
+            _ => Err(BadValue::NotALabel(s.to_string())),
         }
     }
 }
@@ -224,6 +224,39 @@ pub struct Checks<'a> {
     /// The reading node: the network namespaces of its pods must exist. `None` (the control
     /// plane) checks no network namespace.
     pub node: Option<&'a str>,
+}
+
+/// A value its field cannot take. The message of a [`MeshFileError`], which says where; the
+/// whole error of a flag or a CNI setting.
+#[derive(Debug, thiserror::Error)]
+pub enum BadValue {
+    #[error("{0:?}: '*' may only stand alone, or begin or end a value")]
+    Pattern(String),
+    #[error("{0:?} is not an IP address or CIDR block")]
+    NotAnIpBlock(String),
+    #[error("{block:?}: the prefix length must be 0 to {max}")]
+    PrefixLength { block: String, max: u8 },
+    /// The value as written (a YAML number or string).
+    #[error("{0} is not a port (1 to 65535)")]
+    NotAPort(String),
+    #[error("{0:?} is not <namespace>/<service account>")]
+    NotAServiceAccount(String),
+    #[error("{0:?} is not a valid name (lowercase letters, digits and '-', at most 63)")]
+    NotADnsLabel(String),
+    #[error("{0:?} is not a valid name (lowercase letters, digits, '-' and '.')")]
+    NotADnsSubdomain(String),
+    #[error("{0:?}: expected key=value")]
+    NotALabel(String),
+    #[error("{} is not an absolute path", .0.display())]
+    RelativePath(PathBuf),
+    #[error("{} is not a network namespace", .0.display())]
+    NotANetns(PathBuf),
+    #[error("network namespace {} does not exist or cannot be opened: {source}", .path.display())]
+    NoNetns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A refused mesh file: where, which field, what is wrong.

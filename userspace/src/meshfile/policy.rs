@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::{
     locate::FieldPath,
     validate::{check_dns_label, check_dns_subdomain, Validator},
-    Mesh, MeshFileError,
+    BadValue, Mesh, MeshFileError,
 };
 
 type Value = serde_norway::Value;
@@ -242,7 +242,7 @@ fn l7(field: &str) -> String {
     )
 }
 
-fn pattern(s: &str) -> Result<Pattern, String> {
+fn pattern(s: &str) -> Result<Pattern, BadValue> {
     let p = if s == "*" {
         Pattern::Presence
     } else if let Some(rest) = s.strip_prefix('*') {
@@ -254,18 +254,18 @@ fn pattern(s: &str) -> Result<Pattern, String> {
     };
     match &p {
         Pattern::Prefix(x) | Pattern::Suffix(x) | Pattern::Exact(x) if x.contains('*') || x.is_empty() => {
-            Err(format!("{s:?}: '*' may only stand alone, or begin or end a value"))
+            Err(BadValue::Pattern(s.to_string()))
         }
         _ => Ok(p),
     }
 }
 
-fn ip_block(s: &str) -> Result<IpBlock, String> {
+fn ip_block(s: &str) -> Result<IpBlock, BadValue> {
     let (addr, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    let addr: IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an IP address or CIDR block"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| BadValue::NotAnIpBlock(s.to_string()))?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     let len = match len {
         None => max,
@@ -273,28 +273,32 @@ fn ip_block(s: &str) -> Result<IpBlock, String> {
             .parse::<u8>()
             .ok()
             .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{s:?}: the prefix length must be 0 to {max}"))?,
+            .ok_or_else(|| BadValue::PrefixLength { block: s.to_string(), max })?,
     };
     Ok(IpBlock { addr, len })
 }
 
-fn port(v: &Value) -> Result<u16, String> {
+fn port(v: &Value) -> Result<u16, BadValue> {
     let n = match v {
         Value::Number(n) => n.as_u64(),
         Value::String(s) => s.parse::<u64>().ok(),
         _ => None,
     };
-    n.and_then(|n| u16::try_from(n).ok())
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{v:?} is not a port (1 to 65535)"))
+    n.and_then(|n| u16::try_from(n).ok()).filter(|p| *p != 0).ok_or_else(|| {
+        BadValue::NotAPort(match v {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => format!("{s:?}"),
+            other => format!("{other:?}"),
+        })
+    })
 }
 
-fn service_account(s: &str) -> Result<(String, String), String> {
+fn service_account(s: &str) -> Result<(String, String), BadValue> {
     match s.split_once('/') {
         Some((ns, sa)) if check_dns_label(ns).is_ok() && check_dns_subdomain(sa).is_ok() => {
             Ok((ns.to_string(), sa.to_string()))
         }
-        _ => Err(format!("{s:?} is not <namespace>/<service account>")),
+        _ => Err(BadValue::NotAServiceAccount(s.to_string())),
     }
 }
 
@@ -305,7 +309,7 @@ impl Validator<'_> {
         v: &Option<Vec<String>>,
         at: &FieldPath,
         name: &str,
-        f: impl Fn(&str) -> Result<T, String>,
+        f: impl Fn(&str) -> Result<T, BadValue>,
     ) -> Result<Vec<T>, MeshFileError> {
         let mut out = Vec::new();
         for (i, s) in v.iter().flatten().enumerate() {
@@ -320,7 +324,7 @@ impl Validator<'_> {
         neg: &Option<Vec<String>>,
         at: &FieldPath,
         names: (&str, &str),
-        f: impl Fn(&str) -> Result<T, String> + Copy,
+        f: impl Fn(&str) -> Result<T, BadValue> + Copy,
     ) -> Result<Values<T>, MeshFileError> {
         Ok(Values { any_of: self.each(pos, at, names.0, f)?, none_of: self.each(neg, at, names.1, f)? })
     }

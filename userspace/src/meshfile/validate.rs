@@ -9,7 +9,7 @@ use std::{
 use super::{
     locate::{self, FieldPath},
     model::{MeshFile, PodStatus},
-    Checks, Mesh, MeshFileError, PodSpec, ServicePortSpec, ServiceSpec,
+    BadValue, Checks, Mesh, MeshFileError, PodSpec, ServicePortSpec, ServiceSpec,
 };
 
 pub(super) struct Validator<'a> {
@@ -19,12 +19,13 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    pub(super) fn err(&self, field: FieldPath, message: impl Into<String>) -> MeshFileError {
+    /// `message`: a [`BadValue`], or text for what no value alone explains.
+    pub(super) fn err(&self, field: FieldPath, message: impl std::fmt::Display) -> MeshFileError {
         MeshFileError {
             file: self.path.to_path_buf(),
             location: locate::locate_nearest(self.text, &field),
             field: field.to_string(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 
@@ -199,7 +200,7 @@ impl Validator<'_> {
 }
 
 /// RFC 1123 label, as Kubernetes requires of namespace names.
-pub(super) fn check_dns_label(name: &str) -> Result<(), String> {
+pub(super) fn check_dns_label(name: &str) -> Result<(), BadValue> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
@@ -208,30 +209,28 @@ pub(super) fn check_dns_label(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a valid name (lowercase letters, digits and '-', at most 63)"))
+        Err(BadValue::NotADnsLabel(name.to_string()))
     }
 }
 
 /// RFC 1123 subdomain, as Kubernetes requires of pod and service account names.
-pub(super) fn check_dns_subdomain(name: &str) -> Result<(), String> {
+pub(super) fn check_dns_subdomain(name: &str) -> Result<(), BadValue> {
     let ok = !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| check_dns_label(l).is_ok());
     if ok {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a valid name (lowercase letters, digits, '-' and '.')"))
+        Err(BadValue::NotADnsSubdomain(name.to_string()))
     }
 }
 
 /// The path must name a network namespace that exists now.
-fn check_netns(path: &Path) -> Result<(), String> {
+fn check_netns(path: &Path) -> Result<(), BadValue> {
     if !path.is_absolute() {
-        return Err(format!("{} is not an absolute path", path.display()));
+        return Err(BadValue::RelativePath(path.to_path_buf()));
     }
     match crate::os::netns::is_network_namespace(path) {
         Ok(true) => Ok(()),
-        Ok(false) => Err(format!("{} is not a network namespace", path.display())),
-        Err(e) => {
-            Err(format!("network namespace {} does not exist or cannot be opened: {e}", path.display()))
-        }
+        Ok(false) => Err(BadValue::NotANetns(path.to_path_buf())),
+        Err(source) => Err(BadValue::NoNetns { path: path.to_path_buf(), source }),
     }
 }

@@ -38,14 +38,16 @@ impl Leg {
     }
 }
 
-impl std::str::FromStr for Leg {
-    type Err = String;
+/// A name that is none of [`Leg::ALL`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}: one of {legs}", legs = Leg::ALL.map(Leg::as_str).join(", "))]
+pub struct UnknownLeg(pub String);
 
-    fn from_str(s: &str) -> Result<Leg, String> {
-        Leg::ALL
-            .into_iter()
-            .find(|l| l.as_str() == s)
-            .ok_or_else(|| format!("{s}: one of {}", Leg::ALL.map(Leg::as_str).join(", ")))
+impl std::str::FromStr for Leg {
+    type Err = UnknownLeg;
+
+    fn from_str(s: &str) -> Result<Leg, UnknownLeg> {
+        Leg::ALL.into_iter().find(|l| l.as_str() == s).ok_or_else(|| UnknownLeg(s.to_string()))
     }
 }
 
@@ -65,6 +67,6 @@ mod tests {
             assert_eq!(l.as_str().parse::<Leg>(), Ok(l));
             assert_eq!(serde_json::to_string(&l).expect("json"), format!("\"{l}\""));
         }
-        assert!("sideways".parse::<Leg>().unwrap_err().contains("app, tunnel"));
+        assert!("sideways".parse::<Leg>().unwrap_err().to_string().contains("app, tunnel"));
     }
 }

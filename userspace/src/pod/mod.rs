@@ -13,7 +13,7 @@ mod registry;
 
 pub use ctx::PodCtx;
 pub use identity::{Identity, NotAnIdentity};
-pub use leg::Leg;
+pub use leg::{Leg, UnknownLeg};
 pub use listeners::PodListener;
 pub use refusal::{flags, Refusal};
 pub use registry::PodRegistry;

@@ -17,7 +17,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use super::{Report, Status};
+use super::{ProbeError, Report, Status};
 use crate::capture::{self, PROG_CONNECT4, PROG_CONNECT6, PROG_SOCK_OPS, PROG_TC_INGRESS};
 
 pub fn run(r: &mut Report, bpffs: &Path, cgroup: &Path) {
@@ -55,8 +55,8 @@ fn probe_with(r: &mut Report, scratch: &Path, cgroup: &Path) {
             return;
         }
     };
-    if let Err(detail) = load_all(&mut ebpf) {
-        r.add("ambit's programs pass the verifier", Status::Missing(detail));
+    if let Err(e) = load_all(&mut ebpf) {
+        r.add("ambit's programs pass the verifier", Status::Missing(e.to_string()));
         return;
     }
     r.add("ambit's programs pass the verifier", Status::Ok(String::new()));
@@ -68,8 +68,8 @@ fn probe_with(r: &mut Report, scratch: &Path, cgroup: &Path) {
 }
 
 /// Loads the four programs; on a verifier refusal, names the helper it did not know.
-fn load_all(ebpf: &mut Ebpf) -> Result<(), String> {
-    fn explain(name: &str, e: ProgramError) -> String {
+fn load_all(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    fn explain(name: &'static str, e: ProgramError) -> ProbeError {
         if let ProgramError::LoadError { verifier_log, .. } = &e {
             let log = verifier_log.to_string();
             let reason = log
@@ -91,9 +91,9 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(), String> {
                         lines[start..end.max(start + 1).min(lines.len())].join(" | ")
                     }
                 });
-            return format!("{name} refused by the verifier: {reason}");
+            return ProbeError::Verifier { name, reason };
         }
-        format!("{name}: {e}")
+        program(name)(e)
     }
     for name in [PROG_CONNECT4, PROG_CONNECT6] {
         let p: &mut CgroupSockAddr = prog(ebpf, name)?;
@@ -106,24 +106,28 @@ fn load_all(ebpf: &mut Ebpf) -> Result<(), String> {
     Ok(())
 }
 
-fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+/// What failed in program `name`, for `map_err`.
+fn program(name: &'static str) -> impl Fn(ProgramError) -> ProbeError {
+    move |e| ProbeError::Program { name, source: Box::new(e) }
+}
+
+fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, ProbeError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or_else(|| format!("{name} is not in the object"))?;
-    p.try_into().map_err(|e: ProgramError| format!("{name}: {e}"))
+    let p = ebpf.program_mut(name).ok_or(ProbeError::NoProgram(name))?;
+    p.try_into().map_err(program(name))
 }
 
 /// Runs `f` on a thread in a fresh, empty network namespace (gone when the thread ends).
-fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, String> + Send) -> Result<T, String> {
+fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, ProbeError> + Send) -> Result<T, ProbeError> {
     std::thread::scope(|s| {
         s.spawn(|| {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| format!("creating a scratch network namespace: {e}"))?;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(ProbeError::ScratchNetns)?;
             f()
         })
         .join()
-        .unwrap_or_else(|_| Err("probe thread panicked".into()))
+        .unwrap_or(Err(ProbeError::Panicked))
     })
 }
 
@@ -136,15 +140,16 @@ fn listener_in_sockhash(ebpf: &mut Ebpf) -> Status {
         Err(e) => return Status::Error(e.to_string()),
     };
     let r = in_scratch_netns(|| {
-        let l = std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| format!("listening: {e}"))?;
+        let l = std::net::TcpListener::bind("0.0.0.0:0")
+            .map_err(|source| ProbeError::Io { what: "listening".into(), source })?;
         let key = ambit_common::maps::ListenerKey::default();
-        map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&l), 0)
-            .map_err(|e| format!("inserting a listener: {e}"))?;
-        map.remove(&key).map_err(|e| format!("removing the listener: {e}"))
+        let map_err = |what| move |e| ProbeError::Map { what, source: Box::new(e) };
+        map.insert(key, std::os::fd::AsRawFd::as_raw_fd(&l), 0).map_err(map_err("inserting a listener"))?;
+        map.remove(&key).map_err(map_err("removing the listener"))
     });
     match r {
         Ok(()) => Status::Ok(String::new()),
-        Err(e) => Status::Missing(e),
+        Err(e) => Status::Missing(e.to_string()),
     }
 }
 
@@ -154,20 +159,20 @@ fn cgroup_links(ebpf: &mut Ebpf, cgroup: &Path) -> Status {
     if let Err(e) = fs::create_dir(&scratch) {
         return Status::Error(format!("creating {}: {e}", scratch.display()));
     }
-    let result = (|| -> Result<(), String> {
-        let dir = fs::File::open(&scratch).map_err(|e| e.to_string())?;
+    let result = (|| -> Result<(), ProbeError> {
+        let dir = fs::File::open(&scratch)
+            .map_err(|source| ProbeError::Io { what: format!("opening {}", scratch.display()), source })?;
+        let not_a_link = |name| move |e| ProbeError::NotALink { name, source: Box::new(e) };
         for name in [PROG_CONNECT4, PROG_CONNECT6] {
             let p: &mut CgroupSockAddr = prog(ebpf, name)?;
-            let id = p.attach(&dir, CgroupAttachMode::Single).map_err(|e| format!("{name}: {e}"))?;
-            let link = p.take_link(id).map_err(|e| e.to_string())?;
-            aya::programs::links::FdLink::try_from(link)
-                .map_err(|e| format!("{name}: not attached through a bpf link: {e}"))?;
+            let id = p.attach(&dir, CgroupAttachMode::Single).map_err(program(name))?;
+            let link = p.take_link(id).map_err(program(name))?;
+            aya::programs::links::FdLink::try_from(link).map_err(not_a_link(name))?;
         }
         let p: &mut SockOps = prog(ebpf, PROG_SOCK_OPS)?;
-        let id = p.attach(&dir, CgroupAttachMode::Single).map_err(|e| format!("{PROG_SOCK_OPS}: {e}"))?;
-        let link = p.take_link(id).map_err(|e| e.to_string())?;
-        aya::programs::links::FdLink::try_from(link)
-            .map_err(|e| format!("{PROG_SOCK_OPS}: not attached through a bpf link: {e}"))?;
+        let id = p.attach(&dir, CgroupAttachMode::Single).map_err(program(PROG_SOCK_OPS))?;
+        let link = p.take_link(id).map_err(program(PROG_SOCK_OPS))?;
+        aya::programs::links::FdLink::try_from(link).map_err(not_a_link(PROG_SOCK_OPS))?;
         Ok(())
     })();
     // The links were dropped (detached) above; the cgroup is empty.
@@ -176,7 +181,7 @@ fn cgroup_links(ebpf: &mut Ebpf, cgroup: &Path) -> Status {
     }
     match result {
         Ok(()) => Status::Ok(String::new()),
-        Err(e) => Status::Missing(e),
+        Err(e) => Status::Missing(e.to_string()),
     }
 }
 
@@ -185,7 +190,7 @@ fn cgroup_links(ebpf: &mut Ebpf, cgroup: &Path) -> Status {
 fn tc_attach(ebpf: &mut Ebpf) -> (Status, Status) {
     let p: &mut SchedClassifier = match prog(ebpf, PROG_TC_INGRESS) {
         Ok(p) => p,
-        Err(e) => return (Status::Error(e.clone()), Status::Error(e)),
+        Err(e) => return (Status::Error(e.to_string()), Status::Error(e.to_string())),
     };
     let tcx_expected = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
     let tcx = if tcx_expected {
@@ -196,29 +201,30 @@ fn tc_attach(ebpf: &mut Ebpf) -> (Status, Status) {
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(|e| e.to_string())?;
-            drop(p.take_link(id).map_err(|e| e.to_string())?);
+                .map_err(program(PROG_TC_INGRESS))?;
+            drop(p.take_link(id).map_err(program(PROG_TC_INGRESS))?);
             Ok(())
         })
     } else {
-        Err("kernel older than 6.6".to_string())
+        Err(ProbeError::KernelOlderThan("6.6"))
     };
     match tcx {
         Ok(()) => (Status::Ok(String::new()), Status::Ok("tcx".into())),
         Err(tcx_err) => {
             let clsact = in_scratch_netns(|| {
-                tc::qdisc_add_clsact("lo").map_err(|e| format!("adding a clsact qdisc: {e}"))?;
+                tc::qdisc_add_clsact("lo").map_err(|e| ProbeError::Clsact(Box::new(e)))?;
                 let opts = TcAttachOptions::Netlink(NlOptions::default());
-                let id =
-                    p.attach_with_options("lo", TcAttachType::Ingress, opts).map_err(|e| e.to_string())?;
-                drop(p.take_link(id).map_err(|e| e.to_string())?);
+                let id = p
+                    .attach_with_options("lo", TcAttachType::Ingress, opts)
+                    .map_err(program(PROG_TC_INGRESS))?;
+                drop(p.take_link(id).map_err(program(PROG_TC_INGRESS))?);
                 Ok(())
             });
             let any = match clsact {
                 Ok(()) => Status::Ok("clsact + cls_bpf".into()),
-                Err(e) => Status::Missing(e),
+                Err(e) => Status::Missing(e.to_string()),
             };
-            (Status::Missing(tcx_err), any)
+            (Status::Missing(tcx_err.to_string()), any)
         }
     }
 }

@@ -11,11 +11,14 @@
 
 mod functional;
 
-use std::{fmt, path::Path};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use aya::{
-    maps::MapType,
-    programs::ProgramType,
+    maps::{MapError, MapType},
+    programs::{links::LinkError, tc::TcError, ProgramError, ProgramType},
     sys::{is_helper_supported, is_map_supported, is_program_supported, BpfHelper},
 };
 use serde::Serialize;
@@ -90,6 +93,70 @@ pub enum Status {
     Error(String),
 }
 
+/// A probe that could not answer, or the step of a functional probe that failed; its text is
+/// the finding's detail.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A feature test's syscall failed (rather than said no). Its causes are written into
+    /// the text, so it has no source.
+    #[error("{}", syscall_detail(.0.as_ref()))]
+    Syscall(Box<dyn std::error::Error + Send + Sync>),
+    #[error("{}: {source}", .path.display())]
+    Statfs {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{0} is not in the object")]
+    NoProgram(&'static str),
+    #[error("{name} refused by the verifier: {reason}")]
+    Verifier { name: &'static str, reason: String },
+    #[error("{name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("{name}: not attached through a bpf link: {source}")]
+    NotALink {
+        name: &'static str,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error("{what}: {source}")]
+    Map {
+        what: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating a scratch network namespace: {0}")]
+    ScratchNetns(#[source] nix::Error),
+    #[error("adding a clsact qdisc: {0}")]
+    Clsact(#[source] Box<TcError>),
+    #[error("probe thread panicked")]
+    Panicked,
+    /// Not tried: the kernel predates the feature.
+    #[error("kernel older than {0}")]
+    KernelOlderThan(&'static str),
+}
+
+/// A syscall's error with its causes; `not permitted` first when that is why, as the
+/// refusal's headline counts those.
+fn syscall_detail(e: &(dyn std::error::Error + 'static)) -> String {
+    let msg = crate::errors::chain(e);
+    if msg.contains("Operation not permitted") {
+        format!("not permitted ({msg})")
+    } else {
+        msg
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Finding {
     #[serde(flatten)]
@@ -109,13 +176,13 @@ impl Report {
         self.findings.push(Finding { requirement: requirement(name), status });
     }
 
-    fn add_bool(&mut self, name: &str, r: Result<bool, String>) {
+    fn add_bool(&mut self, name: &str, r: Result<bool, ProbeError>) {
         self.add(
             name,
             match r {
                 Ok(true) => Status::Ok(String::new()),
                 Ok(false) => Status::Missing("not supported by this kernel".into()),
-                Err(e) => Status::Error(e),
+                Err(e) => Status::Error(e.to_string()),
             },
         );
     }
@@ -206,20 +273,10 @@ impl fmt::Display for Report {
     }
 }
 
-fn syscall_result<E: std::error::Error>(r: Result<bool, E>) -> Result<bool, String> {
-    r.map_err(|e| {
-        let mut msg = e.to_string();
-        let mut src = e.source();
-        while let Some(s) = src {
-            msg = format!("{msg}: {s}");
-            src = s.source();
-        }
-        if msg.contains("Operation not permitted") {
-            format!("not permitted ({msg})")
-        } else {
-            msg
-        }
-    })
+fn syscall_result<E: std::error::Error + Send + Sync + 'static>(
+    r: Result<bool, E>,
+) -> Result<bool, ProbeError> {
+    r.map_err(|e| ProbeError::Syscall(Box::new(e)))
 }
 
 /// Probes everything in [`REQUIREMENTS`]. `bpffs` and `cgroup` are the ones `ambit node` will
@@ -231,11 +288,8 @@ pub fn run(bpffs: &Path, cgroup: &Path) -> Report {
         .unwrap_or_else(|_| "unknown".into());
     let mut r = Report { kernel, findings: Vec::new() };
 
-    r.add_bool(
-        "bpf filesystem",
-        fs_magic(bpffs, 0xcafe_4a11).map_err(|e| format!("{}: {e}", bpffs.display())),
-    );
-    r.add_bool("cgroup v2", fs_magic(cgroup, 0x6367_7270).map_err(|e| format!("{}: {e}", cgroup.display())));
+    r.add_bool("bpf filesystem", fs_magic(bpffs, 0xcafe_4a11));
+    r.add_bool("cgroup v2", fs_magic(cgroup, 0x6367_7270));
     for (name, t) in [
         ("program type cgroup_sock_addr", ProgramType::CgroupSockAddr),
         ("program type sock_ops", ProgramType::SockOps),
@@ -300,8 +354,9 @@ pub fn run(bpffs: &Path, cgroup: &Path) -> Report {
     r
 }
 
-fn fs_magic(path: &Path, magic: i64) -> Result<bool, String> {
-    let st = nix::sys::statfs::statfs(path).map_err(|e| e.to_string())?;
+fn fs_magic(path: &Path, magic: i64) -> Result<bool, ProbeError> {
+    let st = nix::sys::statfs::statfs(path)
+        .map_err(|source| ProbeError::Statfs { path: path.to_path_buf(), source })?;
     Ok(st.filesystem_type().0 as i64 == magic)
 }
 
@@ -390,6 +445,17 @@ mod tests {
         assert!(lines.len() <= 8, "{msg}");
         assert!(lines.iter().all(|l| l.len() < 300), "{msg}");
         assert!(msg.contains("`ambit probe` lists every check"), "{msg}");
+    }
+
+    #[test]
+    fn a_syscall_refused_as_not_permitted_says_so_first() {
+        let e = syscall_result::<std::io::Error>(Err(std::io::Error::from_raw_os_error(libc::EPERM)))
+            .expect_err("refused");
+        let mut r = Report { kernel: "6.18".into(), findings: Vec::new() };
+        r.add_bool("program type sock_ops", Err(e));
+        let msg = r.refusal().expect("refused");
+        assert!(msg.contains("not permitted (Operation not permitted"), "{msg}");
+        assert!(msg.starts_with("ambit needs root"), "{msg}");
     }
 
     #[test]

@@ -23,9 +23,16 @@ pub use resources::{version_of, Resources};
 use crate::{
     authz::{self, Policy},
     capture::addr,
+    errors::{Invalid, Problem},
     pb::istio::security::Authorization,
     pb::istio::workload::Address,
 };
+
+/// The first disagreement between the state's indexes and what it holds: a bug, which the
+/// property tests and the fuzzer look for.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InvariantBroken(String);
 
 struct ServiceEntry {
     service: Service,
@@ -122,46 +129,58 @@ impl MeshState {
     /// live workloads of their service, and `route` agrees with `workload_by_ip`. The error
     /// names the first disagreement. (The property tests and the fuzzer call it after every
     /// change.)
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_invariants(&self) -> Result<(), InvariantBroken> {
         for (ip, uid) in &self.by_ip {
-            let w =
-                self.workloads.get(uid).ok_or_else(|| format!("by_ip {ip} -> {uid}: no such workload"))?;
+            let w = self
+                .workloads
+                .get(uid)
+                .ok_or_else(|| InvariantBroken(format!("by_ip {ip} -> {uid}: no such workload")))?;
             if !w.addresses.iter().any(|a| addr::canonical(*a) == *ip) {
-                return Err(format!("by_ip {ip} -> {uid}, which does not have that address"));
+                return Err(InvariantBroken(format!(
+                    "by_ip {ip} -> {uid}, which does not have that address"
+                )));
             }
         }
         for (ip, key) in &self.by_vip {
-            let e = self.services.get(key).ok_or_else(|| format!("by_vip {ip} -> {key}: no such service"))?;
+            let e = self
+                .services
+                .get(key)
+                .ok_or_else(|| InvariantBroken(format!("by_vip {ip} -> {key}: no such service")))?;
             if !e.service.vips.iter().any(|a| addr::canonical(*a) == *ip) {
-                return Err(format!("by_vip {ip} -> {key}, which does not have that address"));
+                return Err(InvariantBroken(format!(
+                    "by_vip {ip} -> {key}, which does not have that address"
+                )));
             }
         }
         for w in self.workloads.values() {
             for ip in &w.addresses {
                 if !self.by_ip.contains_key(&addr::canonical(*ip)) {
-                    return Err(format!("workload {} address {ip} is not indexed", w.uid));
+                    return Err(InvariantBroken(format!("workload {} address {ip} is not indexed", w.uid)));
                 }
             }
             for key in w.services.keys() {
                 if !self.endpoints.get(key).is_some_and(|s| s.contains(&w.uid)) {
-                    return Err(format!("workload {} is not an endpoint of {key}", w.uid));
+                    return Err(InvariantBroken(format!("workload {} is not an endpoint of {key}", w.uid)));
                 }
             }
         }
         for e in self.services.values() {
             for ip in &e.service.vips {
                 if !self.by_vip.contains_key(&addr::canonical(*ip)) {
-                    return Err(format!("service {} address {ip} is not indexed", e.service.key));
+                    return Err(InvariantBroken(format!(
+                        "service {} address {ip} is not indexed",
+                        e.service.key
+                    )));
                 }
             }
         }
         for (key, uids) in &self.endpoints {
             if uids.is_empty() {
-                return Err(format!("endpoints of {key}: an empty set is kept"));
+                return Err(InvariantBroken(format!("endpoints of {key}: an empty set is kept")));
             }
             for uid in uids {
                 if !self.workloads.get(uid).is_some_and(|w| w.services.contains_key(key)) {
-                    return Err(format!("endpoints of {key} list {uid}, which is not one"));
+                    return Err(InvariantBroken(format!("endpoints of {key} list {uid}, which is not one")));
                 }
             }
         }
@@ -176,10 +195,10 @@ impl MeshState {
                 .chain(self.selectable_policies.values())
                 .any(|p| !self.policies.get(&p.key).is_some_and(|q| Arc::ptr_eq(p, q)))
         {
-            return Err(format!(
+            return Err(InvariantBroken(format!(
                 "policy indexes hold {indexed} entries for {} policies",
                 self.policies.len()
-            ));
+            )));
         }
         for (ip, uid) in &self.by_ip {
             if self.by_vip.contains_key(ip) {
@@ -187,7 +206,11 @@ impl MeshState {
             }
             match self.route(SocketAddr::new(*ip, 8080)) {
                 Route::Workload { workload, service: None, .. } if workload.uid == *uid => {}
-                other => return Err(format!("route to {ip} is {other:?}, workload_by_ip says {uid}")),
+                other => {
+                    return Err(InvariantBroken(format!(
+                        "route to {ip} is {other:?}, workload_by_ip says {uid}"
+                    )))
+                }
             }
         }
         Ok(())
@@ -195,10 +218,11 @@ impl MeshState {
 
     /// Applies one `istio.workload.Address`. On error nothing changes: the previous version
     /// of the resource (if any) stays in force.
-    pub fn apply_address(&mut self, name: &str, version: &str, a: &Address) -> Result<(), String> {
+    pub fn apply_address(&mut self, name: &str, version: &str, a: &Address) -> Result<(), Invalid> {
         let decoded = Decoded::from_proto(a)?;
         if decoded.name() != name {
-            return Err(format!("served as {name:?} but names itself {:?}", decoded.name()));
+            let own = decoded.name().to_string();
+            return Err(Problem::NameMismatch { served: name.to_string(), own }.at(decoded.name_field()));
         }
         self.unindex_workload(name);
         self.unindex_service(name);
@@ -234,11 +258,12 @@ impl MeshState {
         name: &str,
         version: &str,
         a: &Authorization,
-    ) -> Result<(), String> {
+    ) -> Result<(), Invalid> {
         let policy = authz::compile(a)?;
         // Indexed by what the policy calls itself: a second name for it would shadow it.
         if policy.key != name {
-            return Err(format!("served as {name:?} but names itself {:?}", policy.key));
+            let own = policy.key.clone();
+            return Err(Problem::NameMismatch { served: name.to_string(), own }.at("namespace/name"));
         }
         self.policies.insert(name.to_string(), Arc::new(policy));
         self.reindex_policies();
@@ -467,7 +492,7 @@ impl StateStore {
 
     /// Makes the state exactly `resources` (the local mesh file's translation): changed
     /// resources applied, vanished ones removed. Returns errors per resource.
-    pub fn replace_all(&self, resources: &Resources) -> Vec<(String, String)> {
+    pub fn replace_all(&self, resources: &Resources) -> Vec<(String, Invalid)> {
         use prost::Message;
         let mut errors = Vec::new();
         let mut st = self.write();

@@ -3,6 +3,7 @@
 use std::{collections::BTreeMap, net::IpAddr};
 
 use crate::{
+    errors::{Invalid, Problem},
     identity::Identity,
     pb::istio::workload::{self as pb, address},
 };
@@ -61,29 +62,28 @@ pub enum Decoded {
     Service(Service),
 }
 
-fn ip(bytes: &[u8], what: &str) -> Result<IpAddr, String> {
+fn ip(bytes: &[u8], field: String) -> Result<IpAddr, Invalid> {
     match bytes.len() {
         4 => Ok(IpAddr::from(<[u8; 4]>::try_from(bytes).expect("length checked"))),
         16 => Ok(IpAddr::from(<[u8; 16]>::try_from(bytes).expect("length checked"))),
-        n => Err(format!("{what} has {n} bytes (an IP address has 4 or 16)")),
+        n => Err(Problem::IpLength(n).at(field)),
     }
 }
 
-fn port(p: u32, what: &str) -> Result<u16, String> {
-    u16::try_from(p).map_err(|_| format!("{what} {p} is not a port (0-65535)"))
+fn port_map(p: &pb::Port, at: &str) -> Result<PortMap, Invalid> {
+    // A service port must be one; a target port of 0 means "the service port".
+    let service_port = u16::try_from(p.service_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| Problem::NotAPort(p.service_port).at(format!("{at}.service_port")))?;
+    let target_port = u16::try_from(p.target_port)
+        .map_err(|_| Problem::NotAPort(p.target_port).at(format!("{at}.target_port")))?;
+    Ok(PortMap { service_port, target_port })
 }
 
-fn port_map(p: &pb::Port, what: &str) -> Result<PortMap, String> {
-    let service_port = port(p.service_port, &format!("{what} service_port"))?;
-    if service_port == 0 {
-        return Err(format!("{what} has service_port 0"));
-    }
-    Ok(PortMap { service_port, target_port: port(p.target_port, &format!("{what} target_port"))? })
-}
-
-fn name_part(s: &str, what: &str) -> Result<(), String> {
+fn name_part(s: &str, field: &str) -> Result<(), Invalid> {
     if s.is_empty() || s.contains('/') || s.chars().any(char::is_whitespace) {
-        Err(format!("{what} {s:?} is empty or not a name"))
+        Err(Problem::NotAName(s.to_string()).at(field))
     } else {
         Ok(())
     }
@@ -91,11 +91,11 @@ fn name_part(s: &str, what: &str) -> Result<(), String> {
 
 impl Decoded {
     /// Checks and converts an Address; the error says what is wrong, for the NACK.
-    pub fn from_proto(a: &pb::Address) -> Result<Decoded, String> {
+    pub fn from_proto(a: &pb::Address) -> Result<Decoded, Invalid> {
         match &a.r#type {
             Some(address::Type::Workload(w)) => Ok(Decoded::Workload(workload(w)?)),
             Some(address::Type::Service(s)) => Ok(Decoded::Service(service(s)?)),
-            None => Err("the address is neither a workload nor a service".into()),
+            None => Err(Problem::Unset { expected: "a workload or a service" }.at("type")),
         }
     }
 
@@ -106,11 +106,19 @@ impl Decoded {
             Decoded::Service(s) => &s.key,
         }
     }
+
+    /// The fields [`Decoded::name`] comes from, for an error about it.
+    pub fn name_field(&self) -> &'static str {
+        match self {
+            Decoded::Workload(_) => "uid",
+            Decoded::Service(_) => "namespace/hostname",
+        }
+    }
 }
 
-fn workload(w: &pb::Workload) -> Result<Workload, String> {
+fn workload(w: &pb::Workload) -> Result<Workload, Invalid> {
     if w.uid.is_empty() {
-        return Err("workload without uid".into());
+        return Err(Problem::Missing { of: "workload" }.at("uid"));
     }
     name_part(&w.name, "name")?;
     name_part(&w.namespace, "namespace")?;
@@ -118,7 +126,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         .addresses
         .iter()
         .enumerate()
-        .map(|(i, a)| ip(a, &format!("addresses[{i}]")))
+        .map(|(i, a)| ip(a, format!("addresses[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
     let trust_domain = if w.trust_domain.is_empty() { "cluster.local" } else { &w.trust_domain };
     let sa = if w.service_account.is_empty() { "default" } else { &w.service_account };
@@ -127,17 +135,17 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
     let tunnel = match pb::TunnelProtocol::try_from(w.tunnel_protocol) {
         Ok(pb::TunnelProtocol::Hbone) => Tunnel::Hbone,
         Ok(_) => Tunnel::None,
-        Err(_) => return Err(format!("unknown tunnel_protocol {}", w.tunnel_protocol)),
+        Err(_) => return Err(Problem::UnknownEnum(w.tunnel_protocol).at("tunnel_protocol")),
     };
     let healthy = match pb::WorkloadStatus::try_from(w.status) {
         Ok(pb::WorkloadStatus::Healthy) => true,
         Ok(pb::WorkloadStatus::Unhealthy) => false,
-        Err(_) => return Err(format!("unknown status {}", w.status)),
+        Err(_) => return Err(Problem::UnknownEnum(w.status).at("status")),
     };
     let mut services = BTreeMap::new();
     for (key, list) in &w.services {
         if !key.contains('/') {
-            return Err(format!("services key {key:?} is not <namespace>/<hostname>"));
+            return Err(Problem::NotAServiceKey(key.clone()).at("services"));
         }
         let ports = list
             .ports
@@ -165,7 +173,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
     })
 }
 
-fn service(s: &pb::Service) -> Result<Service, String> {
+fn service(s: &pb::Service) -> Result<Service, Invalid> {
     name_part(&s.name, "name")?;
     name_part(&s.namespace, "namespace")?;
     name_part(&s.hostname, "hostname")?;
@@ -173,7 +181,7 @@ fn service(s: &pb::Service) -> Result<Service, String> {
         .addresses
         .iter()
         .enumerate()
-        .map(|(i, a)| ip(&a.address, &format!("addresses[{i}]")))
+        .map(|(i, a)| ip(&a.address, format!("addresses[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
     let ports = s
         .ports

@@ -114,7 +114,7 @@ fn an_invalid_resource_is_refused_by_name_and_the_previous_version_stays() {
         w.addresses = vec![vec![10, 1, 0, 9, 9]];
     }
     let err = s.apply_address("w1", "2", &bad).expect_err("refused");
-    assert_eq!(err, "addresses[0] has 5 bytes (an IP address has 4 or 16)");
+    assert_eq!(err.to_string(), "addresses[0] has 5 bytes (an IP address has 4 or 16)");
     let w1 = s.workload_by_ip("10.1.0.2".parse().expect("ip")).expect("still there");
     assert_eq!(w1.services.len(), 1, "the previous version, with its service");
     assert_eq!(s.versions(crate::pb::ADDRESS_TYPE).get("w1").map(String::as_str), Some("1"));

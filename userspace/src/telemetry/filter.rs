@@ -6,6 +6,25 @@
 //! replaces the default; `reset` starts from the filter the process started with. Anything
 //! else is refused, naming the clause, and nothing changes.
 
+/// Why the log filter was not changed (and is as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    #[error("level is empty: expected e.g. `info` or `access=debug,info`")]
+    EmptyLevel,
+    #[error("invalid level clause {0:?}: expected a level ({levels}) or <target>=<level>", levels = LEVELS.join(", "))]
+    BadClause(String),
+    #[error("logging is not initialised")]
+    NotInitialised,
+    #[error("invalid filter {filter:?}: {source}")]
+    Invalid {
+        filter: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("replacing the filter: {0}")]
+    Reload(#[source] tracing_subscriber::reload::Error),
+}
+
 /// A filter as ordered directives, each keyed by what it applies to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Directives(Vec<(Key, String)>);
@@ -50,10 +69,10 @@ impl Directives {
     }
 
     /// Merges `clauses` (ztunnel's syntax) into these directives.
-    pub fn merge(&self, clauses: &str) -> Result<Directives, String> {
+    pub fn merge(&self, clauses: &str) -> Result<Directives, FilterError> {
         let mut out = self.0.clone();
         if clauses.trim().is_empty() {
-            return Err("level is empty: expected e.g. `info` or `access=debug,info`".into());
+            return Err(FilterError::EmptyLevel);
         }
         for clause in clauses.split(',').map(str::trim) {
             let (key, directive) = if is_level(clause) {
@@ -66,12 +85,7 @@ impl Directives {
                     Some((t, l)) if is_target(t) && !t.ends_with(':') && is_level(l) => {
                         (Key::Target(t.to_string()), format!("{t}={}", l.to_ascii_lowercase()))
                     }
-                    _ => {
-                        return Err(format!(
-                            "invalid level clause {clause:?}: expected a level ({}) or <target>=<level>",
-                            LEVELS.join(", ")
-                        ))
-                    }
+                    _ => return Err(FilterError::BadClause(clause.to_string())),
                 }
             };
             out.retain(|(k, _)| *k != key);
@@ -122,7 +136,7 @@ mod tests {
             "access::debug",
             "info,",
         ] {
-            let e = start.merge(bad).expect_err(bad);
+            let e = start.merge(bad).expect_err(bad).to_string();
             assert!(e.contains("level"), "{bad}: {e}");
         }
     }

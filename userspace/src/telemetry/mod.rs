@@ -4,6 +4,8 @@
 
 mod filter;
 
+pub use filter::FilterError;
+
 use std::{
     io::IsTerminal,
     sync::{Mutex, OnceLock},
@@ -51,10 +53,11 @@ pub fn current_filter() -> String {
 }
 
 /// Replaces the filter (`RUST_LOG` syntax); on error nothing changes.
-pub fn set_filter(filter: &str) -> Result<(), String> {
-    let Some((handle, current)) = FILTER.get() else { return Err("logging is not initialised".into()) };
-    let parsed = EnvFilter::try_new(filter).map_err(|e| format!("invalid filter {filter:?}: {e}"))?;
-    handle.reload(parsed).map_err(|e| format!("replacing the filter: {e}"))?;
+pub fn set_filter(filter: &str) -> Result<(), FilterError> {
+    let Some((handle, current)) = FILTER.get() else { return Err(FilterError::NotInitialised) };
+    let parsed = EnvFilter::try_new(filter)
+        .map_err(|source| FilterError::Invalid { filter: filter.to_string(), source })?;
+    handle.reload(parsed).map_err(FilterError::Reload)?;
     *current.lock().unwrap_or_else(|p| p.into_inner()) = filter.to_string();
     tracing::info!(filter, "log filter changed");
     Ok(())
@@ -63,7 +66,7 @@ pub fn set_filter(filter: &str) -> Result<(), String> {
 /// Changes the filter the way ztunnel's `/logging?level=<clauses>[&reset]` does (see
 /// [`filter`]): the clauses merged into the filter in force, or, with `reset`, into the
 /// filter given at start. Returns the new filter; on error nothing changes.
-pub fn change_filter(clauses: Option<&str>, reset: bool) -> Result<String, String> {
+pub fn change_filter(clauses: Option<&str>, reset: bool) -> Result<String, FilterError> {
     let base = if reset { START_FILTER.get().cloned().unwrap_or_default() } else { current_filter() };
     let base = filter::Directives::parse_any(&base);
     let next = match clauses {

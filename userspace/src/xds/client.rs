@@ -73,6 +73,19 @@ enum StreamError {
     Closed,
 }
 
+/// Why one resource of a response is NACKed; the text is the NACK's detail.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("no body")]
+    NoBody,
+    #[error("cannot be decoded: {0}")]
+    Decode(#[from] prost::DecodeError),
+    #[error(transparent)]
+    Invalid(#[from] crate::errors::Invalid),
+    #[error("unexpected type {0}")]
+    UnexpectedType(String),
+}
+
 pub struct XdsClient {
     settings: XdsSettings,
     state: Arc<StateStore>,
@@ -243,18 +256,19 @@ impl XdsClient {
             state.remove(&resp.type_url, name);
         }
         for r in &resp.resources {
-            let Some(any) = &r.resource else {
-                errors.push(format!("resource {}: no body", r.name));
-                continue;
-            };
-            let result = match resp.type_url.as_str() {
-                ADDRESS_TYPE => Address::decode(any.value.as_slice())
-                    .map_err(|e| format!("cannot be decoded: {e}"))
-                    .and_then(|a| state.apply_address(&r.name, &r.version, &a)),
-                AUTHORIZATION_TYPE => Authorization::decode(any.value.as_slice())
-                    .map_err(|e| format!("cannot be decoded: {e}"))
-                    .and_then(|a| state.apply_authorization(&r.name, &r.version, &a)),
-                other => Err(format!("unexpected type {other}")),
+            let result = match &r.resource {
+                None => Err(Refused::NoBody),
+                Some(any) => match resp.type_url.as_str() {
+                    ADDRESS_TYPE => Address::decode(any.value.as_slice())
+                        .map_err(Refused::from)
+                        .and_then(|a| state.apply_address(&r.name, &r.version, &a).map_err(Refused::from)),
+                    AUTHORIZATION_TYPE => {
+                        Authorization::decode(any.value.as_slice()).map_err(Refused::from).and_then(|a| {
+                            state.apply_authorization(&r.name, &r.version, &a).map_err(Refused::from)
+                        })
+                    }
+                    other => Err(Refused::UnexpectedType(other.to_string())),
+                },
             };
             if let Err(e) = result {
                 errors.push(format!("resource {}: {e}", r.name));

@@ -7,7 +7,7 @@ use std::path::Path;
 use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod};
 use kube::{Api, Client, ResourceExt};
 
-use crate::meshfile::{Enrolment, Mesh, Namespace};
+use crate::meshfile::{Enrolment, Label, Mesh, Namespace};
 
 /// Why a lookup did not answer.
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,22 @@ pub enum LookupError {
     Api { what: String, source: kube::Error },
     #[error("{0:#}")]
     Client(anyhow::Error),
+}
+
+/// Why the node does not capture a pod: not a failure, an answer (a CNI ADD passes it
+/// uncaptured).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NotEnrolled {
+    /// It shares the node's network namespace: capturing it would capture the node.
+    #[error("host network")]
+    HostNetwork,
+    #[error("runs an Istio sidecar")]
+    Sidecar,
+    /// Succeeded or Failed: nothing of it runs any more.
+    #[error("finished")]
+    Finished,
+    #[error("not enrolled (no {enrol} on the pod or its namespace, or {opt_out})")]
+    NotLabelled { enrol: Label, opt_out: Label },
 }
 
 /// The pod and its namespace, as the API holds them now.
@@ -46,9 +62,9 @@ pub async fn fetch(
 /// Whether the node captures `pod`: `Ok(())` it does, `Err(why not)` it never does. The
 /// same rules as the pod watch: host-network, sidecar and finished pods are never captured;
 /// the others by their labels and their namespace's.
-pub fn decide(pod: &Pod, ns: &KubeNamespace, rules: &Enrolment) -> Result<(), String> {
+pub fn decide(pod: &Pod, ns: &KubeNamespace, rules: &Enrolment) -> Result<(), NotEnrolled> {
     if let Some(why) = super::never_captured(pod) {
-        return Err(why.to_string());
+        return Err(why);
     }
     let namespace = pod.namespace().unwrap_or_default();
     let mut mesh = Mesh::default();
@@ -58,7 +74,7 @@ pub fn decide(pod: &Pod, ns: &KubeNamespace, rules: &Enrolment) -> Result<(), St
     if rules.is_enrolled(&mesh, &spec) {
         Ok(())
     } else {
-        Err(format!("not enrolled (no {} on the pod or its namespace, or {})", rules.enrol, rules.opt_out))
+        Err(NotEnrolled::NotLabelled { enrol: rules.enrol.clone(), opt_out: rules.opt_out.clone() })
     }
 }
 
@@ -69,7 +85,7 @@ pub async fn should_capture(
     rules: &Enrolment,
     namespace: &str,
     name: &str,
-) -> Result<Result<(), String>, LookupError> {
+) -> Result<Result<(), NotEnrolled>, LookupError> {
     let client = super::client_from(Some(kubeconfig)).await.map_err(LookupError::Client)?;
     let (pod, ns) = fetch(&client, namespace, name).await?;
     Ok(decide(&pod, &ns, rules))
@@ -108,6 +124,7 @@ mod tests {
         );
         assert_eq!(decide(&own_label, &plain, &rules), Ok(()));
         let host = pod(serde_json::json!({"spec": {"hostNetwork": true, "containers": []}}));
-        assert_eq!(decide(&host, &ambient, &rules), Err("host network".into()));
+        assert_eq!(decide(&host, &ambient, &rules), Err(NotEnrolled::HostNetwork));
+        assert_eq!(decide(&host, &ambient, &rules).map_err(|e| e.to_string()), Err("host network".into()));
     }
 }

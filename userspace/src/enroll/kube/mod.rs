@@ -44,6 +44,7 @@ use crate::{
     enroll::EnrolledReport,
     meshfile::{Enrolment, Mesh, Namespace, PodSpec},
 };
+use lookup::NotEnrolled;
 use procfs::ProcNetns;
 use sandboxes::Sandboxes;
 
@@ -342,16 +343,16 @@ fn pod_spec(pod: &Pod, node: &str, ips: Vec<IpAddr>) -> PodSpec {
 }
 
 /// Why a pod of this node is never captured, if it is not.
-fn never_captured(pod: &Pod) -> Option<&'static str> {
+fn never_captured(pod: &Pod) -> Option<NotEnrolled> {
     let spec = pod.spec.as_ref()?;
     if spec.host_network == Some(true) {
-        return Some("host network");
+        return Some(NotEnrolled::HostNetwork);
     }
     if pod.annotations().contains_key(SIDECAR_STATUS) {
-        return Some("runs an Istio sidecar");
+        return Some(NotEnrolled::Sidecar);
     }
     match pod.status.as_ref().and_then(|s| s.phase.as_deref()) {
-        Some("Succeeded" | "Failed") => Some("finished"),
+        Some("Succeeded" | "Failed") => Some(NotEnrolled::Finished),
         _ => None,
     }
 }
