@@ -18,6 +18,7 @@ pub mod cni;
 pub mod config;
 pub mod controlplane;
 pub mod crypto;
+pub mod dns;
 pub mod enroll;
 pub mod errors;
 pub mod heap;

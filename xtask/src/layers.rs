@@ -21,8 +21,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     (
         "subsystems, each with its settings",
         &[
-            "capture", "meshfile", "identity", "tls", "authz", "xds", "state", "metrics", "enroll", "cni",
-            "probe",
+            "capture", "meshfile", "identity", "tls", "authz", "xds", "state", "dns", "metrics", "enroll",
+            "cni", "probe",
         ],
     ),
     ("data path and its views", &["inpod", "proxy", "trace", "admin", "controlplane"]),
