@@ -110,6 +110,8 @@ impl Node {
         }
 
         admin.set_phase(Phase::Draining);
+        // The pods' part of the dump is answered no more: say so at once, not after a wait.
+        drop(dump_requests);
         // New pods' ADDs fail (closed) until the next proxy answers; the plugin stays chained.
         cni_stop.cancel();
         // Listeners close now: new connects of enrolled pods are refused (fail closed) or let
