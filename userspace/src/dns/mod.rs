@@ -1,5 +1,7 @@
-//! DNS for enrolled pods: their queries, steered to the node proxy by the programs, are
-//! answered from the mesh's state (services and ServiceEntry hostnames) or forwarded to the
-//! pod's own resolver. `wire`: the messages.
+//! DNS for the mesh: the parts that answer a pod's query from the mesh's state (services and
+//! ServiceEntry hostnames) — `wire`, the messages, and `resolve`, which names are the mesh's.
+//! Not built yet: the capture that steers pods' DNS here, the per-pod listener and the
+//! forwarding of other names to the pod's resolver; nothing calls this module so far.
 
+pub mod resolve;
 pub mod wire;

@@ -59,6 +59,8 @@ pub struct MeshState {
     by_ip: HashMap<IpAddr, String>,
     services: HashMap<String, Arc<ServiceEntry>>,
     by_vip: HashMap<IpAddr, String>,
+    /// Hostname → keys of the services of that name (one per namespace that defines it).
+    by_host: HashMap<String, BTreeSet<String>>,
     /// Service key → uids of the workloads listing it.
     endpoints: HashMap<String, BTreeSet<String>>,
     /// Resource name → compiled policy.
@@ -107,6 +109,12 @@ impl MeshState {
 
     fn unindex_service(&mut self, key: &str) {
         if let Some(old) = self.services.remove(key) {
+            if let Some(keys) = self.by_host.get_mut(&old.service.hostname) {
+                keys.remove(key);
+                if keys.is_empty() {
+                    self.by_host.remove(&old.service.hostname);
+                }
+            }
             for ip in old.service.vips.iter().map(|ip| addr::canonical(*ip)) {
                 if self.by_vip.get(&ip).is_some_and(|k| k == key) {
                     let heir = self
@@ -164,7 +172,25 @@ impl MeshState {
                 }
             }
         }
+        for (host, keys) in &self.by_host {
+            if keys.is_empty() {
+                return Err(InvariantBroken(format!("by_host {host}: an empty set is kept")));
+            }
+            for key in keys {
+                if self.services.get(key).is_none_or(|e| e.service.hostname != *host) {
+                    return Err(InvariantBroken(format!(
+                        "by_host {host} lists {key}, which is not that host"
+                    )));
+                }
+            }
+        }
         for e in self.services.values() {
+            if !self.by_host.get(&e.service.hostname).is_some_and(|k| k.contains(&e.service.key)) {
+                return Err(InvariantBroken(format!(
+                    "service {} is not indexed by its hostname",
+                    e.service.key
+                )));
+            }
             for ip in &e.service.vips {
                 if !self.by_vip.contains_key(&addr::canonical(*ip)) {
                     return Err(InvariantBroken(format!(
@@ -240,6 +266,7 @@ impl MeshState {
                 for ip in &s.vips {
                     self.by_vip.insert(addr::canonical(*ip), s.key.clone());
                 }
+                self.by_host.entry(s.hostname.clone()).or_default().insert(s.key.clone());
                 self.services
                     .insert(s.key.clone(), Arc::new(ServiceEntry { service: s, next: AtomicUsize::new(0) }));
             }
@@ -335,6 +362,28 @@ impl MeshState {
     /// A service by key (`<namespace>/<hostname>`).
     pub fn service(&self, key: &str) -> Option<&Service> {
         self.services.get(key).map(|e| &e.service)
+    }
+
+    /// The addresses a DNS name of the mesh resolves to, asked from `namespace`: the service
+    /// of that hostname in the asker's namespace if there is one, else the first by key; its
+    /// VIPs, or for a service without any (headless) its healthy endpoints' addresses.
+    /// `None`: no service has that hostname.
+    pub fn host_addresses(&self, hostname: &str, namespace: &str) -> Option<Vec<IpAddr>> {
+        let keys = self.by_host.get(hostname)?;
+        let own = format!("{namespace}/{hostname}");
+        let key = if keys.contains(&own) { &own } else { keys.first()? };
+        let service = &self.services.get(key)?.service;
+        if !service.vips.is_empty() {
+            return Some(service.vips.clone());
+        }
+        let endpoints = self.endpoints.get(key).into_iter().flatten();
+        Some(
+            endpoints
+                .filter_map(|uid| self.workloads.get(uid))
+                .filter(|w| w.healthy)
+                .flat_map(|w| w.addresses.iter().copied())
+                .collect(),
+        )
     }
 
     pub fn workload_by_ip(&self, ip: IpAddr) -> Option<Arc<Workload>> {

@@ -226,3 +226,45 @@ proptest! {
         prop_assert_eq!(s.index_sizes(), (0, 0, 0));
     }
 }
+
+#[test]
+fn a_hostname_resolves_to_its_vips_or_its_healthy_endpoints_and_prefers_the_askers_namespace() {
+    let mut s = state_with_web();
+    let web: Vec<IpAddr> = vec!["10.96.0.10".parse().expect("ip")];
+    assert_eq!(s.host_addresses("web.demo.svc.cluster.local", "other"), Some(web.clone()));
+    assert_eq!(s.host_addresses("db.demo.svc.cluster.local", "demo"), None);
+
+    // A headless service: its healthy endpoints' addresses.
+    let headless_key = "demo/db.demo.svc.cluster.local";
+    let mut headless = service("db.demo.svc.cluster.local", "10.96.0.11", 5432, 5432);
+    if let Some(address::Type::Service(svc)) = &mut headless.r#type {
+        svc.addresses.clear();
+    }
+    s.apply_address(headless_key, "1", &headless).expect("headless");
+    s.apply_address("d1", "1", &workload("d1", &["10.1.0.7"], true, &[(headless_key, 5432, 5432)]))
+        .expect("d1");
+    s.apply_address("d2", "1", &workload("d2", &["10.1.0.8"], false, &[(headless_key, 5432, 5432)]))
+        .expect("d2");
+    assert_eq!(
+        s.host_addresses("db.demo.svc.cluster.local", "demo"),
+        Some(vec!["10.1.0.7".parse().expect("ip")])
+    );
+
+    // The same external host defined in two namespaces: the asker's own first.
+    for (ns, vip) in [("a", "240.240.0.1"), ("b", "240.240.0.2")] {
+        let mut se = service("api.example.com", vip, 443, 443);
+        if let Some(address::Type::Service(svc)) = &mut se.r#type {
+            svc.namespace = ns.into();
+        }
+        s.apply_address(&format!("{ns}/api.example.com"), "1", &se).expect("service entry");
+    }
+    let b: Vec<IpAddr> = vec!["240.240.0.2".parse().expect("ip")];
+    assert_eq!(s.host_addresses("api.example.com", "b"), Some(b));
+    assert_eq!(s.host_addresses("api.example.com", "c"), Some(vec!["240.240.0.1".parse().expect("ip")]));
+    s.check_invariants().expect("consistent");
+
+    s.remove(crate::pb::ADDRESS_TYPE, "a/api.example.com");
+    s.remove(crate::pb::ADDRESS_TYPE, "b/api.example.com");
+    assert_eq!(s.host_addresses("api.example.com", "b"), None, "gone with its services");
+    s.check_invariants().expect("consistent");
+}
