@@ -61,11 +61,18 @@ async fn stream(
         return Ok(());
     }
     if !early.is_empty() {
-        send.send_data(early, false)?;
+        send.send_data(early.clone(), false)?;
     }
+    let mut first = early.is_empty();
     while let Some(data) = body.data().await {
         let data = data?;
         let _credit = body.flow_control().release_capacity(data.len());
+        // A request that came after the answer (the client had not sent it yet when its
+        // proxy opened the tunnel) is still answered as one.
+        if std::mem::take(&mut first) && data.starts_with(b"GET ") {
+            send.send_data(Bytes::from_static(HTTP_OK), true)?;
+            return Ok(());
+        }
         send.send_data(data, false)?;
     }
     send.send_data(Bytes::new(), true)
