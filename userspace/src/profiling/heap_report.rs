@@ -38,9 +38,8 @@ pub fn encode(samples: &[heap::Sample], rate: usize) -> Vec<u8> {
         ..Profile::default()
     };
     for s in samples {
-        let ids = s.frames.iter().enumerate().filter_map(|(i, ip)| b.location(*ip, i == 0)).collect();
         let (n, bytes) = unsample(s.size, rate);
-        profile.sample.push(Sample { location_id: ids, value: vec![n, bytes], label: vec![] });
+        profile.sample.push(Sample { location_id: b.stack(&s.frames), value: vec![n, bytes], label: vec![] });
     }
     profile.location = b.locations;
     profile.function = b.functions;
@@ -59,13 +58,18 @@ pub fn unsample(size: usize, rate: usize) -> (i64, i64) {
     (scale.round() as i64, (size as f64 * scale).round() as i64)
 }
 
+/// A frame as the symbolizer gives it: function, file, line.
+type Frame = (String, String, u32);
+
 #[derive(Default)]
 struct Builder {
     strings: Vec<String>,
     string_ids: HashMap<String, i64>,
     locations: Vec<Location>,
-    /// `None`: the address has only the sampler's frames.
-    location_ids: HashMap<usize, Option<u64>>,
+    /// Return address and frames left off its front → location.
+    location_ids: HashMap<(usize, usize), u64>,
+    /// Return address → its frames, innermost first (inlined ones included).
+    resolved: HashMap<(usize, bool), Vec<Frame>>,
     functions: Vec<Function>,
     function_ids: HashMap<(i64, i64), u64>,
 }
@@ -86,43 +90,63 @@ impl Builder {
         id
     }
 
-    /// The location of return address `ip` (the call is the byte before it, except for
-    /// the innermost frame, which is where the unwinder stood); `None` if all its frames
-    /// are the sampler's.
-    fn location(&mut self, ip: usize, innermost: bool) -> Option<u64> {
-        if let Some(id) = self.location_ids.get(&ip) {
+    /// The frames at return address `ip` (the call is the byte before it, except for the
+    /// innermost frame, which is where the unwinder stood), innermost first.
+    fn frames(&mut self, ip: usize, innermost: bool) -> Vec<Frame> {
+        let at = if innermost { ip } else { ip.saturating_sub(1) };
+        self.resolved
+            .entry((ip, innermost))
+            .or_insert_with(|| {
+                let mut frames = Vec::new();
+                backtrace::resolve(at as *mut c_void, |sym| {
+                    let name = sym.name().map_or_else(|| format!("{at:#x}"), |n| format!("{n:#}"));
+                    let file = sym.filename().map(|f| f.display().to_string()).unwrap_or_default();
+                    frames.push((name, file, sym.lineno().unwrap_or(0)));
+                });
+                if frames.is_empty() {
+                    frames.push((format!("{at:#x}"), String::new(), 0));
+                }
+                frames
+            })
+            .clone()
+    }
+
+    /// The locations of a sample's stack (return addresses, innermost first), without the
+    /// sampler's frames: everything up to the outermost of them goes, so that what the
+    /// compiler inlined into the sampler (atomics, say) goes with it, whatever it inlined.
+    fn stack(&mut self, ips: &[usize]) -> Vec<u64> {
+        let stack: Vec<Vec<Frame>> = ips.iter().enumerate().map(|(i, ip)| self.frames(*ip, i == 0)).collect();
+        let cut = stack
+            .iter()
+            .enumerate()
+            .flat_map(|(i, frames)| frames.iter().enumerate().map(move |(j, f)| (i, j, f)))
+            .filter(|(_, _, (name, file, _))| is_sampler_frame(name, file))
+            .map(|(i, j, _)| (i, j + 1))
+            .next_back();
+        let (first, skip) = cut.unwrap_or((0, 0));
+        let mut ids = Vec::with_capacity(ips.len());
+        for (i, (ip, frames)) in ips.iter().zip(&stack).enumerate().skip(first) {
+            let skip = if i == first { skip } else { 0 };
+            if skip < frames.len() {
+                ids.push(self.location(*ip, i == 0, frames, skip));
+            }
+        }
+        ids
+    }
+
+    fn location(&mut self, ip: usize, innermost: bool, frames: &[Frame], skip: usize) -> u64 {
+        if let Some(id) = self.location_ids.get(&(ip, skip)) {
             return *id;
         }
-        let at = if innermost { ip } else { ip.saturating_sub(1) };
-        let mut lines = Vec::new();
-        let mut resolved = false;
-        // Innermost first: the sampler's frames, if any, come before the caller's.
-        backtrace::resolve(at as *mut c_void, |sym| {
-            resolved = true;
-            let name = sym.name().map_or_else(|| format!("{at:#x}"), |n| format!("{n:#}"));
-            let file = sym.filename().map(|f| f.display().to_string()).unwrap_or_default();
-            if !(lines.is_empty() && is_sampler_frame(&name, &file)) {
-                lines.push((name, file, sym.lineno().unwrap_or(0)));
-            }
-        });
-        if !resolved {
-            lines.push((format!("{at:#x}"), String::new(), 0));
-        }
-        if lines.is_empty() {
-            self.location_ids.insert(ip, None);
-            return None;
-        }
-        let line = lines
-            .into_iter()
-            .map(|(name, file, line)| Line {
-                function_id: self.function(&name, &file),
-                line: i64::from(line),
-            })
+        let line = frames[skip..]
+            .iter()
+            .map(|(name, file, line)| Line { function_id: self.function(name, file), line: i64::from(*line) })
             .collect();
         let id = self.locations.len() as u64 + 1;
+        let at = if innermost { ip } else { ip.saturating_sub(1) };
         self.locations.push(Location { id, address: at as u64, line, ..Location::default() });
-        self.location_ids.insert(ip, Some(id));
-        Some(id)
+        self.location_ids.insert((ip, skip), id);
+        id
     }
 
     fn function(&mut self, name: &str, file: &str) -> u64 {

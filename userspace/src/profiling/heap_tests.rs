@@ -15,6 +15,14 @@ fn marker_big_block() -> Vec<u8> {
     std::hint::black_box(vec![7u8; 16 << 20])
 }
 
+/// Grown in place or moved: the allocator's realloc path, and zeroed allocation.
+#[inline(never)]
+fn marker_grown_blocks() -> (Vec<u8>, Vec<u8>) {
+    let mut grown = std::hint::black_box(Vec::<u8>::with_capacity(1 << 20));
+    grown.reserve_exact(16 << 20);
+    (std::hint::black_box(grown), std::hint::black_box(vec![0u8; 16 << 20]))
+}
+
 #[inline(never)]
 fn marker_small_blocks(n: usize) -> Vec<Box<[u8; 4096]>> {
     (0..n).map(|_| std::hint::black_box(Box::new([1u8; 4096]))).collect()
@@ -72,7 +80,11 @@ fn many_small_allocations_are_estimated_from_their_samples() {
 fn the_sampler_frames_are_not_in_the_stacks() {
     let _rate = RATE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     set_rate(DEFAULT_RATE);
+    // Through every entry of the allocator (alloc, realloc, alloc_zeroed): whatever the
+    // compiler inlined into each, the stack starts at the caller.
     let block = marker_big_block();
+    let grown = marker_grown_blocks();
+    assert_eq!(totals_through("marker_grown_blocks").0, 2, "both 16 MiB blocks, sampled for certain");
     let encoded = super::heap_report::encode(&live(), rate());
     let p = pprof::protos::Profile::decode(encoded.as_slice()).expect("a valid profile");
     assert!(!p.sample.is_empty());
@@ -85,7 +97,7 @@ fn the_sampler_frames_are_not_in_the_stacks() {
             }
         }
     }
-    drop(block);
+    drop((block, grown));
 }
 
 #[test]
