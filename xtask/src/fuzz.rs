@@ -18,7 +18,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 /// Every target, in the order `cargo xtask test` runs them.
-pub const TARGETS: [&str; 6] = ["meshfile", "xds_state", "policy", "csr", "hbone_head", "peer_identity"];
+pub const TARGETS: [&str; 7] =
+    ["meshfile", "xds_state", "policy", "csr", "hbone_head", "peer_identity", "dns_query"];
 /// Seconds each target runs in `cargo xtask test`.
 pub const TEST_SECONDS: u32 = 10;
 /// A single input taking longer than this is a finding (quadratic parsing, loops).
@@ -26,7 +27,7 @@ const TIMEOUT_SECONDS: u32 = 10;
 
 #[derive(Args, Debug, Clone)]
 pub struct FuzzArgs {
-    /// The target (`meshfile`, `xds_state`, `policy`, `csr`, `hbone_head`, `peer_identity`).
+    /// The target (`meshfile`, `xds_state`, `policy`, `csr`, `hbone_head`, `peer_identity`, `dns_query`).
     target: String,
     /// How long to run.
     #[arg(long, default_value_t = 10)]

@@ -75,6 +75,10 @@ pub enum WireError {
     LabelType(u8),
     #[error("{0} bytes after the last record")]
     Trailing(usize),
+    #[error("a query, not a response")]
+    NotAResponse,
+    #[error("a record of type {rtype} with {len} bytes of data")]
+    RecordData { rtype: u16, len: usize },
 }
 
 impl WireError {
@@ -82,7 +86,7 @@ impl WireError {
     /// loop between two resolvers), NOTIMP for other opcodes, FORMERR for the rest.
     pub fn rcode(&self) -> Option<Rcode> {
         match self {
-            WireError::Short(_) | WireError::NotAQuery => None,
+            WireError::Short(_) | WireError::NotAQuery | WireError::NotAResponse => None,
             WireError::Opcode(_) => Some(Rcode::NotImp),
             _ => Some(Rcode::FormErr),
         }
@@ -179,16 +183,15 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Skips a resource record, returning its type, class and TTL field.
-    fn record(&mut self) -> Result<(u16, u16, u32), WireError> {
+    /// Reads a resource record: its type, class and data.
+    fn record(&mut self) -> Result<(u16, u16, &'a [u8]), WireError> {
         self.name(None)?;
         let rtype = self.u16("a record")?;
         let class = self.u16("a record")?;
-        let ttl = self.take(4, "a record")?;
-        let ttl = u32::from_be_bytes([ttl[0], ttl[1], ttl[2], ttl[3]]);
+        self.take(4, "a record")?;
         let rdlen = self.u16("a record")? as usize;
-        self.take(rdlen, "a record's data")?;
-        Ok((rtype, class, ttl))
+        let data = self.take(rdlen, "a record's data")?;
+        Ok((rtype, class, data))
     }
 }
 
@@ -248,6 +251,58 @@ impl Query {
             None => CLASSIC_UDP,
         }
     }
+}
+
+/// A response, read strictly: what a client would make of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub id: u16,
+    pub rcode: u8,
+    pub truncated: bool,
+    /// The question's name (lower-cased, dotted), empty when the response has no question.
+    pub name: String,
+    /// The A and AAAA records of the answer section.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Reads a response (the proxy's own answers are checked with it by the tests and the
+/// fuzzer: every one must read back).
+pub fn parse_response(buf: &[u8]) -> Result<Response, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Err(WireError::Short(buf.len()));
+    }
+    let mut r = Reader { buf, pos: 0 };
+    let id = r.u16("the header")?;
+    let flags = r.u16("the header")?;
+    if flags & QR == 0 {
+        return Err(WireError::NotAResponse);
+    }
+    let (qd, an, ns, ar) = (r.u16("")?, r.u16("")?, r.u16("")?, r.u16("")?);
+    if qd > 1 {
+        return Err(WireError::Questions(qd));
+    }
+    let mut name = String::new();
+    if qd == 1 {
+        r.name(Some(&mut name))?;
+        r.take(4, "the question")?;
+    }
+    let mut addresses = Vec::new();
+    for i in 0..(u32::from(an) + u32::from(ns) + u32::from(ar)) {
+        let (rtype, _, data) = r.record()?;
+        if i >= u32::from(an) || !matches!(rtype, TYPE_A | TYPE_AAAA) {
+            continue;
+        }
+        let ip = match (rtype, data.len()) {
+            (TYPE_A, 4) => IpAddr::from(<[u8; 4]>::try_from(data).expect("length checked")),
+            (TYPE_AAAA, 16) => IpAddr::from(<[u8; 16]>::try_from(data).expect("length checked")),
+            (rtype, len) => return Err(WireError::RecordData { rtype, len }),
+        };
+        addresses.push(ip);
+    }
+    if r.pos != buf.len() {
+        return Err(WireError::Trailing(buf.len() - r.pos));
+    }
+    Ok(Response { id, rcode: (flags & 0x0F) as u8, truncated: flags & TC != 0, name, addresses })
 }
 
 /// The ID of a message (a query or a forwarded answer), if it has a header.
@@ -331,4 +386,4 @@ pub fn error_answer(buf: &[u8], rcode: Rcode) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 #[path = "wire_tests.rs"]
-mod tests;
+pub(crate) mod tests;

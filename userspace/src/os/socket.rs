@@ -11,6 +11,8 @@ use super::netns::Netns;
 pub trait SocketFactory: Send + Sync + 'static {
     /// A non-blocking, unconnected TCP socket of `dst`'s family, in `netns`, carrying `mark`.
     fn tcp(&self, netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket>;
+    /// The same for UDP (a pod's forwarded DNS query).
+    fn udp(&self, netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket>;
 }
 
 /// The node proxy's: the socket is made inside the pod's network namespace (the network
@@ -26,6 +28,13 @@ impl SocketFactory for InPodSockets {
         sock.set_mark(mark)?;
         Ok(sock)
     }
+
+    fn udp(&self, netns: &Netns, dst: SocketAddr, mark: u32) -> io::Result<Socket> {
+        let sock = netns.run(|| new_udp(dst))??;
+        // Without the mark the DNS hooks would send this query straight back to the proxy.
+        sock.set_mark(mark)?;
+        Ok(sock)
+    }
 }
 
 /// Sockets in the calling thread's own network namespace, unmarked: for running the proxy
@@ -38,8 +47,16 @@ impl SocketFactory for LocalSockets {
     fn tcp(&self, _netns: &Netns, dst: SocketAddr, _mark: u32) -> io::Result<Socket> {
         new_tcp(dst)
     }
+
+    fn udp(&self, _netns: &Netns, dst: SocketAddr, _mark: u32) -> io::Result<Socket> {
+        new_udp(dst)
+    }
 }
 
 fn new_tcp(dst: SocketAddr) -> io::Result<Socket> {
     Socket::new(Domain::for_address(dst), Type::STREAM.nonblocking(), Some(Protocol::TCP))
+}
+
+fn new_udp(dst: SocketAddr) -> io::Result<Socket> {
+    Socket::new(Domain::for_address(dst), Type::DGRAM.nonblocking(), Some(Protocol::UDP))
 }
