@@ -13,7 +13,13 @@ use super::heap;
 /// only, inlined frames carry short names (`alloc`, `record`). They are always the innermost
 /// frames, and may be inlined into the caller's.
 fn is_sampler_frame(name: &str, file: &str) -> bool {
-    file.ends_with(heap::SOURCE) || file.contains("/backtrace-") || name.starts_with("__rust_")
+    // The allocator shims by their own names only: `__rust_begin_short_backtrace` is in
+    // every thread's stack, far from the sampler.
+    let shim = matches!(
+        name.rsplit("::").next(),
+        Some("__rust_alloc" | "__rust_alloc_zeroed" | "__rust_realloc" | "__rust_dealloc")
+    );
+    shim || file.ends_with(heap::SOURCE) || file.contains("/backtrace-")
 }
 
 /// The profile for `samples` taken at `rate`, encoded (uncompressed protobuf).

@@ -24,6 +24,11 @@ fn marker_grown_blocks() -> (Vec<u8>, Vec<u8>) {
 }
 
 #[inline(never)]
+fn marker_thread_block() -> Vec<u8> {
+    std::hint::black_box(vec![9u8; 16 << 20])
+}
+
+#[inline(never)]
 fn marker_small_blocks(n: usize) -> Vec<Box<[u8; 4096]>> {
     (0..n).map(|_| std::hint::black_box(Box::new([1u8; 4096]))).collect()
 }
@@ -59,6 +64,26 @@ fn a_large_live_allocation_is_in_the_profile_with_its_caller_until_freed() {
     assert_eq!(bytes, 16 << 20);
     drop(block);
     assert_eq!(totals_through("marker_big_block"), (0, 0), "freed: gone from the profile");
+}
+
+#[test]
+fn an_allocation_near_a_threads_start_keeps_its_caller() {
+    // A shallow stack, as a runtime's worker threads have: the thread's start frames
+    // (`__rust_begin_short_backtrace` among them) are in the sample, and are not the sampler's.
+    let _rate = RATE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    set_rate(DEFAULT_RATE);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let block = marker_thread_block();
+        tx.send(()).expect("send");
+        done_rx.recv().expect("told to finish");
+        drop(block);
+    });
+    rx.recv().expect("allocated");
+    assert_eq!(totals_through("marker_thread_block"), (1, 16 << 20));
+    done_tx.send(()).expect("send");
+    t.join().expect("thread");
 }
 
 #[test]
