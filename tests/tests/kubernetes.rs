@@ -154,6 +154,14 @@ fn namespace_labels_in_the_api_enrol_pods_and_a_restart_reconciles_without_leaks
     istio::namespace(&kube, "demo", &[AMBIENT]).expect("label");
     assert!(eventually(T, || enrolled(&p1) == ["a", "o"] && enrolled(&p2) == ["b"]), "{}", p1.log());
     assert!(eventually(T, || p1.readiness().is_ok_and(|(s, _)| s == 200)), "n1 ready again");
+    // Ready says n1's own pods have certificates; that b is in the mesh reaches n1 from the
+    // control plane (its mesh file was rewritten above), on its own time.
+    let b_in_mesh = |p: &Ambit| {
+        p.config_dump()["mesh"]["workloads"]
+            .as_array()
+            .is_some_and(|ws| ws.iter().any(|w| w["name"] == "b" && w["tunnel"] == "hbone"))
+    };
+    assert!(eventually(T, || b_in_mesh(&p1)), "{}", p1.log());
     assert_eq!(ok_body(&curl(&a, &url_b)), "b\n");
     let tunnelled = [
         "direction=outbound",
