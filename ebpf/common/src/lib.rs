@@ -30,6 +30,10 @@ pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 /// HBONE listener port on the pod IP; inbound capture leaves it alone.
 pub const HBONE_PORT: u16 = 15008;
+/// DNS listener port (UDP and TCP), on loopback inside each enrolled pod: ztunnel's.
+pub const DNS_PORT: u16 = 15053;
+/// The port DNS is captured on.
+pub const DNS_SERVER_PORT: u16 = 53;
 
 /// An IP address as the maps store it.
 #[repr(C)]

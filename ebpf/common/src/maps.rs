@@ -28,9 +28,13 @@ pub const MAP_PENDING: &str = "AMBIT_PENDING";
 pub const MAP_ORIG_DST: &str = "AMBIT_ORIG_DST";
 /// `PerCpuArray<u64>` of counters indexed by [`crate::stats`].
 pub const MAP_STATS: &str = "AMBIT_STATS";
+/// `LruHashMap<u64 socket cookie, OrigDst>`: the resolver a captured DNS socket (UDP or TCP,
+/// port 53) last addressed, so that replies from the proxy's DNS listener, and the socket's
+/// peer, read as that resolver again.
+pub const MAP_DNS_ORIG: &str = "AMBIT_DNS_ORIG";
 
 /// Every map the object defines, in the order the proxy reports them.
-pub const ALL_MAPS: [&str; 10] = [
+pub const ALL_MAPS: [&str; 11] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_POD_IPS,
@@ -41,6 +45,7 @@ pub const ALL_MAPS: [&str; 10] = [
     MAP_STATS,
     crate::trace::MAP_EVENTS,
     crate::trace::MAP_TRACED,
+    MAP_DNS_ORIG,
 ];
 
 /// Capacity of the per-pod maps: pods per node, with room to spare (Kubernetes' default
@@ -53,6 +58,9 @@ pub const MAX_LISTENERS: u32 = MAX_PODS * 4;
 /// Captured connections between connect and accept. LRU: under a flood the oldest unaccepted
 /// records are evicted rather than new connects failing.
 pub const MAX_PENDING: u32 = 65_536;
+/// DNS sockets of enrolled pods remembered at once, node-wide. LRU: a resolver's socket
+/// lives for one lookup or a few, so the oldest records belong to sockets long closed.
+pub const MAX_DNS_SOCKETS: u32 = 16_384;
 /// Kubelet probe connections open at once, node-wide (a few per pod at most; LRU: the oldest
 /// record goes first, and its probe is then captured like any other client).
 pub const MAX_PROBES: u32 = 8192;
@@ -88,6 +96,23 @@ pub struct Config {
     pub delivery_mark: u32,
 }
 const _: () = assert!(core::mem::size_of::<Config>() == 24);
+
+/// `Config::flags` bits 16..32: the port of the proxy's DNS listener on each enrolled pod's
+/// loopback; 0 when DNS is not captured. Kept in the flags rather than a field of its own so
+/// that the pinned config map keeps its size, which a proxy upgrade re-adopts.
+const DNS_PORT_SHIFT: u32 = 16;
+
+impl Config {
+    /// The DNS listener's port, or 0: DNS is not captured.
+    pub const fn dns_port(&self) -> u16 {
+        (self.flags >> DNS_PORT_SHIFT) as u16
+    }
+
+    /// `flags` with the DNS listener's port set (0: DNS not captured).
+    pub const fn flags_with_dns_port(flags: u32, port: u16) -> u32 {
+        (flags & ((1 << DNS_PORT_SHIFT) - 1)) | ((port as u32) << DNS_PORT_SHIFT)
+    }
+}
 
 /// Value of the enrolled-pods map.
 #[repr(C)]

@@ -65,8 +65,21 @@ pub const KUBELET_PROBE_RECORDED: u32 = 24;
 /// ... and could not (map full or error): that probe is captured like any other client.
 pub const KUBELET_PROBE_RECORD_FAILED: u32 = 25;
 
+/// A DNS query (UDP send or connect, or TCP connect to port 53) of an enrolled pod steered to
+/// the proxy's DNS listener.
+pub const DNS_CAPTURED: u32 = 26;
+/// No DNS listener (no proxy) and fail-open: the query goes to the resolver uncaptured.
+pub const DNS_FAIL_OPEN: u32 = 27;
+/// No DNS listener (no proxy) and fail-closed: the query goes to a port nobody serves.
+pub const DNS_FAIL_CLOSED: u32 = 28;
+/// The resolver's address could not be remembered: its replies read as the listener's, which
+/// a resolver library rejects (fail closed).
+pub const DNS_RECORD_FAILED: u32 = 29;
+/// A reply (or a peer address) of the DNS listener shown as the resolver the pod asked.
+pub const DNS_SOURCE_RESTORED: u32 = 30;
+
 /// Number of counters; the array's size.
-pub const COUNT: u32 = 26;
+pub const COUNT: u32 = 31;
 
 /// Names of the counters, indexed like the constants; what metrics and dumps call them.
 pub const NAMES: [&str; COUNT as usize] = [
@@ -96,4 +109,9 @@ pub const NAMES: [&str; COUNT as usize] = [
     "inbound_drop_uncovered",
     "kubelet_probe_recorded",
     "kubelet_probe_record_failed",
+    "dns_captured",
+    "dns_fail_open",
+    "dns_fail_closed",
+    "dns_record_failed",
+    "dns_source_restored",
 ];

@@ -3,6 +3,9 @@
 //! - `ambit_connect4` / `ambit_connect6` (cgroup sock_addr): connects of enrolled pods are
 //!   rewritten to the proxy's outbound listener on loopback inside the pod; the original
 //!   destination is remembered under the socket's cookie.
+//! - `ambit_sendmsg4/6`, `ambit_recvmsg4/6`, `ambit_getpeername4/6` (cgroup sock_addr): DNS
+//!   capture (`dns`): enrolled pods' queries to port 53 go to the proxy's DNS listener, and
+//!   its answers read as the resolver's.
 //! - `ambit_sock_ops`: just before the SYN leaves, the record moves to a map keyed by the
 //!   connection as the proxy will see it on accept; it is removed when the connection closes.
 //!   It also traces enrolled pods' TCP sockets (connect, established, state changes, RTT,
@@ -19,6 +22,7 @@
 
 mod connect;
 mod ctx;
+mod dns;
 mod kubelet;
 mod maps;
 mod sock;
@@ -39,6 +43,36 @@ pub fn ambit_connect4(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(connect6)]
 pub fn ambit_connect6(ctx: SockAddrContext) -> i32 {
     connect::connect6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn ambit_sendmsg4(ctx: SockAddrContext) -> i32 {
+    dns::sendmsg4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn ambit_sendmsg6(ctx: SockAddrContext) -> i32 {
+    dns::sendmsg6(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn ambit_recvmsg4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn ambit_recvmsg6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn ambit_getpeername4(ctx: SockAddrContext) -> i32 {
+    dns::restore4(&ctx)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn ambit_getpeername6(ctx: SockAddrContext) -> i32 {
+    dns::restore6(&ctx)
 }
 
 #[sock_ops]

@@ -3,8 +3,8 @@
 
 use ambit_common::{
     maps::{
-        Config, ConnKey, FlowKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_LISTENERS, MAX_PENDING,
-        MAX_PODS, MAX_POD_IPS, MAX_PROBES,
+        Config, ConnKey, FlowKey, ListenerKey, OrigDst, PendingConnect, PodEntry, MAX_DNS_SOCKETS,
+        MAX_LISTENERS, MAX_PENDING, MAX_PODS, MAX_POD_IPS, MAX_PROBES,
     },
     stats,
     trace::{TracedSock, EVENTS_BYTES, MAX_TRACED},
@@ -41,6 +41,9 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(stats::COUNT, 0);
 
 #[map(name = "AMBIT_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "AMBIT_DNS_ORIG")]
+pub static DNS_ORIG: LruHashMap<u64, OrigDst> = LruHashMap::pinned(MAX_DNS_SOCKETS, 0);
 
 #[map(name = "AMBIT_TRACED")]
 pub static TRACED: LruHashMap<u64, TracedSock> = LruHashMap::pinned(MAX_TRACED, 0);

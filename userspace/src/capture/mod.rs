@@ -62,6 +62,23 @@ pub(crate) const AYA_LOGS: &str = "AYA_LOGS";
 /// Names of the programs in the object.
 pub const PROG_CONNECT4: &str = "ambit_connect4";
 pub const PROG_CONNECT6: &str = "ambit_connect6";
+pub const PROG_SENDMSG4: &str = "ambit_sendmsg4";
+pub const PROG_SENDMSG6: &str = "ambit_sendmsg6";
+pub const PROG_RECVMSG4: &str = "ambit_recvmsg4";
+pub const PROG_RECVMSG6: &str = "ambit_recvmsg6";
+pub const PROG_GETPEERNAME4: &str = "ambit_getpeername4";
+pub const PROG_GETPEERNAME6: &str = "ambit_getpeername6";
+/// The cgroup sock_addr programs, all attached to the configured cgroup.
+pub const SOCK_ADDR_PROGRAMS: [&str; 8] = [
+    PROG_CONNECT4,
+    PROG_CONNECT6,
+    PROG_SENDMSG4,
+    PROG_SENDMSG6,
+    PROG_RECVMSG4,
+    PROG_RECVMSG6,
+    PROG_GETPEERNAME4,
+    PROG_GETPEERNAME6,
+];
 pub const PROG_SOCK_OPS: &str = "ambit_sock_ops";
 pub const PROG_TC_INGRESS: &str = "ambit_tc_ingress";
 pub const PROG_KUBELET_OPS: &str = "ambit_kubelet_ops";
@@ -146,6 +163,8 @@ pub struct CaptureSettings {
     pub outbound_port: u16,
     pub inbound_port: u16,
     pub hbone_port: u16,
+    /// The DNS listener's port when enrolled pods' DNS is captured.
+    pub dns_port: Option<u16>,
     pub kernel_log_level: klog::KernelLogLevel,
     /// Kernel-level tracing of enrolled pods' sockets (`CONFIG_TRACE`).
     pub trace: bool,
@@ -198,10 +217,11 @@ impl Capture {
         let same_object = previous.object_hash == hash;
 
         let mut adoption = Adoption::default();
-        let connect4: CgroupSockAddr =
-            pins::program(&mut ebpf, &pins, PROG_CONNECT4, same_object, &mut adoption)?;
-        let connect6: CgroupSockAddr =
-            pins::program(&mut ebpf, &pins, PROG_CONNECT6, same_object, &mut adoption)?;
+        let mut sock_addr = Vec::with_capacity(SOCK_ADDR_PROGRAMS.len());
+        for name in SOCK_ADDR_PROGRAMS {
+            let prog: CgroupSockAddr = pins::program(&mut ebpf, &pins, name, same_object, &mut adoption)?;
+            sock_addr.push((name, pins::CgroupProgram::SockAddr(prog)));
+        }
         let sock_ops: SockOps = pins::program(&mut ebpf, &pins, PROG_SOCK_OPS, same_object, &mut adoption)?;
         let tc: SchedClassifier =
             pins::program(&mut ebpf, &pins, PROG_TC_INGRESS, same_object, &mut adoption)?;
@@ -210,12 +230,8 @@ impl Capture {
 
         let cgroup = std::fs::File::open(&settings.cgroup)
             .map_err(|source| CaptureError::Io { path: settings.cgroup.clone(), source })?;
-        let mut connect4 = pins::CgroupProgram::SockAddr(connect4);
-        let mut connect6 = pins::CgroupProgram::SockAddr(connect6);
-        let mut sock_ops = pins::CgroupProgram::SockOps(sock_ops);
-        for (name, prog) in
-            [(PROG_CONNECT4, &mut connect4), (PROG_CONNECT6, &mut connect6), (PROG_SOCK_OPS, &mut sock_ops)]
-        {
+        sock_addr.push((PROG_SOCK_OPS, pins::CgroupProgram::SockOps(sock_ops)));
+        for (name, prog) in &mut sock_addr {
             pins::cgroup_link(&pins, name, prog, &cgroup, &mut adoption)?;
         }
         let kubelet = match &settings.kubelet_cgroup {
@@ -241,8 +257,11 @@ impl Capture {
         // The settings go in last: until they are there the programs capture nothing.
         maps.set_config(&Config {
             proxy_mark: settings.proxy_mark,
-            flags: if settings.fail_open { CONFIG_FAIL_OPEN } else { 0 }
-                | if settings.trace { CONFIG_TRACE } else { 0 },
+            flags: Config::flags_with_dns_port(
+                if settings.fail_open { CONFIG_FAIL_OPEN } else { 0 }
+                    | if settings.trace { CONFIG_TRACE } else { 0 },
+                settings.dns_port.unwrap_or(0),
+            ),
             outbound_port: settings.outbound_port,
             inbound_port: settings.inbound_port,
             hbone_port: settings.hbone_port,

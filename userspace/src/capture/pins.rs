@@ -163,11 +163,16 @@ macro_rules! pinnable {
 pinnable!(SockOps, SockOps, |p: &Path, _| SockOps::from_pin(p));
 pinnable!(SchedClassifier, SchedClassifier, |p: &Path, _| { SchedClassifier::from_pin(p) });
 pinnable!(CgroupSockAddr, CgroupSockAddr, |p: &Path, name: &str| {
-    use aya::programs::cgroup_sock_addr::CgroupSockAddrAttachType;
-    let kind = if name == super::PROG_CONNECT6 {
-        CgroupSockAddrAttachType::Connect6
-    } else {
-        CgroupSockAddrAttachType::Connect4
+    use aya::programs::cgroup_sock_addr::CgroupSockAddrAttachType as Kind;
+    let kind = match name {
+        super::PROG_CONNECT6 => Kind::Connect6,
+        super::PROG_SENDMSG4 => Kind::UDPSendMsg4,
+        super::PROG_SENDMSG6 => Kind::UDPSendMsg6,
+        super::PROG_RECVMSG4 => Kind::UDPRecvMsg4,
+        super::PROG_RECVMSG6 => Kind::UDPRecvMsg6,
+        super::PROG_GETPEERNAME4 => Kind::GetPeerName4,
+        super::PROG_GETPEERNAME6 => Kind::GetPeerName6,
+        _ => Kind::Connect4,
     };
     CgroupSockAddr::from_pin(p, kind)
 });

@@ -13,7 +13,9 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 
-use ambit_common::{DEFAULT_DELIVERY_MARK, DEFAULT_PROXY_MARK, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT};
+use ambit_common::{
+    DEFAULT_DELIVERY_MARK, DEFAULT_PROXY_MARK, DNS_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT,
+};
 
 use crate::{
     capture::klog::KernelLogLevel,
@@ -32,6 +34,10 @@ pub enum PodSourceKind {
     File,
     Kubernetes,
 }
+
+/// The TTL of the mesh's DNS answers, seconds: ztunnel's. Short, as the mesh's addresses
+/// follow the control plane.
+const DNS_TTL: u32 = 30;
 
 /// CGROUP2_SUPER_MAGIC from linux/magic.h.
 const CGROUP2_MAGIC: i64 = 0x6367_7270;
@@ -124,6 +130,21 @@ pub struct NodeArgs {
     /// instead of refusing them (the default refuses: fail closed).
     #[arg(long, env = "AMBIT_FAIL_OPEN")]
     pub fail_open: bool,
+
+    /// Capture enrolled pods' DNS (UDP and TCP port 53) without touching their resolver
+    /// configuration, and answer it in the pod: the mesh's service and ServiceEntry names from
+    /// the control plane, everything else forwarded to the pod's own resolvers. `false`:
+    /// pods' DNS goes where it was sent, uncaptured.
+    #[arg(long, env = "AMBIT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub dns_capture: bool,
+
+    /// Kubernetes' cluster domain: short service names in DNS queries are completed in it.
+    #[arg(long, env = "AMBIT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
+    /// How long each of a pod's resolvers is given to answer a query the mesh does not know.
+    #[arg(long, env = "AMBIT_DNS_UPSTREAM_TIMEOUT", default_value = "2s", value_parser = parse_duration)]
+    pub dns_upstream_timeout: Duration,
 
     /// Upgrade in place: when another `ambit node` runs this instance, start alongside it
     /// (pod listeners are shared with SO_REUSEPORT), and once ready ask it to drain (SIGTERM).
@@ -409,6 +430,8 @@ pub struct NodeSettings {
     /// `None`: no CNI plugin; pods are found under /proc once they run.
     pub cni: Option<crate::cni::install::CniSettings>,
     pub unknown_destination: UnknownDestination,
+    /// Answering pods' DNS; `None`: not captured.
+    pub dns: Option<crate::dns::DnsSettings>,
     /// The cluster's name (`--cluster-id`): sent to istiod, and the cluster of the mesh
     /// file's workloads offline.
     pub cluster_id: String,
@@ -496,6 +519,15 @@ impl NodeSettings {
                 })
             }
         };
+        let dns = args.dns_capture.then(|| crate::dns::DnsSettings {
+            port: DNS_PORT,
+            answering: crate::dns::handle::Answering {
+                cluster_domain: args.cluster_domain.clone(),
+                ttl: DNS_TTL,
+            },
+            upstream_timeout: args.dns_upstream_timeout,
+            proc_dir: args.proc_dir.clone(),
+        });
         let pod_source = match (args.pod_source, args.mesh_file) {
             (PodSourceKind::File, Some(mesh_file)) => {
                 PodSource::File { mesh_file, poll: args.mesh_file_poll }
@@ -570,6 +602,7 @@ impl NodeSettings {
             },
             cni,
             unknown_destination: args.unknown_destination,
+            dns,
             cluster_id: args.cluster_id.clone(),
             identity: crate::identity::IdentitySettings {
                 trust_domain: args.trust_domain,
@@ -605,6 +638,7 @@ impl NodeSettings {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             hbone_port: self.hbone_port,
+            dns_port: self.dns.as_ref().map(|d| d.port),
             kernel_log_level: self.ebpf_log_level,
             trace: self.kernel_tracing,
             takeover: self.takeover,

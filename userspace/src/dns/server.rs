@@ -15,8 +15,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    forward::{ForwardError, Upstreams},
-    handle::{handle, Answering, Handled, Transport},
+    forward::ForwardError,
+    handle::{handle, type_label, Answering, Handled, Transport},
+    metrics::{Asked, DnsMetrics},
+    upstream::Resolvers,
     wire::{self, Rcode},
 };
 use crate::{
@@ -35,13 +37,16 @@ const TCP_IDLE: Duration = Duration::from_secs(10);
 pub struct PodDns {
     /// The pod's namespace: short names are completed in it.
     pub namespace: String,
+    /// The pod's canonical service and revision, for the metrics' source labels.
+    pub canonical: (String, String),
     pub netns: Arc<Netns>,
     pub state: Arc<StateStore>,
     pub answering: Answering,
-    pub upstreams: Upstreams,
+    pub upstreams: Arc<dyn Resolvers>,
     pub sockets: Arc<dyn SocketFactory>,
     /// Carried by forwarded queries' sockets, so the capture lets them through.
     pub mark: u32,
+    pub metrics: DnsMetrics,
 }
 
 /// The outcome of one query, for the metrics and the log.
@@ -53,6 +58,17 @@ pub enum Outcome {
     Dropped,
 }
 
+impl Outcome {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Outcome::Answered(_) => "answered",
+            Outcome::Forwarded => "forwarded",
+            Outcome::ForwardFailed => "forward_failed",
+            Outcome::Dropped => "dropped",
+        }
+    }
+}
+
 impl PodDns {
     /// Decides and, if need be, forwards one message; the bytes to send back, if any.
     pub async fn answer(&self, message: &[u8], transport: Transport) -> (Option<Vec<u8>>, Outcome) {
@@ -62,23 +78,64 @@ impl PodDns {
                 state.host_addresses(host, &self.namespace)
             })
         };
-        match handled {
+        let query_type = match &handled {
+            Handled::Reply { query_type, .. } => query_type.map(type_label),
+            Handled::Forward { query_type } => Some(type_label(*query_type)),
+            Handled::Drop => None,
+        };
+        let label = query_type.as_deref().unwrap_or("unknown");
+        let asked = Asked {
+            query_type: label,
+            protocol: transport.as_str(),
+            service: &self.canonical.0,
+            revision: &self.canonical.1,
+        };
+        // Like ztunnel, a message that is not a query is not counted as a request.
+        if !matches!(handled, Handled::Drop) {
+            self.metrics.request(&asked);
+        }
+        let (answer, outcome) = match handled {
             Handled::Reply { answer, rcode, .. } => (Some(answer), Outcome::Answered(rcode)),
             Handled::Drop => (None, Outcome::Dropped),
-            Handled::Forward { .. } => match self.forward(message, transport).await {
-                Ok(answer) => (Some(answer), Outcome::Forwarded),
-                Err(e) => {
-                    tracing::debug!(namespace = %self.namespace, error = %e, "DNS forward failed");
-                    (wire::error_answer(message, Rcode::ServFail), Outcome::ForwardFailed)
+            Handled::Forward { .. } => {
+                let started = std::time::Instant::now();
+                match self.forward(message, transport).await {
+                    Ok(answer) => {
+                        self.metrics.forwarded(&asked, Some(started.elapsed().as_secs_f64()));
+                        (Some(answer), Outcome::Forwarded)
+                    }
+                    Err(e) => {
+                        self.metrics.forwarded(&asked, None);
+                        tracing::info!(
+                            target: "dns",
+                            namespace = %self.namespace,
+                            protocol = transport.as_str(),
+                            error = %e,
+                            "DNS forward failed; answered SERVFAIL"
+                        );
+                        (wire::error_answer(message, Rcode::ServFail), Outcome::ForwardFailed)
+                    }
                 }
-            },
-        }
+            }
+        };
+        tracing::debug!(
+            target: "dns",
+            namespace = %self.namespace,
+            workload = %self.canonical.0,
+            query_type = label,
+            protocol = transport.as_str(),
+            outcome = outcome.as_str(),
+            rcode = answer.as_deref().and_then(wire::rcode_of).map_or(-1, i16::from),
+            "dns request"
+        );
+        (answer, outcome)
     }
 
     async fn forward(&self, message: &[u8], transport: Transport) -> Result<Vec<u8>, ForwardError> {
+        let upstreams = self.upstreams.upstreams();
         match transport {
-            Transport::Udp => self.upstreams.udp(message, |server| self.udp_socket(server)).await,
-            Transport::Tcp => self.upstreams.tcp(message, |server| self.tcp_connect(server)).await,
+            Transport::Udp => upstreams.udp(message, |server| self.udp_socket(server)).await,
+            Transport::Tcp => upstreams.tcp(message, |server| self.tcp_connect(server)).await,
         }
     }
 

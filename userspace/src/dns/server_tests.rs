@@ -2,7 +2,10 @@
 //! the mesh, forwarded to a scripted upstream (or none), over UDP and TCP.
 
 use crate::{
-    dns::wire::{parse_response, tests::query},
+    dns::{
+        forward::Upstreams,
+        wire::{parse_response, tests::query},
+    },
     os::socket::LocalSockets,
     pb::istio::workload::{self as pb, address, Address},
 };
@@ -67,12 +70,14 @@ async fn serve(upstream: SocketAddr) -> Served {
     }
     let dns = Arc::new(PodDns {
         namespace: "demo".into(),
+        canonical: ("client".into(), "latest".into()),
         netns: Arc::new(Netns::host().expect("this process's netns")),
         state,
         answering: Answering { cluster_domain: "cluster.local".into(), ttl: 30 },
-        upstreams: Upstreams { servers: vec![upstream], timeout: Duration::from_millis(300) },
+        upstreams: Arc::new(Upstreams { servers: vec![upstream], timeout: Duration::from_millis(300) }),
         sockets: Arc::new(LocalSockets),
         mark: 0,
+        metrics: DnsMetrics::new(),
     });
     let stop = CancellationToken::new();
     let udp = UdpSocket::bind("127.0.0.1:0").await.expect("bind");

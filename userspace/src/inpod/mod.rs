@@ -3,6 +3,7 @@
 //! them with what the pod source wants.
 
 pub mod delivery;
+pub mod dns;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -40,6 +41,8 @@ struct EnrolledPod {
     netns: Arc<Netns>,
     tc: crate::capture::TcState,
     listeners: Vec<(Direction, SocketAddr)>,
+    /// The DNS listener's addresses (UDP and TCP each), when DNS is captured.
+    dns: Vec<SocketAddr>,
     /// The pod's namespace is prepared for delivery from the client's address.
     deliver_from_client: bool,
     /// What the data path holds of the pod; each of its connections holds it too.
@@ -73,6 +76,8 @@ pub struct PodManager {
     /// has closed (the application's replies to it need them): see [`PodManager::tidy`].
     leaving: Vec<Leaving>,
     next_id: u32,
+    /// Answering the pods' DNS, when it is captured.
+    dns: Option<Arc<dns::DnsServing>>,
 }
 
 /// An unenrolled pod whose namespace still has the delivery settings.
@@ -96,6 +101,8 @@ pub struct PodDump {
     pub pod_id: u32,
     pub inbound_attachment: crate::capture::TcState,
     pub listeners: Vec<(Direction, SocketAddr)>,
+    /// The DNS listener (UDP and TCP on each address), when DNS is captured.
+    pub dns: Vec<SocketAddr>,
     /// Inbound connections reach the application from the client's address.
     pub deliver_from_client: bool,
 }
@@ -135,7 +142,13 @@ impl PodManager {
             failed: BTreeMap::new(),
             leaving: Vec::new(),
             next_id: 1,
+            dns: None,
         }
+    }
+
+    /// Gives each pod enrolled from now on a DNS listener (the capture steers its DNS there).
+    pub fn serve_dns(&mut self, serving: dns::DnsServing) {
+        self.dns = Some(Arc::new(serving));
     }
 
     pub fn capture(&self) -> &Capture {
@@ -224,11 +237,22 @@ impl PodManager {
         let made =
             crate::pod::listeners::create(&netns, &spec.ips, self.ports.outbound, self.ports.inbound, hbone)
                 .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?;
+        let dns = match &self.dns {
+            Some(serving) => Some(
+                serving
+                    .listen(&netns, &spec.ips)
+                    .map_err(|source| EnrollError::Listeners { path: spec.netns.clone(), source })?,
+            ),
+            None => None,
+        };
         // Listeners first, so that capture never points at a socket that is not there yet.
         for l in &made {
             if let Some(key) = l.key(cookie) {
                 self.capture.register_listener(key, &l.socket)?;
             }
+        }
+        for (key, sock) in dns.iter().flat_map(|d| d.keys(cookie)) {
+            self.capture.register_listener(key, sock)?;
         }
         // Addresses before the inbound program: it drops SYNs to addresses it does not know.
         if let Err(e) = self.capture.add_pod_ips(cookie, &spec.ips) {
@@ -276,20 +300,33 @@ impl PodManager {
         let stop = CancellationToken::new();
         let mut tasks = Vec::with_capacity(made.len());
         let mut bound = Vec::with_capacity(made.len());
+        let mut started = Ok(());
         for l in made {
             bound.push((l.direction, l.addr));
             match self.proxy.serve(ctx.clone(), l, stop.clone()) {
                 Ok(task) => tasks.push(task),
                 Err(e) => {
-                    stop.cancel();
-                    self.proxy.pods().remove(cookie);
-                    if let Some(id) = &identity {
-                        self.identities.release(id);
-                    }
-                    self.rollback(cookie, &netns, &spec.interface);
-                    return Err(EnrollError::Listeners { path: spec.netns.clone(), source: e });
+                    started = Err(e);
+                    break;
                 }
             }
+        }
+        let mut dns_addrs = Vec::new();
+        if let (Ok(()), Some(serving), Some(listeners)) = (&started, &self.dns, dns) {
+            dns_addrs = listeners.addrs.clone();
+            match serving.serve(spec, netns.clone(), listeners, &stop) {
+                Ok(more) => tasks.extend(more),
+                Err(e) => started = Err(e),
+            }
+        }
+        if let Err(e) = started {
+            stop.cancel();
+            self.proxy.pods().remove(cookie);
+            if let Some(id) = &identity {
+                self.identities.release(id);
+            }
+            self.rollback(cookie, &netns, &spec.interface);
+            return Err(EnrollError::Listeners { path: spec.netns.clone(), source: e });
         }
         Ok(EnrolledPod {
             spec: spec.clone(),
@@ -298,6 +335,7 @@ impl PodManager {
             netns,
             tc,
             listeners: bound,
+            dns: dns_addrs,
             deliver_from_client,
             ctx,
             stop,
@@ -442,6 +480,7 @@ impl PodManager {
                 pod_id: p.id,
                 inbound_attachment: p.tc,
                 listeners: p.listeners.clone(),
+                dns: p.dns.clone(),
                 deliver_from_client: p.deliver_from_client,
             })
             .collect();

@@ -123,6 +123,19 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
         },
         settings.cluster_id.clone(),
     );
+    if let Some(dns) = &settings.dns {
+        let serving = crate::inpod::dns::DnsServing {
+            settings: dns.clone(),
+            state: state.clone(),
+            sockets: Arc::new(crate::os::socket::InPodSockets),
+            mark: settings.proxy_mark,
+            metrics: crate::dns::metrics::DnsMetrics::new(),
+        };
+        for c in serving.metrics.collectors() {
+            metrics.register(c);
+        }
+        pods.serve_dns(serving);
+    }
 
     // Workloads and services: from the control plane over xDS, or from the mesh file.
     let (synced_tx, synced) = tokio::sync::watch::channel(settings.xds.is_none());
