@@ -33,3 +33,45 @@ pub fn netprobe<'b>(bed: &'b Bed, pod: &Pod, mode: &str, addr: &str) -> Proc<'b>
     let cmd = pod_command(pod, &[bin.to_str().expect("utf-8"), mode, addr]);
     Proc::spawn(bed, &format!("netprobe-{mode}-{}", pod.name), cmd)
 }
+
+/// Names the bed's resolver (`dnsmasq`) answers itself.
+pub const OUTSIDE_NAME: &str = "outside.test";
+pub const OUTSIDE_V4: &str = "203.0.113.7";
+/// A name whose TXT records do not fit a 512-byte UDP answer: asked without EDNS, the answer
+/// comes truncated and the client asks again over TCP.
+pub const BIG_NAME: &str = "big.test";
+
+/// dnsmasq on `pod`'s IPv4 address, port 53 (UDP and TCP), answering [`OUTSIDE_NAME`] and
+/// [`BIG_NAME`] from its own records and nothing else (no upstream of its own: it never
+/// sends a query out of the bed). Returns once it serves.
+pub fn dns_server<'b>(bed: &'b Bed, pod: &Pod) -> Proc<'b> {
+    let listen = format!("--listen-address={}", pod.ipv4);
+    let host = format!("--host-record={OUTSIDE_NAME},{OUTSIDE_V4}");
+    let chunk = "x".repeat(200);
+    let txt: Vec<String> = (0..6).map(|i| format!("--txt-record={BIG_NAME},{i}{chunk}")).collect();
+    let mut argv = vec![
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--pid-file",
+        "--bind-interfaces",
+        "--port=53",
+        "--log-queries",
+        "--log-facility=-",
+        &listen,
+        &host,
+    ];
+    argv.extend(txt.iter().map(String::as_str));
+    let mut p = Proc::spawn(bed, &format!("dnsmasq-{}", pod.name), pod_command(pod, &argv));
+    p.wait_for_output("started, version", Duration::from_secs(20)).expect("dnsmasq starts");
+    p
+}
+
+/// `dig` in `pod` with one try and a short timeout, and the given arguments.
+pub fn dig(pod: &Pod, args: &[&str]) -> std::process::Output {
+    let mut argv = vec!["dig", "+time=2", "+tries=1"];
+    argv.extend_from_slice(args);
+    crate::exec::run_with_timeout(pod_command(pod, &argv), Duration::from_secs(20)).expect("dig runs")
+}

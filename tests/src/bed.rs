@@ -74,6 +74,9 @@ pub struct Pod {
     pub ipv4: IpAddr,
     pub ipv6: IpAddr,
     pub cgroup: PathBuf,
+    /// The pod's own `/etc/resolv.conf`, as Kubernetes gives each pod one: its processes see
+    /// it in place of the host's (`exec::pod_command`). `None`: the host's.
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Node {
@@ -94,6 +97,18 @@ impl Node {
 impl Pod {
     pub fn netns_path(&self) -> PathBuf {
         PathBuf::from(format!("/var/run/netns/{}", self.netns))
+    }
+
+    /// Gives the pod its own resolv.conf (in the run directory `dir`) naming `nameserver`,
+    /// with Kubernetes' search path for `namespace`: the pod's processes resolve through it.
+    pub fn with_resolver(mut self, dir: &Path, namespace: &str, nameserver: IpAddr) -> Pod {
+        let path = dir.join(format!("resolv-{}.conf", self.netns));
+        let text = format!(
+            "search {namespace}.svc.cluster.local svc.cluster.local cluster.local\nnameserver {nameserver}\noptions ndots:5 timeout:2 attempts:1\n"
+        );
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        self.resolv_conf = Some(path);
+        self
     }
 }
 
@@ -291,7 +306,7 @@ impl Bed {
             Ok(())
         })();
         r.unwrap_or_else(|e| panic!("creating pod {name} on {}: {e:#}", node.name));
-        Pod { name: name.to_string(), node: node.name.clone(), netns, ipv4, ipv6, cgroup }
+        Pod { name: name.to_string(), node: node.name.clone(), netns, ipv4, ipv6, cgroup, resolv_conf: None }
     }
 
     /// Joins two nodes with a veth pair and routes each one's pod subnet via the other.

@@ -28,9 +28,29 @@ pub fn in_cgroup_and_netns(cgroup: &Path, netns: &Path, argv: &[&str]) -> Comman
     c
 }
 
-/// A command that runs inside `pod`: joins its cgroup, then its netns.
+/// A command that runs inside `pod`: joins its cgroup, then its netns; with the pod's own
+/// resolv.conf when it has one.
 pub fn pod_command(pod: &Pod, argv: &[&str]) -> Command {
-    in_cgroup_and_netns(&pod.cgroup, &pod.netns_path(), argv)
+    in_cgroup_and_netns(&pod.cgroup, &pod.netns_path(), &with_resolv_conf(pod, argv))
+}
+
+/// `argv` run in a mount namespace of its own where the pod's resolv.conf is bind-mounted
+/// over /etc/resolv.conf (propagation private: the host's mounts are not touched), as a
+/// container runtime gives each pod its file. Unchanged when the pod has none.
+pub fn with_resolv_conf<'a>(pod: &'a Pod, argv: &[&'a str]) -> Vec<&'a str> {
+    let Some(file) = pod.resolv_conf.as_deref().and_then(Path::to_str) else { return argv.to_vec() };
+    let mut v = vec![
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        r#"mount --bind "$0" /etc/resolv.conf && exec "$@""#,
+        file,
+    ];
+    v.extend_from_slice(argv);
+    v
 }
 
 /// A command that runs on `node`: in the node's netns and cgroup (like the node proxy, or a

@@ -74,7 +74,8 @@ pub fn sandbox<'b>(
     uid: &str,
     driver: CgroupDriver,
 ) -> crate::Proc<'b> {
-    sandbox_in(bed, &pod.name, &pod.netns_path(), uid, driver)
+    let argv = crate::exec::with_resolv_conf(pod, &["sleep", "3600"]);
+    sandbox_with(bed, &pod.name, &pod.netns_path(), uid, driver, &argv)
 }
 
 /// [`sandbox`] in any network namespace (a node's: a host-network pod).
@@ -85,6 +86,17 @@ pub fn sandbox_in<'b>(
     uid: &str,
     driver: CgroupDriver,
 ) -> crate::Proc<'b> {
+    sandbox_with(bed, name, netns, uid, driver, &["sleep", "3600"])
+}
+
+fn sandbox_with<'b>(
+    bed: &'b crate::Bed,
+    name: &str,
+    netns: &Path,
+    uid: &str,
+    driver: CgroupDriver,
+    argv: &[&str],
+) -> crate::Proc<'b> {
     let leaf = match driver {
         CgroupDriver::Cgroupfs => format!("pod{uid}"),
         CgroupDriver::Systemd => format!("kubepods-pod{}.slice", uid.replace('-', "_")),
@@ -92,6 +104,6 @@ pub fn sandbox_in<'b>(
     let cgroup = bed.cgroup().join(leaf);
     std::fs::create_dir(&cgroup).unwrap_or_else(|e| panic!("creating cgroup {}: {e}", cgroup.display()));
     bed.state().cgroups.push(cgroup.clone());
-    let cmd = crate::exec::in_cgroup_and_netns(&cgroup, netns, &["sleep", "3600"]);
+    let cmd = crate::exec::in_cgroup_and_netns(&cgroup, netns, argv);
     crate::Proc::spawn(bed, &format!("sandbox-{name}"), cmd)
 }

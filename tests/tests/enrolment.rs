@@ -91,7 +91,8 @@ fn enrolment_follows_the_file_and_established_connections_survive() {
     assert_eq!(pinned_map_len(&pins.join("AMBIT_POD_IPS")).expect("pod ips"), 2);
     assert_eq!(std::fs::read_dir(pins.join("tc")).expect("tc pins").count(), 1);
     let listeners = dump["capture"]["registered_listeners"].as_u64();
-    assert_eq!(listeners, Some(4), "b's four listeners only: {dump}");
+    // Outbound and inbound, IPv4 and IPv6, and the DNS listener of each family.
+    assert_eq!(listeners, Some(6), "b's six listeners only: {dump}");
 }
 
 /// `(what to break, how, the line and field the error must name)`.

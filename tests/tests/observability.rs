@@ -378,8 +378,10 @@ fn config_dump_and_logging_show_and_change_what_runs() {
         assert!(pod["netns_cookie"].as_u64().is_some_and(|c| c > 0), "{pod}");
         assert!(pod["inbound_attachment"].is_string() || pod["inbound_attachment"].is_object(), "{pod}");
         assert_eq!(pod["listeners"].as_array().map(Vec::len), Some(4), "{pod}");
+        assert_eq!(pod["dns"].as_array().map(Vec::len), Some(2), "{pod}");
     }
-    assert!(dump["capture"]["registered_listeners"].as_u64() == Some(8), "{dump}");
+    // Four capture listeners per pod, and the DNS listener of each family.
+    assert!(dump["capture"]["registered_listeners"].as_u64() == Some(12), "{dump}");
     assert_eq!(dump["mesh"]["workloads"].as_array().map(Vec::len), Some(2), "{dump}");
     assert!(dump["settings"]["kernel_tracing"].as_bool() == Some(true), "{dump}");
     assert!(!dump.to_string().contains("PRIVATE KEY"));

@@ -90,6 +90,7 @@ fn private_capture(bed: &Bed) -> (Opened, std::path::PathBuf) {
         outbound_port: OUTBOUND_PORT,
         inbound_port: INBOUND_PORT,
         hbone_port: HBONE_PORT,
+        dns_port: None,
         kernel_log_level: KernelLogLevel::Off,
         trace: false,
         takeover: false,

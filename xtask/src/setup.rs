@@ -42,6 +42,8 @@ pub const PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "the kernel-matrix guests' userland"),
     ("cpio", "packing the guests' initramfs"),
     ("xz-utils", "unpacking 6.12's compressed modules"),
+    ("bind9-dnsutils", "dig, a real DNS client in the DNS tests"),
+    ("dnsmasq-base", "a real upstream resolver inside the DNS tests' bed"),
 ];
 
 /// Only for measuring (`bench --profile`, `count`): installed by those commands
