@@ -300,7 +300,19 @@ pub fn pinned_ids(dir: &Path) -> anyhow::Result<Vec<(String, u32)>> {
 
 /// Every bpf link in the system that runs one of `prog_ids`.
 pub fn links_of_programs(prog_ids: &[u32]) -> anyhow::Result<Vec<u32>> {
-    let json = crate::bed::sh(&["bpftool", "-j", "link", "show"])?;
+    // bpftool walks the links by ID and fails when one goes away under it, which a test
+    // running alongside may cause at any moment: asked again, a few times.
+    let mut attempt = 0;
+    let json = loop {
+        match crate::bed::sh(&["bpftool", "-j", "link", "show"]) {
+            Ok(json) => break json,
+            Err(_) if attempt < 4 => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => return Err(e),
+        }
+    };
     let v: serde_json::Value = serde_json::from_str(&json)?;
     let mut out: Vec<u32> = v
         .as_array()

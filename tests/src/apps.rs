@@ -45,6 +45,11 @@ pub const BIG_NAME: &str = "big.test";
 /// [`BIG_NAME`] from its own records and nothing else (no upstream of its own: it never
 /// sends a query out of the bed). Returns once it serves.
 pub fn dns_server<'b>(bed: &'b Bed, pod: &Pod) -> Proc<'b> {
+    dns_server_with(bed, pod, &[])
+}
+
+/// [`dns_server`] answering `records` (name, IPv4 address) too.
+pub fn dns_server_with<'b>(bed: &'b Bed, pod: &Pod, records: &[(&str, std::net::IpAddr)]) -> Proc<'b> {
     let listen = format!("--listen-address={}", pod.ipv4);
     let host = format!("--host-record={OUTSIDE_NAME},{OUTSIDE_V4}");
     let chunk = "x".repeat(200);
@@ -64,6 +69,8 @@ pub fn dns_server<'b>(bed: &'b Bed, pod: &Pod) -> Proc<'b> {
         &host,
     ];
     argv.extend(txt.iter().map(String::as_str));
+    let extra: Vec<String> = records.iter().map(|(name, ip)| format!("--host-record={name},{ip}")).collect();
+    argv.extend(extra.iter().map(String::as_str));
     let mut p = Proc::spawn(bed, &format!("dnsmasq-{}", pod.name), pod_command(pod, &argv));
     p.wait_for_output("started, version", Duration::from_secs(20)).expect("dnsmasq starts");
     p

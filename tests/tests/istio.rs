@@ -12,11 +12,12 @@ use ambit::identity::{
     Identity,
 };
 use ambit_testbed::{
-    apps::http_server,
+    apps::{dns_server_with, http_server},
     istio::{self, workload, Spec},
     istiod::{Istiod, SERVING_NAME},
+    pod_command,
     realkube::Kube,
-    Ambit, Bed,
+    run_with_timeout, Ambit, Bed,
 };
 use common::{istio::*, *};
 
@@ -288,4 +289,82 @@ fn ambit_runs_with_exactly_its_manifests_rbac_and_istiod_sees_each_proxy_acked()
         assert!(ids.contains(node), "{node} not in istiod's view: {ids}");
     }
     drop(p2);
+}
+
+#[test]
+fn dns_answers_istiod_s_services_and_service_entries_and_their_names_route_through_the_mesh() {
+    let bed = Bed::new("istio-dns");
+    let (n1, n2, cp) = nodes(&bed);
+    let kube = Kube::start(&bed, &cp);
+    setup(&kube, &n1, &n2);
+    let istiod = Istiod::start(&kube, &istio::trusted_account());
+    istio::namespace(&kube, "demo", &[("istio.io/dataplane-mode", "ambient")]).expect("namespace");
+    // r: the pods' resolver; ext: a server outside the mesh and the cluster, which a
+    // ServiceEntry names. Neither is in the API.
+    let (r, ext) = (bed.pod(&n1, "r"), bed.pod(&n2, "ext"));
+    let a = bed.pod(&n1, "a").with_resolver(bed.dir(), "demo", r.ipv4);
+    let w = bed.pod(&n2, "web");
+    let _wa = workload(&bed, &kube, &n1, &a, &spec("client", &[("app", "client")])).expect("a");
+    let _ww = workload(&bed, &kube, &n2, &w, &spec("server", &[("app", "web")])).expect("web");
+    // ext's name, known to the pods' resolver only.
+    let _resolver = dns_server_with(&bed, &r, &[("ext.bed.test", ext.ipv4)]);
+    let _h = [http_server(&bed, &w, "web\n"), http_server(&bed, &ext, "ext\n")];
+    kube.apply("apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: demo\nspec:\n  selector:\n    app: web\n  ports:\n  - port: 80\n    targetPort: 8080\n")
+        .expect("service");
+    // No addresses: istiod allocates one (status.addresses), as Istio does by default.
+    kube.apply(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: api\n  namespace: demo\nspec:\n  hosts:\n  - api.example.test\n  location: MESH_EXTERNAL\n  resolution: STATIC\n  ports:\n  - number: 80\n    name: http\n    protocol: TCP\n    targetPort: 8080\n  endpoints:\n  - address: {}\n",
+        ext.ipv4
+    ))
+    .expect("service entry");
+    // Resolved by DNS: its endpoint is a name, which the proxy resolves as the pod would.
+    kube.apply("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  name: db\n  namespace: demo\nspec:\n  hosts:\n  - db.example.test\n  location: MESH_EXTERNAL\n  resolution: DNS\n  ports:\n  - number: 80\n    name: http\n    protocol: TCP\n    targetPort: 8080\n  endpoints:\n  - address: ext.bed.test\n")
+        .expect("DNS service entry");
+    let vip = kube.get("service", "demo", "web", "{.spec.clusterIP}").expect("cluster IP");
+    let p1 = istio::start_ambit(&bed, &kube, &istiod, &n1, &[]).expect("ambit on n1");
+    let _p2 = istio::start_ambit(&bed, &kube, &istiod, &n2, &[]).expect("ambit on n2");
+    let allocated_to = |se: &str| {
+        kube.get("serviceentry", "demo", se, "{.status.addresses[*].value}")
+            .unwrap_or_default()
+            .split_whitespace()
+            .find(|a| a.parse::<std::net::Ipv4Addr>().is_ok())
+            .map(String::from)
+    };
+    assert!(
+        eventually(SLOW, || allocated_to("api").is_some() && allocated_to("db").is_some()),
+        "istiod allocated no address"
+    );
+    let (se_vip, db_vip) = (allocated_to("api").expect("allocated"), allocated_to("db").expect("allocated"));
+    let known = |needle: &str| p1.config_dump()["mesh"]["services"].to_string().contains(needle);
+    assert!(
+        eventually(SLOW, || known(&vip) && known(&se_vip) && known(&db_vip)),
+        "istiod never served both: {}",
+        p1.config_dump()["mesh"]["services"]
+    );
+    assert!(eventually(SLOW, || served(&p1, "web").is_some_and(|w| w["tunnel"] == "hbone")));
+
+    // glibc in the pod, through its search path and the capture.
+    let lookup = |name: &str| {
+        let out = run_with_timeout(pod_command(&a, &["getent", "ahostsv4", name]), T).expect("getent");
+        String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    };
+    assert_eq!(lookup("web"), vip, "{}", p1.log());
+    assert_eq!(lookup("web.demo.svc.cluster.local"), vip);
+    assert_eq!(lookup("api.example.test"), se_vip);
+    assert_eq!(lookup("db.example.test"), db_vip);
+
+    // By name through the mesh: the service over HBONE, the ServiceEntry to its endpoint.
+    assert_eq!(ok_body(&curl(&a, "http://web/")), "web\n");
+    assert_eq!(ok_body(&curl(&a, "http://api.example.test/")), "ext\n");
+    // The DNS-resolved one: its endpoint's name resolved with a's resolver, then reached.
+    assert_eq!(ok_body(&curl(&a, "http://db.example.test/")), "ext\n", "{}", p1.log());
+    let to = |service: &str| access_lines(&p1, &["direction=outbound", &format!("dst_service={service}")]);
+    assert!(eventually(T, || to("demo/web.demo.svc.cluster.local") == 1), "{}", p1.log());
+    assert!(eventually(T, || to("demo/api.example.test") == 1), "{}", p1.log());
+    assert!(eventually(T, || to("demo/db.example.test") == 1), "{}", p1.log());
+    assert!(
+        labelled(&p1.metrics(), "istio_dns_requests_total", &[("source_canonical_service", "client")]) >= 3,
+        "{}",
+        p1.metrics()
+    );
 }

@@ -22,11 +22,17 @@ fn curl_code(pod: &Pod, url: &str, connect_timeout: &str) -> (i32, String) {
     (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The programs, as the start line lists them.
+const PROGRAMS: &str = r#"["ambit_connect4", "ambit_connect6", "ambit_sendmsg4", "ambit_sendmsg6", "ambit_recvmsg4", "ambit_recvmsg6", "ambit_getpeername4", "ambit_getpeername6", "ambit_sock_ops", "ambit_tc_ingress", "ambit_kubelet_ops"]"#;
+
+/// The proxy's links on cgroups: eight sock_addr programs, sock_ops, the kubelet's sock_ops.
+const CGROUP_LINKS: usize = 10;
+
 /// IDs of this proxy's pinned programs and of every link in the system that runs them.
 fn program_and_link_ids(ambit: &Ambit) -> (Vec<(String, u32)>, Vec<u32>) {
     let pinned = pinned_ids(&ambit.pin_dir()).expect("reading pins");
     let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
-    assert_eq!(progs.len(), 5, "five programs pinned: {pinned:?}");
+    assert_eq!(progs.len(), 11, "eleven programs pinned: {pinned:?}");
     (pinned, links_of_programs(&progs).expect("listing links"))
 }
 
@@ -53,9 +59,9 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     let url = format!("http://{}:8080/", b.ipv4);
     assert_eq!(curl_code(&a, &url, "2"), (0, "b\n".into()));
     let (pins_before, links_before) = program_and_link_ids(&ambit);
-    // Four cgroup links (connect4, connect6, sock_ops; the kubelet's) and one TC link per
-    // enrolled pod.
-    assert_eq!(links_before.len(), 4 + 2, "{links_before:?}");
+    // Ten cgroup links (connect, sendmsg, recvmsg and getpeername for each family, sock_ops;
+    // the kubelet's) and one TC link per enrolled pod.
+    assert_eq!(links_before.len(), CGROUP_LINKS + 2, "{links_before:?}");
 
     ambit.kill();
     let requests_before = server.output().matches("GET /").count();
@@ -72,12 +78,7 @@ fn without_a_proxy_enrolled_pods_fail_closed_and_a_restart_readopts_the_pinned_s
     assert_eq!(pins_after, pins_before, "the same programs, maps and links, not new ones");
     assert_eq!(links_after, links_before, "no link was added or replaced");
     let log = ambit.log();
-    assert!(
-        log.contains(
-            r#"adopted_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress", "ambit_kubelet_ops"]"#
-        ),
-        "{log}"
-    );
+    assert!(log.contains(&format!("adopted_programs={PROGRAMS}")), "{log}");
     assert!(log.contains("attached_links=[]"), "{log}");
     let dump = ambit.config_dump();
     for pod in dump["pods"].as_array().expect("pods") {
@@ -114,7 +115,7 @@ fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
     let (node, a, b, mesh) = enrolled_pair(&bed);
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (_, links_before) = program_and_link_ids(&ambit);
-    assert_eq!(links_before.len(), 4 + 2);
+    assert_eq!(links_before.len(), CGROUP_LINKS + 2);
     assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 2);
 
     ambit.kill();
@@ -122,7 +123,7 @@ fn a_restart_removes_the_state_of_pods_that_left_while_no_proxy_ran() {
     write_mesh(&mesh, &Mesh::default().namespace("demo", &[AMBIENT]).pod(&a, "demo", &[]).yaml());
     ambit.restart();
     let (_, links_after) = program_and_link_ids(&ambit);
-    assert_eq!(links_after.len(), 4 + 1, "b's inbound attachment is gone: {links_after:?}");
+    assert_eq!(links_after.len(), CGROUP_LINKS + 1, "b's inbound attachment is gone: {links_after:?}");
     assert_eq!(std::fs::read_dir(ambit.pin_dir().join("tc")).expect("tc pins").count(), 1);
     let log = ambit.log();
     assert!(log.contains("stale=StaleRemoved { enrolled: 1, pod_ips: 2, inbound_attachments: 1 }"), "{log}");
@@ -139,7 +140,7 @@ fn uninstall_removes_every_pin_and_capture_stops() {
     let mut ambit = Ambit::start(&bed, &node, &mesh, &[]);
     let (pinned, links) = program_and_link_ids(&ambit);
     let progs: Vec<u32> = pinned.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();
-    assert_eq!(links.len(), 6);
+    assert_eq!(links.len(), CGROUP_LINKS + 2);
     ambit.kill();
 
     let bin = ambit_testbed::exec::workspace_bin("ambit");
@@ -198,12 +199,7 @@ fn a_proxy_with_another_ebpf_object_replaces_the_pinned_programs_and_links() {
     pretend_another_build_pinned(&ambit);
     ambit.restart();
     let log = ambit.log();
-    assert!(
-        log.contains(
-            r#"loaded_programs=["ambit_connect4", "ambit_connect6", "ambit_sock_ops", "ambit_tc_ingress", "ambit_kubelet_ops"]"#
-        ),
-        "{log}"
-    );
+    assert!(log.contains(&format!("loaded_programs={PROGRAMS}")), "{log}");
     let (pins_after, links_after) = program_and_link_ids(&ambit);
     let new_progs: Vec<u32> =
         pins_after.iter().filter(|(n, _)| n.starts_with("prog_")).map(|(_, id)| *id).collect();

@@ -56,6 +56,8 @@ pub enum Problem {
     NotAName(String),
     /// A key of a workload's `services` map that is not `<namespace>/<hostname>`.
     NotAServiceKey(String),
+    /// Not a DNS name: labels of letters, digits, `-` and `_`, up to 63 bytes each, 253 in all.
+    NotAHostname(String),
     /// A string match with none of exact, prefix, suffix or presence.
     NoMatchType,
     /// A service-account match without both its namespace and its name.
@@ -97,6 +99,7 @@ impl fmt::Display for Invalid {
             Problem::UnknownEnum(n) => write!(f, "unknown {field} {n}"),
             Problem::NotAName(s) => write!(f, "{field} {s:?} is empty or not a name"),
             Problem::NotAServiceKey(k) => write!(f, "{field} key {k:?} is not <namespace>/<hostname>"),
+            Problem::NotAHostname(h) => write!(f, "{field} {h:?} is not a DNS name"),
             Problem::NoMatchType => write!(f, "{field} sets no match (exact, prefix, suffix or presence)"),
             Problem::ServiceAccountIncomplete => write!(f, "{field} needs both namespace and serviceAccount"),
             Problem::Missing { of } => write!(f, "{of} without a {field}"),

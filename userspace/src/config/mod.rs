@@ -430,8 +430,8 @@ pub struct NodeSettings {
     /// `None`: no CNI plugin; pods are found under /proc once they run.
     pub cni: Option<crate::cni::install::CniSettings>,
     pub unknown_destination: UnknownDestination,
-    /// Answering pods' DNS; `None`: not captured.
-    pub dns: Option<crate::dns::DnsSettings>,
+    /// Answering pods' DNS (when captured), and resolving endpoints known by name.
+    pub dns: crate::dns::DnsSettings,
     /// The cluster's name (`--cluster-id`): sent to istiod, and the cluster of the mesh
     /// file's workloads offline.
     pub cluster_id: String,
@@ -519,7 +519,8 @@ impl NodeSettings {
                 })
             }
         };
-        let dns = args.dns_capture.then(|| crate::dns::DnsSettings {
+        let dns = crate::dns::DnsSettings {
+            capture: args.dns_capture,
             port: DNS_PORT,
             answering: crate::dns::handle::Answering {
                 cluster_domain: args.cluster_domain.clone(),
@@ -527,7 +528,7 @@ impl NodeSettings {
             },
             upstream_timeout: args.dns_upstream_timeout,
             proc_dir: args.proc_dir.clone(),
-        });
+        };
         let pod_source = match (args.pod_source, args.mesh_file) {
             (PodSourceKind::File, Some(mesh_file)) => {
                 PodSource::File { mesh_file, poll: args.mesh_file_poll }
@@ -638,7 +639,7 @@ impl NodeSettings {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             hbone_port: self.hbone_port,
-            dns_port: self.dns.as_ref().map(|d| d.port),
+            dns_port: self.dns.capture.then_some(self.dns.port),
             kernel_log_level: self.ebpf_log_level,
             trace: self.kernel_tracing,
             takeover: self.takeover,

@@ -10,6 +10,7 @@ use tokio::{
 };
 
 use super::wire;
+use crate::os::{netns::Netns, socket::SocketFactory};
 
 /// glibc reads at most three `nameserver` lines; so do we.
 const MAX_SERVERS: usize = 3;
@@ -131,6 +132,27 @@ async fn exchange_tcp<F: Future<Output = io::Result<TcpStream>>>(
     let mut answer = vec![0u8; n];
     stream.read_exact(&mut answer).await.map_err(io)?;
     Ok(answer)
+}
+
+/// A UDP socket for `server` in the pod's namespace, marked so that the capture lets it pass.
+pub(super) fn udp_in(
+    sockets: &dyn SocketFactory,
+    netns: &Netns,
+    mark: u32,
+    server: SocketAddr,
+) -> io::Result<UdpSocket> {
+    UdpSocket::from_std(sockets.udp(netns, server, mark)?.into())
+}
+
+/// A TCP connection to `server` from the pod's namespace, marked likewise.
+pub(super) async fn tcp_in(
+    sockets: &dyn SocketFactory,
+    netns: &Netns,
+    mark: u32,
+    server: SocketAddr,
+) -> io::Result<TcpStream> {
+    let sock = sockets.tcp(netns, server, mark)?;
+    tokio::net::TcpSocket::from_std_stream(sock.into()).connect(server).await
 }
 
 #[cfg(test)]

@@ -2,11 +2,13 @@
 //! mesh's (services and ServiceEntry hostnames); `handle`, one message decided (answered,
 //! forwarded or dropped); `forward`, names the mesh does not have sent to the pod's
 //! resolvers, which `upstream` reads from the pod's resolv.conf; `server`, a pod's UDP and
-//! TCP listener; `metrics`, ztunnel's DNS families. The kernel side (steering a pod's port 53
+//! TCP listener; `metrics`, ztunnel's DNS families; `lookup`, endpoint hostnames the proxy
+//! resolves with a pod's resolvers. The kernel side (steering a pod's port 53
 //! to the listener) is the capture programs'; `inpod` starts a listener with each pod.
 
 pub mod forward;
 pub mod handle;
+pub mod lookup;
 pub mod metrics;
 pub mod resolve;
 pub mod server;
@@ -15,9 +17,11 @@ pub mod wire;
 
 use std::{path::PathBuf, time::Duration};
 
-/// How the node answers its pods' DNS (`None` in the node's settings: not captured).
+/// How the node answers its pods' DNS, and resolves endpoints known by name.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DnsSettings {
+    /// Enrolled pods' DNS is captured and answered in the pod (`--dns-capture`).
+    pub capture: bool,
     /// The listener's port on each enrolled pod's loopback, UDP and TCP.
     pub port: u16,
     pub answering: handle::Answering,

@@ -5,7 +5,7 @@
 //! client may take; a query that finds no room is dropped (the client retries, as it would
 //! on loss).
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -15,7 +15,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    forward::ForwardError,
+    forward::{tcp_in, udp_in, ForwardError},
     handle::{handle, type_label, Answering, Handled, Transport},
     metrics::{Asked, DnsMetrics},
     upstream::Resolvers,
@@ -134,20 +134,13 @@ impl PodDns {
     async fn forward(&self, message: &[u8], transport: Transport) -> Result<Vec<u8>, ForwardError> {
         let upstreams = self.upstreams.upstreams();
         match transport {
-            Transport::Udp => upstreams.udp(message, |server| self.udp_socket(server)).await,
-            Transport::Tcp => upstreams.tcp(message, |server| self.tcp_connect(server)).await,
+            Transport::Udp => {
+                upstreams.udp(message, |server| udp_in(&*self.sockets, &self.netns, self.mark, server)).await
+            }
+            Transport::Tcp => {
+                upstreams.tcp(message, |server| tcp_in(&*self.sockets, &self.netns, self.mark, server)).await
+            }
         }
-    }
-
-    fn udp_socket(&self, server: SocketAddr) -> io::Result<UdpSocket> {
-        let sock = self.sockets.udp(&self.netns, server, self.mark)?;
-        UdpSocket::from_std(sock.into())
-    }
-
-    async fn tcp_connect(&self, server: SocketAddr) -> io::Result<TcpStream> {
-        let sock = self.sockets.tcp(&self.netns, server, self.mark)?;
-        let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
-        sock.connect(server).await
     }
 }
 

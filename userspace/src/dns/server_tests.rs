@@ -1,6 +1,8 @@
 //! A pod's listener on loopback, with the sockets of the test's own namespace: answered from
 //! the mesh, forwarded to a scripted upstream (or none), over UDP and TCP.
 
+use std::net::SocketAddr;
+
 use crate::{
     dns::{
         forward::Upstreams,

@@ -310,6 +310,38 @@ pub fn id_of(buf: &[u8]) -> Option<u16> {
     (buf.len() >= HEADER_LEN).then(|| u16::from_be_bytes([buf[0], buf[1]]))
 }
 
+/// A recursive query for `name` (dotted, a trailing dot allowed) and `qtype`, class IN, with
+/// EDNS offering [`MAX_UDP`] bytes; `None` when the name is not one DNS can carry (an empty
+/// label, a label over 63 bytes, over 255 bytes in all).
+pub fn encode_query(id: u16, name: &str, qtype: u16) -> Option<Vec<u8>> {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let mut q = Vec::with_capacity(HEADER_LEN + name.len() + 2 + 4 + 11);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&RD.to_be_bytes());
+    // One question, no answers, no authorities, one additional record (the OPT).
+    q.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 1]);
+    let start = q.len();
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return None;
+        }
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    if q.len() - start > 255 {
+        return None;
+    }
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&CLASS_IN.to_be_bytes());
+    // OPT: root owner, type, UDP size, extended rcode and flags, no data.
+    q.push(0);
+    q.extend_from_slice(&TYPE_OPT.to_be_bytes());
+    q.extend_from_slice(&(MAX_UDP as u16).to_be_bytes());
+    q.extend_from_slice(&[0; 6]);
+    Some(q)
+}
+
 /// Whether an answer says it was truncated (TC): a UDP answer then is asked again over TCP.
 pub fn is_truncated(buf: &[u8]) -> bool {
     buf.len() >= HEADER_LEN && u16::from_be_bytes([buf[2], buf[3]]) & TC != 0

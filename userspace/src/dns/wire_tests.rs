@@ -165,3 +165,15 @@ proptest! {
         prop_assert_eq!(q.qtype, qtype);
     }
 }
+
+#[test]
+fn the_proxy_s_own_queries_read_as_queries_and_bad_names_are_not_sent() {
+    let q = encode_query(7, "Api.Example.Test.", TYPE_AAAA).expect("a valid name");
+    let parsed = parse_query(&q).expect("reads back");
+    assert_eq!((parsed.qtype, parsed.name.as_str()), (TYPE_AAAA, "api.example.test"));
+    assert_eq!(parsed.udp_limit(), MAX_UDP);
+    assert_eq!(id_of(&q), Some(7));
+    assert!(encode_query(1, &format!("{}.test", "a".repeat(64)), TYPE_A).is_none());
+    assert!(encode_query(1, "a..test", TYPE_A).is_none());
+    assert!(encode_query(1, &vec!["abcdefghi"; 30].join("."), TYPE_A).is_none(), "over 255 bytes");
+}

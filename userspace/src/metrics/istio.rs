@@ -243,6 +243,7 @@ mod tests {
             name: name.into(),
             namespace: "demo".into(),
             addresses: vec![],
+            hostname: None,
             node: "n1".into(),
             identity: Identity {
                 trust_domain: "td".into(),

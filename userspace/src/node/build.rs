@@ -123,9 +123,9 @@ pub(super) async fn build(settings: NodeSettings) -> anyhow::Result<Option<Node>
         },
         settings.cluster_id.clone(),
     );
-    if let Some(dns) = &settings.dns {
+    if settings.dns.capture {
         let serving = crate::inpod::dns::DnsServing {
-            settings: dns.clone(),
+            settings: settings.dns.clone(),
             state: state.clone(),
             sockets: Arc::new(crate::os::socket::InPodSockets),
             mark: settings.proxy_mark,
@@ -353,6 +353,10 @@ fn proxy(
             state: state.clone(),
             pods,
             tracer,
+            lookup: Arc::new(crate::dns::lookup::HostLookup::new(
+                &settings.dns.proc_dir,
+                settings.dns.upstream_timeout,
+            )),
         },
     )
 }

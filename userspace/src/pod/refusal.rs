@@ -51,6 +51,9 @@ refusals! {
     NoSuchPort = "no_such_port",
     /// The service has no healthy endpoint.
     NoHealthyEndpoint = "no_healthy_endpoint",
+    /// The endpoint is a hostname (a ServiceEntry resolved by DNS) the pod's resolvers did not
+    /// resolve.
+    UnresolvedEndpoint = "unresolved_endpoint",
     /// Connecting to the destination (or the application, inbound) failed.
     ConnectFailed = "connect_failed",
     // Outbound tunnels (HBONE client).
@@ -101,7 +104,7 @@ impl Refusal {
         use Refusal::*;
         match self {
             AuthorizationDenied | DeniedByDestination => flags::DENY,
-            NoHealthyEndpoint => flags::NO_HEALTHY_UPSTREAM,
+            NoHealthyEndpoint | UnresolvedEndpoint => flags::NO_HEALTHY_UPSTREAM,
             NoSuchPort | UnknownDestination | NotSynced | Loop | NoOriginalDestination => flags::NO_ROUTE,
             // ztunnel's flags for a tunnel that failed before its CONNECT was answered.
             HboneTlsFailed | TlsConfig => flags::TLS_FAILURE,

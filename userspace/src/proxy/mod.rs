@@ -17,6 +17,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     capture::OrigDstSource,
+    dns::lookup::HostLookup,
     identity::IdentityManager,
     metrics::Metrics,
     metrics::RelayCounters,
@@ -76,6 +77,7 @@ pub struct Inner {
     /// Kernel-level tracing: per-socket figures for the access log; `None` when off.
     tracer: Option<Tracer>,
     sockets: Arc<dyn SocketFactory>,
+    lookup: Arc<HostLookup>,
 }
 
 /// What the proxy works with besides its settings.
@@ -89,6 +91,8 @@ pub struct ProxyDeps {
     pub state: Arc<StateStore>,
     pub pods: Arc<PodRegistry>,
     pub tracer: Option<Tracer>,
+    /// Resolves endpoints known by hostname only, with the connecting pod's resolvers.
+    pub lookup: Arc<HostLookup>,
 }
 
 #[derive(Clone)]
@@ -99,7 +103,7 @@ pub struct Proxy {
 impl Proxy {
     /// Call inside the runtime (the HBONE pool starts its reaper).
     pub fn new(settings: ProxySettings, deps: ProxyDeps) -> Proxy {
-        let ProxyDeps { orig, sockets, metrics, identities, state, pods, tracer } = deps;
+        let ProxyDeps { orig, sockets, metrics, identities, state, pods, tracer, lookup } = deps;
         let hbone = hbone::client::HboneClient::new(
             settings.hbone.clone(),
             identities.clone(),
@@ -118,6 +122,7 @@ impl Proxy {
             pods,
             tracer,
             sockets,
+            lookup,
         });
         authorize::spawn_rechecks(&inner);
         Proxy { inner }

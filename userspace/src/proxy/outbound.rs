@@ -16,7 +16,7 @@ use crate::pod::{PodCtx, Refusal};
 use crate::{
     capture::addr,
     identity::Identity,
-    state::{Route, Tunnel},
+    state::{Route, Tunnel, Workload},
 };
 
 /// The connection's far side, once set up.
@@ -145,18 +145,22 @@ async fn set_up<'p>(
     let route = inner.state.read().route(dst);
     match route {
         Route::Workload { workload, target, service } => {
-            let service = service.map(String::into_boxed_str);
-            let mtls = workload.tunnel == Tunnel::Hbone && inner.identities.enabled();
-            match (mtls, pod.identity.as_ref()) {
-                (true, Some(src_identity)) => {
-                    let mut record = ConnRecord::outbound(pod, peer, Some(target));
-                    // Formatted once per workload version, in the metrics' side cache.
-                    record.dst_identity = Some(inner.metrics.sides.of_workload(&workload).principal.clone());
-                    record.dst_service = service;
-                    record.mtls = true;
-                    hbone(inner, pod, client, record, target, src_identity, &workload.identity, started).await
+            to_workload(inner, pod, client, peer, &workload, target, service, started).await
+        }
+        Route::Resolve { workload, hostname, port, service } => {
+            match inner.lookup.lookup(&pod.netns, &*inner.sockets, inner.settings.mark, &hostname).await {
+                Ok(addresses) => {
+                    // Of the family the client used, else any.
+                    let ip = addresses.iter().find(|a| a.is_ipv4() == dst.is_ipv4()).unwrap_or(&addresses[0]);
+                    let target = SocketAddr::new(*ip, port);
+                    to_workload(inner, pod, client, peer, &workload, target, Some(service), started).await
                 }
-                _ => passthrough(inner, pod, client, peer, target, service, started).await,
+                Err(e) => {
+                    let mut record = ConnRecord::outbound(pod, peer, Some(dst));
+                    record.dst_service = Some(service.as_str().into());
+                    let detail = format!("endpoint {hostname} of service {service}: {e}");
+                    refused(inner, &record, client, Refusal::UnresolvedEndpoint, &detail)
+                }
             }
         }
         Route::NoEndpoint { service, reason } => {
@@ -189,6 +193,34 @@ async fn set_up<'p>(
                 )
             }
         },
+    }
+}
+
+/// Connects to a workload chosen by the route: through HBONE when it is in the mesh and this
+/// proxy has identities, directly otherwise.
+#[allow(clippy::too_many_arguments)]
+async fn to_workload<'p>(
+    inner: &Inner,
+    pod: &'p PodCtx,
+    client: TcpStream,
+    peer: SocketAddr,
+    workload: &Arc<Workload>,
+    target: SocketAddr,
+    service: Option<String>,
+    started: Instant,
+) -> Option<Ready<'p>> {
+    let service = service.map(String::into_boxed_str);
+    let mtls = workload.tunnel == Tunnel::Hbone && inner.identities.enabled();
+    match (mtls, pod.identity.as_ref()) {
+        (true, Some(src_identity)) => {
+            let mut record = ConnRecord::outbound(pod, peer, Some(target));
+            // Formatted once per workload version, in the metrics' side cache.
+            record.dst_identity = Some(inner.metrics.sides.of_workload(workload).principal.clone());
+            record.dst_service = service;
+            record.mtls = true;
+            hbone(inner, pod, client, record, target, src_identity, &workload.identity, started).await
+        }
+        _ => passthrough(inner, pod, client, peer, target, service, started).await,
     }
 }
 

@@ -45,6 +45,8 @@ struct ServiceEntry {
 pub enum Route {
     /// A workload: connect to `target` (through HBONE when the workload is in the mesh).
     Workload { workload: Arc<Workload>, target: SocketAddr, service: Option<String> },
+    /// A service endpoint known by name only: connect to `hostname`'s address on `port`.
+    Resolve { workload: Arc<Workload>, hostname: String, port: u16, service: String },
     /// A service address with no endpoint to take the connection.
     NoEndpoint { service: String, reason: crate::pod::Refusal },
     /// Not an address of the mesh.
@@ -260,7 +262,7 @@ impl MeshState {
                 for key in w.services.keys() {
                     self.endpoints.entry(key.clone()).or_default().insert(w.uid.clone());
                 }
-                self.workloads.insert(w.uid.clone(), Arc::new(w));
+                self.workloads.insert(w.uid.clone(), Arc::new(*w));
             }
             Decoded::Service(s) => {
                 for ip in &s.vips {
@@ -436,7 +438,7 @@ impl MeshState {
                 .into_iter()
                 .flatten()
                 .filter_map(|uid| self.workloads.get(uid))
-                .filter(|w| w.healthy && !w.addresses.is_empty())
+                .filter(|w| w.healthy && (!w.addresses.is_empty() || w.hostname.is_some()))
                 .collect();
             if candidates.is_empty() {
                 return Route::NoEndpoint {
@@ -453,6 +455,14 @@ impl MeshState {
                 .filter(|p| *p != 0)
                 .or(Some(port.target_port).filter(|p| *p != 0))
                 .unwrap_or(port.service_port);
+            if let (true, Some(hostname)) = (w.addresses.is_empty(), &w.hostname) {
+                return Route::Resolve {
+                    workload: w.clone(),
+                    hostname: hostname.clone(),
+                    port: target_port,
+                    service: key.clone(),
+                };
+            }
             // The endpoint's address of the family the client used, else any.
             let target_ip =
                 w.addresses.iter().find(|a| a.is_ipv4() == ip.is_ipv4()).unwrap_or(&w.addresses[0]);

@@ -29,6 +29,9 @@ pub struct Workload {
     pub name: String,
     pub namespace: String,
     pub addresses: Vec<IpAddr>,
+    /// A workload known by name only (the endpoint of a ServiceEntry with `resolution: DNS`):
+    /// connections to it resolve the name first. Set only when it has no address.
+    pub hostname: Option<String>,
     pub node: String,
     pub identity: Identity,
     pub tunnel: Tunnel,
@@ -58,7 +61,7 @@ pub struct Service {
 /// A decoded `istio.workload.Address`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decoded {
-    Workload(Workload),
+    Workload(Box<Workload>),
     Service(Service),
 }
 
@@ -93,7 +96,7 @@ impl Decoded {
     /// Checks and converts an Address; the error says what is wrong, for the NACK.
     pub fn from_proto(a: &pb::Address) -> Result<Decoded, Invalid> {
         match &a.r#type {
-            Some(address::Type::Workload(w)) => Ok(Decoded::Workload(workload(w)?)),
+            Some(address::Type::Workload(w)) => Ok(Decoded::Workload(Box::new(workload(w)?))),
             Some(address::Type::Service(s)) => Ok(Decoded::Service(service(s)?)),
             None => Err(Problem::Unset { expected: "a workload or a service" }.at("type")),
         }
@@ -128,6 +131,13 @@ fn workload(w: &pb::Workload) -> Result<Workload, Invalid> {
         .enumerate()
         .map(|(i, a)| ip(a, format!("addresses[{i}]")))
         .collect::<Result<Vec<_>, _>>()?;
+    let hostname = if w.hostname.is_empty() || !addresses.is_empty() {
+        None
+    } else if is_hostname(&w.hostname) {
+        Some(w.hostname.trim_end_matches('.').to_ascii_lowercase())
+    } else {
+        return Err(Problem::NotAHostname(w.hostname.clone()).at("hostname"));
+    };
     let trust_domain = if w.trust_domain.is_empty() { "cluster.local" } else { &w.trust_domain };
     let sa = if w.service_account.is_empty() { "default" } else { &w.service_account };
     name_part(trust_domain, "trust_domain")?;
@@ -160,6 +170,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, Invalid> {
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         addresses,
+        hostname,
         node: w.node.clone(),
         identity: Identity::new(trust_domain, &w.namespace, sa),
         tunnel,
@@ -171,6 +182,18 @@ fn workload(w: &pb::Workload) -> Result<Workload, Invalid> {
         workload_name: w.workload_name.clone(),
         cluster_id: w.cluster_id.clone(),
     })
+}
+
+/// A name the resolvers can be asked: dotted labels of letters, digits, `-` and `_`, each 1 to
+/// 63 bytes, 253 in all (a trailing dot allowed).
+fn is_hostname(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn service(s: &pb::Service) -> Result<Service, Invalid> {

@@ -96,6 +96,33 @@ fn a_service_vip_is_balanced_over_healthy_endpoints_on_their_target_ports() {
 }
 
 #[test]
+fn an_endpoint_known_by_hostname_is_routed_to_be_resolved() {
+    // A ServiceEntry with `resolution: DNS`: istiod's workload carries a hostname, no address.
+    let mut s = MeshState::default();
+    let key = "demo/db.example.test";
+    s.apply_address(key, "1", &service("db.example.test", "240.240.0.2", 5432, 15432)).expect("service");
+    let mut by_name = workload("se-db", &[], true, &[(key, 5432, 0)]);
+    if let Some(address::Type::Workload(w)) = &mut by_name.r#type {
+        w.hostname = "DB.Backend.Example.Test.".into();
+    }
+    s.apply_address("se-db", "1", &by_name).expect("a hostname endpoint");
+    match s.route("240.240.0.2:5432".parse().expect("addr")) {
+        Route::Resolve { hostname, port, service, .. } => {
+            assert_eq!((hostname.as_str(), port, service.as_str()), ("db.backend.example.test", 15432, key));
+        }
+        other => panic!("{other:?}"),
+    }
+    // A name DNS cannot carry is refused, naming the field, and changes nothing.
+    let mut bad = workload("se-bad", &[], true, &[(key, 5432, 0)]);
+    if let Some(address::Type::Workload(w)) = &mut bad.r#type {
+        w.hostname = format!("{}.example.test", "x".repeat(64));
+    }
+    let err = s.apply_address("se-bad", "1", &bad).expect_err("refused").to_string();
+    assert!(err.contains("hostname") && err.contains("not a DNS name"), "{err}");
+    s.check_invariants().expect("consistent");
+}
+
+#[test]
 fn an_address_is_unknown_only_after_the_first_sync() {
     let mut s = state_with_web();
     let outside = "192.0.2.1:80".parse().expect("addr");

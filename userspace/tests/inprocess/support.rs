@@ -12,6 +12,7 @@ use std::{
 use ambit::{
     capture::MockOrigDst,
     controlplane::authority::{Authority, Source},
+    dns::lookup::HostLookup,
     identity::{
         caclient::CaError, cert, CertSource, Identity, IdentityManager, IdentitySettings, Signing,
         WorkloadCert,
@@ -153,6 +154,7 @@ impl Node {
                 state: state.clone(),
                 pods: Arc::new(PodRegistry::default()),
                 tracer: None,
+                lookup: Arc::new(HostLookup::new(std::path::Path::new("/proc"), Duration::from_secs(2))),
             },
         );
         Node { proxy, orig, identities, metrics, stop: CancellationToken::new() }
