@@ -118,6 +118,7 @@ fn the_values_istio_users_set_land_where_they_should() {
         "caAddress=",
         "multiCluster.clusterName=east",
         "failOpen=true",
+        "dnsCapture=false",
         "logAsJson=false",
         "accessLogFormat=ztunnel",
         "metricsComponent=ztunnel",
@@ -142,6 +143,7 @@ fn the_values_istio_users_set_land_where_they_should() {
     assert_eq!(cm["AMBIT_CLUSTER_ID"].as_str(), Some("east"));
     assert_eq!(cm["AMBIT_FAIL_OPEN"].as_str(), Some("true"));
     assert_eq!(cm["AMBIT_CNI_FAIL_OPEN"].as_str(), Some("true"));
+    assert_eq!(cm["AMBIT_DNS_CAPTURE"].as_str(), Some("false"));
     assert_eq!(cm["AMBIT_LOG_FORMAT"].as_str(), Some("text"));
     assert_eq!(cm["AMBIT_ACCESS_LOG_FORMAT"].as_str(), Some("ztunnel"));
     assert_eq!(cm["AMBIT_METRICS_COMPONENT"].as_str(), Some("ztunnel"));
