@@ -304,6 +304,7 @@ fn announce(settings: &NodeSettings) {
         ca = %settings.ca.as_ref().map_or("none (no mTLS)", |c| c.address.as_str()),
         cni = settings.cni.is_some(),
         fail_open = settings.fail_open,
+        dns_capture = settings.dns.capture,
         "starting ambit node"
     );
     tracing::debug!(config = %serde_json::to_string(settings).unwrap_or_default(), "ambit node settings");
